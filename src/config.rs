@@ -1,0 +1,283 @@
+//! What an [`Idempotency`](crate::Idempotency) does: key selection, validation,
+//! expiry, caching. Built once, checked when built.
+
+use crate::key::JsonPath;
+use crate::record::IdempotencyRecord;
+use serde::Serialize;
+use serde_json::Value;
+use std::any::Any;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A configuration that cannot work, found when it is built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A JMESPath expression does not compile or calls an unknown function.
+    #[error("invalid {role} expression {expression:?}: {reason}")]
+    InvalidExpression {
+        /// `key` or `payload validation`.
+        role: &'static str,
+        /// The expression as given.
+        expression: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+}
+
+type KeyClosure = dyn Fn(&dyn Any) -> Option<Result<Value, String>> + Send + Sync;
+type ReplayHook = dyn Fn(&Value, &IdempotencyRecord) + Send + Sync;
+
+/// How key material is taken from the event.
+#[derive(Clone)]
+pub(crate) enum KeySource {
+    /// The whole event.
+    Event,
+    Expression(JsonPath),
+    /// A typed closure; `None` when called with another event type.
+    Closure { f: Arc<KeyClosure>, event_type: &'static str },
+}
+
+impl KeySource {
+    pub(crate) fn describe(&self) -> &str {
+        match self {
+            KeySource::Event => "@",
+            KeySource::Expression(path) => path.as_str(),
+            KeySource::Closure { .. } => "closure",
+        }
+    }
+}
+
+/// Settings of an [`Idempotency`](crate::Idempotency). Build one with
+/// [`IdempotencyConfig::builder`].
+#[derive(Clone)]
+pub struct IdempotencyConfig {
+    pub(crate) key: KeySource,
+    pub(crate) validation: Option<JsonPath>,
+    pub(crate) strict: bool,
+    pub(crate) expires_after: Duration,
+    pub(crate) in_progress_timeout: Duration,
+    pub(crate) key_prefix: Option<String>,
+    pub(crate) local_cache: Option<NonZeroUsize>,
+    pub(crate) replay_permanent_errors: bool,
+    pub(crate) disabled: bool,
+    pub(crate) on_replay: Option<Arc<ReplayHook>>,
+}
+
+impl std::fmt::Debug for IdempotencyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyConfig")
+            .field("key", &self.key.describe())
+            .field("validation", &self.validation)
+            .field("strict", &self.strict)
+            .field("expires_after", &self.expires_after)
+            .field("in_progress_timeout", &self.in_progress_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .field("local_cache", &self.local_cache)
+            .field("replay_permanent_errors", &self.replay_permanent_errors)
+            .field("disabled", &self.disabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            key: KeySource::Event,
+            validation: None,
+            strict: false,
+            expires_after: Duration::from_secs(3600),
+            in_progress_timeout: Duration::from_secs(900),
+            key_prefix: None,
+            local_cache: None,
+            replay_permanent_errors: false,
+            disabled: disabled_by(|name| std::env::var(name).ok()),
+            on_replay: None,
+        }
+    }
+}
+
+/// `IDEMPOTENCY_DISABLED` (or Powertools' `POWERTOOLS_IDEMPOTENCY_DISABLED`) set to
+/// `true`/`1` turns the layer off, for local runs and tests of handler logic.
+pub(crate) fn disabled_by(env: impl Fn(&str) -> Option<String>) -> bool {
+    ["IDEMPOTENCY_DISABLED", "POWERTOOLS_IDEMPOTENCY_DISABLED"]
+        .iter()
+        .filter_map(|name| env(name))
+        .any(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+}
+
+impl IdempotencyConfig {
+    /// A builder with the defaults: the whole event is the key, records last one
+    /// hour, no validation, no local cache, lenient about missing keys.
+    pub fn builder() -> IdempotencyConfigBuilder {
+        IdempotencyConfigBuilder { config: IdempotencyConfig::default(), key_expression: None, validation_expression: None }
+    }
+}
+
+/// Builds an [`IdempotencyConfig`]; [`build`](Self::build) compiles the expressions.
+///
+/// ```
+/// use lambda_idempotency::IdempotencyConfig;
+/// use std::time::Duration;
+///
+/// let config = IdempotencyConfig::builder()
+///     .key_expression("powertools_json(body).order_id")
+///     .payload_validation("powertools_json(body).amount")
+///     .expires_after(Duration::from_secs(24 * 3600))
+///     .local_cache(1024)
+///     .build()
+///     .expect("valid config");
+/// # let _ = config;
+/// assert!(IdempotencyConfig::builder().key_expression("body.[").build().is_err());
+/// ```
+#[must_use]
+pub struct IdempotencyConfigBuilder {
+    config: IdempotencyConfig,
+    key_expression: Option<String>,
+    validation_expression: Option<String>,
+}
+
+impl IdempotencyConfigBuilder {
+    /// Selects the key material with a JMESPath expression over the event's JSON.
+    /// The Powertools functions `powertools_json`, `powertools_base64` and
+    /// `powertools_base64_gzip` are available.
+    pub fn key_expression(mut self, expression: impl Into<String>) -> Self {
+        self.key_expression = Some(expression.into());
+        self
+    }
+
+    /// Selects the key material with a typed closure over the event. The wrapped
+    /// handler's event type must be `T`; a call with another type fails with
+    /// [`IdempotencyError::InvalidEvent`](crate::IdempotencyError::InvalidEvent).
+    pub fn key_fn<T, K, F>(mut self, f: F) -> Self
+    where
+        T: 'static,
+        K: Serialize,
+        F: Fn(&T) -> K + Send + Sync + 'static,
+    {
+        self.key_expression = None;
+        self.config.key = KeySource::Closure {
+            f: Arc::new(move |event: &dyn Any| {
+                event.downcast_ref::<T>().map(|e| serde_json::to_value(f(e)).map_err(|err| err.to_string()))
+            }),
+            event_type: std::any::type_name::<T>(),
+        };
+        self
+    }
+
+    /// Fields (a JMESPath expression) that must be equal when a key is seen again;
+    /// otherwise the call fails with
+    /// [`PayloadMismatch`](crate::IdempotencyError::PayloadMismatch).
+    pub fn payload_validation(mut self, expression: impl Into<String>) -> Self {
+        self.validation_expression = Some(expression.into());
+        self
+    }
+
+    /// Fail with [`MissingKey`](crate::IdempotencyError::MissingKey) when the key
+    /// material is empty, instead of running the handler unprotected with a warning.
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.config.strict = strict;
+        self
+    }
+
+    /// How long a completed record is replayed. Default one hour.
+    pub fn expires_after(mut self, ttl: Duration) -> Self {
+        self.config.expires_after = ttl;
+        self
+    }
+
+    /// How long a reservation lasts when there is no Lambda `Context` to take the
+    /// deadline from. Default 900 s, Lambda's longest timeout.
+    pub fn in_progress_timeout(mut self, timeout: Duration) -> Self {
+        self.config.in_progress_timeout = timeout;
+        self
+    }
+
+    /// The key prefix, in place of `{function name}.{handler name}`. Set it so that
+    /// renaming the handler does not change its keys.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = Some(prefix.into());
+        self
+    }
+
+    /// Keep up to `capacity` completed records in this execution environment, so
+    /// that a replay served from it costs no request. Off by default.
+    pub fn local_cache(mut self, capacity: usize) -> Self {
+        self.config.local_cache = NonZeroUsize::new(capacity);
+        self
+    }
+
+    /// Store [`PermanentError`](crate::PermanentError)s returned by the handler and
+    /// replay them like responses. Off by default.
+    pub fn replay_permanent_errors(mut self, on: bool) -> Self {
+        self.config.replay_permanent_errors = on;
+        self
+    }
+
+    /// Bypass the store entirely. Defaults to the `IDEMPOTENCY_DISABLED` /
+    /// `POWERTOOLS_IDEMPOTENCY_DISABLED` environment variables.
+    pub fn disabled(mut self, disabled: bool) -> Self {
+        self.config.disabled = disabled;
+        self
+    }
+
+    /// Called with the response and the record whenever a stored response is replayed.
+    pub fn on_replay(mut self, hook: impl Fn(&Value, &IdempotencyRecord) + Send + Sync + 'static) -> Self {
+        self.config.on_replay = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks and compiles the configuration.
+    pub fn build(mut self) -> Result<IdempotencyConfig, ConfigError> {
+        let compile = |role, expression: String| {
+            JsonPath::compile(&expression).map_err(|reason| ConfigError::InvalidExpression { role, expression, reason })
+        };
+        if let Some(expression) = self.key_expression {
+            self.config.key = KeySource::Expression(compile("key", expression)?);
+        }
+        if let Some(expression) = self.validation_expression {
+            self.config.validation = Some(compile("payload validation", expression)?);
+        }
+        if self.config.expires_after.is_zero() {
+            return Err(ConfigError::InvalidSetting("expires_after must be positive".into()));
+        }
+        if self.config.in_progress_timeout.is_zero() {
+            return Err(ConfigError::InvalidSetting("in_progress_timeout must be positive".into()));
+        }
+        Ok(self.config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_expressions_are_rejected_at_build() {
+        let err = IdempotencyConfig::builder().key_expression("a.[").build().expect_err("syntax");
+        assert!(matches!(err, ConfigError::InvalidExpression { role: "key", .. }), "{err}");
+        let err = IdempotencyConfig::builder().payload_validation("nope(a)").build().expect_err("function");
+        assert!(matches!(err, ConfigError::InvalidExpression { role: "payload validation", .. }), "{err}");
+    }
+
+    #[test]
+    fn zero_durations_are_rejected() {
+        assert!(IdempotencyConfig::builder().expires_after(Duration::ZERO).build().is_err());
+        assert!(IdempotencyConfig::builder().in_progress_timeout(Duration::ZERO).build().is_err());
+    }
+
+    #[test]
+    fn disable_switch_reads_both_variable_names() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        assert!(disabled_by(env(&[("IDEMPOTENCY_DISABLED", "true")])));
+        assert!(disabled_by(env(&[("POWERTOOLS_IDEMPOTENCY_DISABLED", "1")])));
+        assert!(!disabled_by(env(&[("IDEMPOTENCY_DISABLED", "false")])));
+        assert!(!disabled_by(env(&[])));
+    }
+}

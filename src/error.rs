@@ -1,0 +1,111 @@
+//! Errors of the idempotency layer.
+
+use aws_sdk_dynamodb::error::BoxError;
+
+/// Why an idempotent call did not produce the handler's result.
+///
+/// The handler's own errors are never wrapped in this type: see [`Error`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdempotencyError {
+    /// Another invocation holds the reservation for this key and has not finished.
+    /// The event source should retry later.
+    #[error("an invocation with idempotency key {key} is already in progress")]
+    AlreadyInProgress {
+        /// The idempotency key.
+        key: String,
+    },
+    /// The key was seen before with a different payload (the validation fields differ).
+    #[error("idempotency key {key} was already used with a different payload")]
+    PayloadMismatch {
+        /// The idempotency key.
+        key: String,
+    },
+    /// The key expression selected nothing usable and the config is strict.
+    #[error("no idempotency key material in the event (expression: {expression})")]
+    MissingKey {
+        /// The key expression, or `closure` for a key closure.
+        expression: String,
+    },
+    /// The event could not be serialized, or the key closure was given another event type.
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    /// The response could not be serialized or a stored response could not be deserialized.
+    #[error("response serialization failed for key {key}: {source}")]
+    Serialization {
+        /// The idempotency key.
+        key: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The record holding the response would exceed DynamoDB's 400 KB item limit.
+    /// The reservation has been released, so a retry runs the handler again.
+    #[error("the record for key {key} would be {size} bytes, over the {limit}-byte item limit")]
+    ResponseTooLarge {
+        /// The idempotency key.
+        key: String,
+        /// Estimated item size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Our reservation expired and another invocation took the key over before we
+    /// completed (or released) it. The late result was not written: the new owner's
+    /// record is untouched.
+    #[error("lost ownership of idempotency key {key}: the reservation expired and was taken over")]
+    LostOwnership {
+        /// The idempotency key.
+        key: String,
+    },
+    /// The store failed (network, throttling, permissions). When this happens while
+    /// reserving, the handler has not run.
+    #[error("idempotency store failure: {0}")]
+    Store(#[source] BoxError),
+}
+
+/// The error of a wrapped call: either the handler's own error, unchanged, or the
+/// idempotency layer's.
+#[derive(Debug, thiserror::Error)]
+pub enum Error<E> {
+    /// The handler ran and failed; its error is returned as it was. The reservation
+    /// has been released (if still ours) so a retry runs the handler again.
+    #[error(transparent)]
+    Handler(E),
+    /// A permanent error stored by an earlier invocation, replayed
+    /// (see [`IdempotencyConfigBuilder::replay_permanent_errors`](crate::IdempotencyConfigBuilder::replay_permanent_errors)).
+    #[error(transparent)]
+    Replayed(crate::PermanentError),
+    /// The idempotency layer refused or failed the call.
+    #[error(transparent)]
+    Idempotency(#[from] IdempotencyError),
+}
+
+/// A handler error that is not worth retrying (a declined card, an invalid order).
+///
+/// With [`replay_permanent_errors`](crate::IdempotencyConfigBuilder::replay_permanent_errors)
+/// on, a handler that fails with this error (directly, or boxed as a
+/// `lambda_runtime::Error`) has it stored like a response, and retries get the same
+/// error back without running the handler.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct PermanentError {
+    /// Human-readable message.
+    pub message: String,
+    /// Optional structured details, replayed as stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl PermanentError {
+    /// A permanent error with a message and no details.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into(), details: None }
+    }
+
+    /// Attaches structured details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}

@@ -1,0 +1,375 @@
+//! One idempotent invocation, top to bottom: derive the key, check the local cache,
+//! reserve, run the handler, complete or release.
+
+use crate::config::{IdempotencyConfig, KeySource};
+use crate::error::{Error, IdempotencyError, PermanentError};
+use crate::key::{hash_value, is_missing};
+use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
+use crate::store::{IdempotencyStore, StoreError};
+use lru::LruCache;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::any::Any;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{field, Instrument};
+
+/// The idempotency layer: a store and a config, shared by every handler it wraps.
+///
+/// Cloning is cheap and clones share the store client and the local cache, so one
+/// `Idempotency` can serve concurrent invocations (`lambda_runtime::run_concurrent`).
+///
+/// ```
+/// use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+/// use lambda_runtime::{service_fn, Error, LambdaEvent};
+/// use serde_json::{json, Value};
+///
+/// async fn handler(event: LambdaEvent<Value>) -> Result<Value, Error> {
+///     Ok(json!({ "charged": event.payload["order_id"] }))
+/// }
+///
+/// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = IdempotencyConfig::builder().key_expression("order_id").build()?;
+/// let idempotency = Idempotency::new(MemoryStore::new(), config);
+/// let service = idempotency.wrap(service_fn(handler));
+/// // In a Lambda binary: lambda_runtime::run(service).await
+/// # let _ = service;
+/// # Ok(()) }
+/// ```
+pub struct Idempotency<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Idempotency<S> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<S> std::fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+struct Inner<S> {
+    store: S,
+    config: IdempotencyConfig,
+    cache: Option<Mutex<LruCache<String, IdempotencyRecord>>>,
+    function_name: String,
+}
+
+static DISABLED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// What an invocation brings besides its event: its key prefix and deadline.
+pub(crate) struct Call<'a> {
+    /// The key prefix (see [`Idempotency::scope_for`]).
+    pub(crate) scope: &'a str,
+    /// The Lambda deadline in epoch milliseconds, when there is a `Context`.
+    pub(crate) deadline_ms: Option<i64>,
+}
+
+impl<S: IdempotencyStore> Idempotency<S> {
+    /// An idempotency layer over `store`.
+    pub fn new(store: S, config: IdempotencyConfig) -> Self {
+        if config.disabled && !DISABLED_LOGGED.swap(true, Ordering::Relaxed) {
+            tracing::warn!("idempotency is disabled (IDEMPOTENCY_DISABLED): handlers run on every call");
+        }
+        let cache = config.local_cache.map(|capacity| Mutex::new(LruCache::new(capacity)));
+        let function_name = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
+        Self { inner: Arc::new(Inner { store, config, cache, function_name }) }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The config.
+    pub fn config(&self) -> &IdempotencyConfig {
+        &self.inner.config
+    }
+
+    /// The key prefix for a handler: the configured prefix, or
+    /// `{AWS_LAMBDA_FUNCTION_NAME}.{handler}`.
+    pub(crate) fn scope_for(&self, handler: &str) -> String {
+        match &self.inner.config.key_prefix {
+            Some(prefix) => prefix.clone(),
+            None => format!("{}.{handler}", self.inner.function_name),
+        }
+    }
+
+    /// The key prefix for a named function: always includes the name, so two
+    /// functions given the same payload get distinct keys.
+    pub(crate) fn function_scope(&self, name: &str) -> String {
+        let base = self.inner.config.key_prefix.as_deref().unwrap_or(&self.inner.function_name);
+        format!("{base}.{name}")
+    }
+
+    /// Runs `handler(event)` at most once per key and returns its response, or the
+    /// stored response of an earlier run.
+    pub(crate) async fn execute<T, R, E, F, Fut>(&self, call: Call<'_>, event: T, handler: F) -> Result<R, Error<E>>
+    where
+        T: Serialize + 'static,
+        R: Serialize + DeserializeOwned,
+        E: 'static,
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+    {
+        let config = &self.inner.config;
+        if config.disabled {
+            return handler(event).await.map_err(Error::Handler);
+        }
+
+        // 1. Key and validation hash, from the event as JSON.
+        let json = serde_json::to_value(&event).map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+        let material = self.key_material(&event, &json)?;
+        if is_missing(&material) {
+            if config.strict {
+                return Err(IdempotencyError::MissingKey { expression: config.key.describe().to_owned() }.into());
+            }
+            tracing::warn!(
+                expression = config.key.describe(),
+                "no idempotency key material in the event; running the handler without idempotency"
+            );
+            return handler(event).await.map_err(Error::Handler);
+        }
+        let key = format!("{}#{}", call.scope, hash_value(&material));
+        let validation = match &config.validation {
+            Some(path) => {
+                let fields = path.search(&json).map_err(IdempotencyError::InvalidEvent)?;
+                Some(hash_value(&fields))
+            }
+            None => None,
+        };
+
+        let span = tracing::info_span!("idempotency", key = %key, replayed = field::Empty);
+        async move {
+            // 2. A completed record in this execution environment: no request at all.
+            let now = now_ms();
+            if let Some(record) = self.cached(&key, now) {
+                return self.replay(record, validation.as_deref());
+            }
+
+            // 3. Reserve. A live record comes back with the refusal (one request).
+            let in_progress_until =
+                call.deadline_ms.unwrap_or(now + duration_ms(config.in_progress_timeout));
+            let reservation = IdempotencyRecord {
+                key: key.clone(),
+                status: Status::InProgress,
+                expiration: expiration_s(now, config),
+                in_progress_expiration: Some(in_progress_until),
+                data: None,
+                validation: validation.clone(),
+                owner: owner_token(),
+                is_error: false,
+            };
+            if let Some(existing) = self.reserve(&reservation, now).await? {
+                return self.replay(existing, validation.as_deref());
+            }
+
+            // 4. Run the handler, then complete or release.
+            match handler(event).await {
+                Ok(response) => {
+                    let data = match serde_json::to_string(&response) {
+                        Ok(data) => data,
+                        Err(source) => {
+                            self.release(&reservation).await;
+                            return Err(IdempotencyError::Serialization { key, source }.into());
+                        }
+                    };
+                    self.complete(reservation, data, false).await?;
+                    Ok(response)
+                }
+                Err(err) => {
+                    match as_permanent(&err).filter(|_| config.replay_permanent_errors) {
+                        Some(permanent) => {
+                            let data = serde_json::to_string(permanent)
+                                .map_err(|source| IdempotencyError::Serialization { key, source })?;
+                            self.complete(reservation, data, true).await?;
+                        }
+                        None => self.release(&reservation).await,
+                    }
+                    Err(Error::Handler(err))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn key_material<T: 'static>(&self, event: &T, json: &Value) -> Result<Value, IdempotencyError> {
+        match &self.inner.config.key {
+            KeySource::Event => Ok(json.clone()),
+            KeySource::Expression(path) => path.search(json).map_err(IdempotencyError::InvalidEvent),
+            KeySource::Closure { f, event_type } => match f(event as &dyn Any) {
+                Some(result) => result.map_err(IdempotencyError::InvalidEvent),
+                None => Err(IdempotencyError::InvalidEvent(format!(
+                    "the key closure takes {event_type}, the handler's event is {}",
+                    std::any::type_name::<T>()
+                ))),
+            },
+        }
+    }
+
+    /// Reserves the key. `Ok(None)`: ours, run the handler. `Ok(Some(record))`: a
+    /// completed record to replay. Errors: in progress, or the store failed.
+    async fn reserve(&self, record: &IdempotencyRecord, now: i64) -> Result<Option<IdempotencyRecord>, IdempotencyError> {
+        // A second attempt only when the record that refused us has expired by our
+        // clock (it expired between the store's check and ours).
+        for _ in 0..2 {
+            let existing = match self.inner.store.reserve(record, now).await {
+                Ok(()) => return Ok(None),
+                Err(StoreError::Exists { existing: Some(existing) }) => existing,
+                Err(StoreError::Exists { existing: None }) => match self.inner.store.get(&record.key).await {
+                    Ok(Some(existing)) => existing,
+                    Ok(None) => continue,
+                    Err(err) => return Err(store_failure(err)),
+                },
+                Err(err) => return Err(store_failure(err)),
+            };
+            if existing.can_be_taken_over(now_ms()) {
+                continue;
+            }
+            if existing.status == Status::InProgress {
+                // Validate first: a different payload is refused even while in flight.
+                check_payload(&existing, record.validation.as_deref())?;
+                return Err(IdempotencyError::AlreadyInProgress { key: record.key.clone() });
+            }
+            return Ok(Some(existing));
+        }
+        Err(IdempotencyError::AlreadyInProgress { key: record.key.clone() })
+    }
+
+    /// Returns a completed record's response (or stored permanent error).
+    fn replay<R: DeserializeOwned, E>(&self, record: IdempotencyRecord, validation: Option<&str>) -> Result<R, Error<E>> {
+        check_payload(&record, validation)?;
+        let key = &record.key;
+        let data = record.data.as_deref().unwrap_or("null");
+        tracing::Span::current().record("replayed", true);
+        tracing::info!("replaying the stored {}", if record.is_error { "error" } else { "response" });
+        if let Some(hook) = &self.inner.config.on_replay {
+            let value: Value = serde_json::from_str(data)
+                .map_err(|source| IdempotencyError::Serialization { key: key.clone(), source })?;
+            hook(&value, &record);
+        }
+        self.remember(&record);
+        if record.is_error {
+            let err: PermanentError = serde_json::from_str(data)
+                .map_err(|source| IdempotencyError::Serialization { key: key.clone(), source })?;
+            return Err(Error::Replayed(err));
+        }
+        serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization { key: key.clone(), source }.into())
+    }
+
+    /// Stores the response under our reservation.
+    async fn complete(&self, reservation: IdempotencyRecord, data: String, is_error: bool) -> Result<(), IdempotencyError> {
+        let record = IdempotencyRecord {
+            status: Status::Completed,
+            expiration: expiration_s(now_ms(), &self.inner.config),
+            data: Some(data),
+            is_error,
+            ..reservation
+        };
+        let size = self.inner.store.item_size(&record);
+        if size > MAX_ITEM_BYTES {
+            self.release(&record).await;
+            return Err(IdempotencyError::ResponseTooLarge { key: record.key, size, limit: MAX_ITEM_BYTES });
+        }
+        match self.inner.store.complete(&record).await {
+            Ok(()) => {
+                self.remember(&record);
+                Ok(())
+            }
+            Err(StoreError::NotOwner) => {
+                tracing::error!(
+                    "reservation expired and was taken over before completion; the late result was not stored"
+                );
+                Err(IdempotencyError::LostOwnership { key: record.key })
+            }
+            // The reservation stays until its in-progress expiry, then a retry takes over.
+            Err(err) => Err(store_failure(err)),
+        }
+    }
+
+    /// Gives the key back so a retry runs the handler again. Failures are logged,
+    /// not returned: the caller is already returning a more important error, and
+    /// an unreleased reservation expires at its in-progress expiry.
+    async fn release(&self, reservation: &IdempotencyRecord) {
+        match self.inner.store.release(&reservation.key, &reservation.owner).await {
+            Ok(()) => {}
+            Err(StoreError::NotOwner) => {
+                tracing::error!("reservation expired and was taken over; the new owner's record was left alone")
+            }
+            Err(err) => tracing::warn!(error = %err, "could not release the reservation; it expires at its in-progress expiry"),
+        }
+    }
+
+    fn cached(&self, key: &str, now: i64) -> Option<IdempotencyRecord> {
+        let cache = self.inner.cache.as_ref()?;
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(key) {
+            Some(record) if !record.is_expired(now) => Some(record.clone()),
+            Some(_) => {
+                cache.pop(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember(&self, record: &IdempotencyRecord) {
+        if let (Some(cache), Status::Completed) = (&self.inner.cache, record.status) {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).put(record.key.clone(), record.clone());
+        }
+    }
+}
+
+fn check_payload(record: &IdempotencyRecord, validation: Option<&str>) -> Result<(), IdempotencyError> {
+    match (validation, record.validation.as_deref()) {
+        (Some(ours), Some(stored)) if ours != stored => Err(IdempotencyError::PayloadMismatch { key: record.key.clone() }),
+        _ => Ok(()),
+    }
+}
+
+fn store_failure(err: StoreError) -> IdempotencyError {
+    match err {
+        StoreError::Backend(source) => IdempotencyError::Store(source),
+        other => IdempotencyError::Store(Box::new(other)),
+    }
+}
+
+/// The handler's error as a [`PermanentError`], whether returned directly or boxed
+/// as a `lambda_runtime::Error`.
+fn as_permanent<E: 'static>(err: &E) -> Option<&PermanentError> {
+    let any = err as &dyn Any;
+    any.downcast_ref::<PermanentError>()
+        .or_else(|| any.downcast_ref::<lambda_runtime::Error>().and_then(|boxed| boxed.downcast_ref()))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+fn expiration_s(now_ms: i64, config: &IdempotencyConfig) -> i64 {
+    (now_ms + duration_ms(config.expires_after)).div_euclid(1000)
+}
+
+/// A token unique to one reservation. `RandomState` is seeded from the OS's
+/// randomness per process, which with a counter and the clock is enough for a
+/// fencing token (it must be unique, not secret); no `rand` dependency needed.
+fn owner_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_i64(now_ms());
+    format!("{:016x}{:08x}", hasher.finish(), std::process::id())
+}

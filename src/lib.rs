@@ -1,0 +1,45 @@
+//! Idempotent AWS Lambda handlers: retries and redeliveries never repeat a side effect.
+//!
+//! Wrap a handler with [`Idempotency::wrap`] (or [`Idempotency::layer`]); each
+//! event's key is reserved with one conditional write, the handler runs once, its
+//! response is stored, and duplicates get the stored response back.
+//!
+//! ```
+//! use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+//! use lambda_runtime::{service_fn, Error, LambdaEvent};
+//! use serde_json::{json, Value};
+//! use tower::{Service, ServiceExt};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Error> {
+//! let config = IdempotencyConfig::builder().key_expression("order_id").build()?;
+//! let idempotency = Idempotency::new(MemoryStore::new(), config);
+//! let mut service = idempotency.wrap(service_fn(|event: LambdaEvent<Value>| async move {
+//!     Ok::<_, Error>(json!({ "order": event.payload["order_id"], "status": "charged" }))
+//! }));
+//!
+//! let event = json!({ "order_id": "o-1" });
+//! let mut context = lambda_runtime::Context::default();
+//! context.deadline = 4_102_444_800_000; // the Lambda deadline, epoch ms
+//! let first = service.ready().await?.call(LambdaEvent::new(event.clone(), context.clone())).await?;
+//! let replay = service.ready().await?.call(LambdaEvent::new(event, context)).await?;
+//! assert_eq!(first, replay);
+//! # Ok(()) }
+//! ```
+//!
+//! In production use [`DynamoDbStore`]; [`MemoryStore`] is for tests and local runs.
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod idempotency;
+mod key;
+mod record;
+mod service;
+pub mod store;
+
+pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
+pub use error::{Error, IdempotencyError, PermanentError};
+pub use idempotency::Idempotency;
+pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
+pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
+pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore};

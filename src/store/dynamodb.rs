@@ -1,0 +1,294 @@
+use super::{IdempotencyStore, StoreError};
+use crate::record::{IdempotencyRecord, Status};
+use aws_sdk_dynamodb::error::{BoxError, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::Client;
+use std::collections::HashMap;
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Attribute names of the idempotency table. The defaults match the AWS Lambda
+/// Powertools table layout, plus `owner` (the fencing token) and `error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributeNames {
+    /// The idempotency key (partition key in [`KeyLayout::Simple`]). Default `id`.
+    pub key: String,
+    /// The TTL attribute, epoch seconds. Default `expiration`.
+    pub expiration: String,
+    /// In-progress expiry, epoch milliseconds. Default `in_progress_expiration`.
+    pub in_progress_expiration: String,
+    /// `INPROGRESS` or `COMPLETED`. Default `status`.
+    pub status: String,
+    /// The JSON response. Default `data`.
+    pub data: String,
+    /// The payload validation hash. Default `validation`.
+    pub validation: String,
+    /// The reservation's owner token. Default `owner`.
+    pub owner: String,
+    /// Present (`true`) when `data` holds a stored permanent error. Default `error`.
+    pub error: String,
+}
+
+impl Default for AttributeNames {
+    fn default() -> Self {
+        Self {
+            key: "id".into(),
+            expiration: "expiration".into(),
+            in_progress_expiration: "in_progress_expiration".into(),
+            status: "status".into(),
+            data: "data".into(),
+            validation: "validation".into(),
+            owner: "owner".into(),
+            error: "error".into(),
+        }
+    }
+}
+
+/// How the idempotency key maps onto the table's primary key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KeyLayout {
+    /// The table's partition key is `AttributeNames::key` and holds the idempotency key.
+    #[default]
+    Simple,
+    /// A shared table: a static partition value, the idempotency key in the sort key
+    /// (`AttributeNames::key` names the sort key).
+    Composite {
+        /// Partition key attribute name.
+        partition_key: String,
+        /// The value every record of this store puts in the partition key.
+        partition_value: String,
+    },
+}
+
+/// Records in a DynamoDB table: one conditional `PutItem` to reserve, one to complete,
+/// one conditional `DeleteItem` to release.
+///
+/// The table needs only its key schema; turn TTL on for the `expiration` attribute
+/// so that DynamoDB deletes old records (expired records count as absent anyway).
+///
+/// ```no_run
+/// # async fn f() {
+/// use lambda_idempotency::DynamoDbStore;
+/// let sdk = aws_config::load_from_env().await;
+/// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&sdk), "idempotency");
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct DynamoDbStore {
+    client: Client,
+    table: String,
+    names: AttributeNames,
+    layout: KeyLayout,
+}
+
+impl DynamoDbStore {
+    /// A store on `table` with the default attribute names and a simple key.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+            names: AttributeNames::default(),
+            layout: KeyLayout::Simple,
+        }
+    }
+
+    /// Uses other attribute names.
+    pub fn with_attribute_names(mut self, names: AttributeNames) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// Uses another key layout (e.g. a composite key in a shared table).
+    pub fn with_key_layout(mut self, layout: KeyLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// The primary key of the record for `key`.
+    fn primary_key(&self, key: &str) -> Item {
+        let mut item = Item::new();
+        item.insert(self.names.key.clone(), AttributeValue::S(key.to_owned()));
+        if let KeyLayout::Composite { partition_key, partition_value } = &self.layout {
+            item.insert(partition_key.clone(), AttributeValue::S(partition_value.clone()));
+        }
+        item
+    }
+
+    fn to_item(&self, record: &IdempotencyRecord) -> Item {
+        let n = &self.names;
+        let mut item = self.primary_key(&record.key);
+        item.insert(n.status.clone(), AttributeValue::S(record.status.as_str().into()));
+        item.insert(n.expiration.clone(), AttributeValue::N(record.expiration.to_string()));
+        item.insert(n.owner.clone(), AttributeValue::S(record.owner.clone()));
+        if let Some(at) = record.in_progress_expiration {
+            item.insert(n.in_progress_expiration.clone(), AttributeValue::N(at.to_string()));
+        }
+        if let Some(data) = &record.data {
+            item.insert(n.data.clone(), AttributeValue::S(data.clone()));
+        }
+        if let Some(hash) = &record.validation {
+            item.insert(n.validation.clone(), AttributeValue::S(hash.clone()));
+        }
+        if record.is_error {
+            item.insert(n.error.clone(), AttributeValue::Bool(true));
+        }
+        item
+    }
+
+    fn from_item(&self, item: &Item) -> Result<IdempotencyRecord, StoreError> {
+        let n = &self.names;
+        let malformed = |what: &str| StoreError::Backend(format!("malformed idempotency item in {}: {what}", self.table).into());
+        let string = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        let number = |name: &str| -> Result<Option<i64>, StoreError> {
+            match item.get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_n()
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map(Some)
+                    .ok_or_else(|| malformed(name)),
+            }
+        };
+        Ok(IdempotencyRecord {
+            key: string(&n.key).ok_or_else(|| malformed(&n.key))?,
+            status: string(&n.status)
+                .as_deref()
+                .and_then(Status::parse)
+                .ok_or_else(|| malformed(&n.status))?,
+            expiration: number(&n.expiration)?.ok_or_else(|| malformed(&n.expiration))?,
+            in_progress_expiration: number(&n.in_progress_expiration)?,
+            data: string(&n.data),
+            validation: string(&n.validation),
+            // Records written by other tools (e.g. Powertools) have no owner token.
+            owner: string(&n.owner).unwrap_or_default(),
+            is_error: item.get(&n.error).and_then(|v| v.as_bool().ok()).copied().unwrap_or(false),
+        })
+    }
+}
+
+/// Turns an SDK error into a store error, keeping the conditional failure apart.
+fn classify<E, R>(
+    err: SdkError<E, R>,
+    conditional_failure: impl FnOnce(&E) -> Option<Option<&Item>>,
+) -> Result<Option<Item>, StoreError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    if let Some(old) = err.as_service_error().and_then(conditional_failure) {
+        return Ok(old.cloned());
+    }
+    Err(StoreError::Backend(BoxError::from(err)))
+}
+
+impl IdempotencyStore for DynamoDbStore {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+        let n = &self.names;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(self.to_item(record)))
+            .condition_expression(
+                "attribute_not_exists(#id) OR #exp < :now OR (#status = :inprogress AND #ipexp < :now_ms)",
+            )
+            .expression_attribute_names("#id", &n.key)
+            .expression_attribute_names("#exp", &n.expiration)
+            .expression_attribute_names("#status", &n.status)
+            .expression_attribute_names("#ipexp", &n.in_progress_expiration)
+            .expression_attribute_values(":now", AttributeValue::N(now_ms.div_euclid(1000).to_string()))
+            .expression_attribute_values(":now_ms", AttributeValue::N(now_ms.to_string()))
+            .expression_attribute_values(":inprogress", AttributeValue::S(Status::InProgress.as_str().into()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let old = classify(err, |e| {
+                    e.is_conditional_check_failed_exception().then(|| match e {
+                        aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => c.item(),
+                        _ => None,
+                    })
+                })?;
+                let existing = old.as_ref().map(|item| self.from_item(item)).transpose()?;
+                Err(StoreError::Exists { existing })
+            }
+        }
+    }
+
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(self.to_item(record)))
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", &self.names.owner)
+            .expression_attribute_values(":owner", AttributeValue::S(record.owner.clone()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                classify(err, |e| e.is_conditional_check_failed_exception().then_some(None))?;
+                Err(StoreError::NotOwner)
+            }
+        }
+    }
+
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(self.primary_key(key)))
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", &self.names.owner)
+            .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                classify(err, |e| e.is_conditional_check_failed_exception().then_some(None))?;
+                Err(StoreError::NotOwner)
+            }
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.primary_key(key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::Backend(e.into()))?;
+        output.item().map(|item| self.from_item(item)).transpose()
+    }
+
+    fn item_size(&self, record: &IdempotencyRecord) -> usize {
+        // DynamoDB counts attribute names and values in UTF-8 bytes; a number takes
+        // at most 21 bytes and a boolean 1.
+        self.to_item(record)
+            .iter()
+            .map(|(name, value)| {
+                name.len()
+                    + match value {
+                        AttributeValue::S(s) => s.len(),
+                        AttributeValue::N(_) => 21,
+                        _ => 1,
+                    }
+            })
+            .sum()
+    }
+}
