@@ -1,0 +1,627 @@
+//! The rules of a wrapped call, on the in-memory store (no services needed).
+
+mod support;
+
+use lambda_idempotency::{
+    Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotencyStore, MemoryStore,
+    PermanentError, Status,
+};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use support::{context, now_ms, Counter, CountingStore};
+use tokio::sync::{oneshot, Notify};
+use tower::{Service, ServiceExt};
+
+type BoxError = lambda_runtime::Error;
+
+fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
+    IdempotencyConfig::builder().key_expression("order_id").key_prefix("test")
+}
+
+/// A wrapped handler that counts its runs and echoes the order id.
+fn counting_service<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    runs: &Counter,
+) -> impl Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone {
+    let runs = runs.clone();
+    idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
+        let run = runs.hit();
+        async move { Ok::<_, BoxError>(json!({"order": event.payload["order_id"], "run": run})) }
+    }))
+}
+
+async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxError>
+where
+    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
+{
+    service.ready().await?.call(LambdaEvent::new(payload, context(60_000))).await
+}
+
+fn idempotency_error(err: &BoxError) -> &IdempotencyError {
+    err.downcast_ref::<IdempotencyError>().unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
+}
+
+#[tokio::test]
+async fn first_execution_runs_and_replay_returns_the_stored_response_byte_for_byte() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+
+    let first = invoke(&mut service, json!({"order_id": "o-1", "extra": 1})).await.expect("first");
+    let replay = invoke(&mut service, json!({"order_id": "o-1", "extra": 2})).await.expect("replay");
+
+    assert_eq!(runs.get(), 1);
+    assert_eq!(serde_json::to_vec(&first).expect("json"), serde_json::to_vec(&replay).expect("json"));
+    assert_eq!(store.len(), 1);
+}
+
+#[tokio::test]
+async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_key() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let response = invoke(&mut counting_service(&idempotency, &runs), json!({"order_id": "o-2"})).await.expect("run");
+
+    // The key material is the string "o-2"; its canonical JSON is "\"o-2\"".
+    let key = format!("test#{}", sha256_hex(br#""o-2""#));
+    let record = store.get(&key).await.expect("get").expect("record stored under the hashed key");
+    assert_eq!(record.key, key);
+    assert_eq!(record.status, Status::Completed);
+    assert_eq!(record.data.as_deref(), Some(serde_json::to_string(&response).expect("json").as_str()));
+    let one_hour = (now_ms() / 1000 + 3600 - record.expiration).abs();
+    assert!(one_hour <= 2, "expiration about an hour from now, off by {one_hour}s");
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_duplicate_while_in_progress_gets_already_in_progress() {
+    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+    let (entered_tx, entered_rx) = oneshot::channel();
+    let entered_tx = Arc::new(Mutex::new(Some(entered_tx)));
+    let release = Arc::new(Notify::new());
+    let runs = Counter::default();
+    let service = {
+        let (release, runs) = (release.clone(), runs.clone());
+        idempotency.wrap(service_fn(move |_event: LambdaEvent<Value>| {
+            runs.hit();
+            let (release, entered) = (release.clone(), entered_tx.lock().expect("lock").take());
+            async move {
+                if let Some(tx) = entered {
+                    let _ = tx.send(());
+                }
+                release.notified().await;
+                Ok::<_, BoxError>(json!("done"))
+            }
+        }))
+    };
+
+    // Spawn the service's own (boxed, Send) future, as lambda_runtime::run_concurrent does.
+    let mut first_service = service.clone();
+    let ready = first_service.ready().await.expect("ready");
+    let first = tokio::spawn(ready.call(LambdaEvent::new(json!({"order_id": "o-3"}), context(60_000))));
+    entered_rx.await.expect("first call entered the handler");
+    let err = invoke(&mut service.clone(), json!({"order_id": "o-3"})).await.expect_err("in progress");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::AlreadyInProgress { .. }), "{err}");
+
+    release.notify_one();
+    assert_eq!(first.await.expect("join").expect("first call"), json!("done"));
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn same_key_with_different_validated_fields_is_refused() {
+    let store = CountingStore::new(MemoryStore::new());
+    let cached = config().payload_validation("[amount, currency]").local_cache(8).build().expect("config");
+    let idempotency = Idempotency::new(store.clone(), cached);
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+
+    invoke(&mut service, json!({"order_id": "o-4", "amount": 10, "currency": "EUR"})).await.expect("first");
+    // The cached record is checked too, without a request.
+    let calls = store.calls.get();
+    let err = invoke(&mut service, json!({"order_id": "o-4", "amount": 11, "currency": "EUR"})).await.expect_err("mismatch");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    assert_eq!(store.calls.get(), calls, "refused from the local cache");
+
+    // Without the cache, from the record the refused reservation returns.
+    let uncached = Idempotency::new(store.clone(), config().payload_validation("[amount, currency]").build().expect("config"));
+    let err = invoke(&mut counting_service(&uncached, &runs), json!({"order_id": "o-4", "amount": 10, "currency": "USD"}))
+        .await
+        .expect_err("mismatch");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    // Same fields, other extra data: replayed.
+    invoke(&mut service, json!({"order_id": "o-4", "amount": 10, "currency": "EUR", "note": "x"})).await.expect("replay");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = {
+        let runs = runs.clone();
+        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
+            let run = runs.hit();
+            async move {
+                if run == 1 {
+                    Err::<Value, BoxError>(std::io::Error::other("card network down").into())
+                } else {
+                    Ok(json!({"run": run}))
+                }
+            }
+        }))
+    };
+
+    let err = invoke(&mut service, json!({"order_id": "o-5"})).await.expect_err("handler error");
+    let io = err.downcast_ref::<std::io::Error>().expect("the handler's own error type");
+    assert_eq!(io.to_string(), "card network down");
+    assert!(store.is_empty(), "the reservation was released");
+
+    assert_eq!(invoke(&mut service, json!({"order_id": "o-5"})).await.expect("retry"), json!({"run": 2}));
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn permanent_errors_replay_only_when_enabled() {
+    for replay_errors in [false, true] {
+        let store = MemoryStore::new();
+        let idempotency =
+            Idempotency::new(store.clone(), config().replay_permanent_errors(replay_errors).build().expect("config"));
+        let runs = Counter::default();
+        let mut service = {
+            let runs = runs.clone();
+            idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                async move {
+                    Err::<Value, BoxError>(PermanentError::new("card declined").with_details(json!({"code": 51})).into())
+                }
+            }))
+        };
+        let first = invoke(&mut service, json!({"order_id": "o-6"})).await.expect_err("declined");
+        let second = invoke(&mut service, json!({"order_id": "o-6"})).await.expect_err("declined again");
+        assert_eq!(first.downcast_ref::<PermanentError>(), second.downcast_ref::<PermanentError>());
+        assert_eq!(second.downcast_ref::<PermanentError>().expect("permanent").details, Some(json!({"code": 51})));
+        assert_eq!(runs.get(), if replay_errors { 1 } else { 2 }, "replay_permanent_errors = {replay_errors}");
+        assert_eq!(store.len(), usize::from(replay_errors));
+    }
+}
+
+#[tokio::test]
+async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    for event in [json!({}), json!({"order_id": null}), json!({"order_id": ""}), json!({"order_id": []})] {
+        invoke(&mut service, event).await.expect("runs unprotected");
+    }
+    assert_eq!(runs.get(), 4);
+    assert!(store.is_empty());
+
+    let strict = Idempotency::new(store.clone(), config().strict(true).build().expect("config"));
+    let mut service = counting_service(&strict, &runs);
+    let err = invoke(&mut service, json!({"other": 1})).await.expect_err("strict");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }), "{err}");
+    assert_eq!(runs.get(), 4, "the handler did not run");
+
+    // 0 and false are real keys.
+    for event in [json!({"order_id": 0}), json!({"order_id": false}), json!({"order_id": 0}), json!({"order_id": false})] {
+        invoke(&mut service, event).await.expect("runs or replays");
+    }
+    assert_eq!(runs.get(), 6);
+    assert_eq!(store.len(), 2);
+}
+
+#[tokio::test]
+async fn a_multi_select_of_absent_fields_is_missing_key_material() {
+    let idempotency = Idempotency::new(
+        MemoryStore::new(),
+        IdempotencyConfig::builder().key_expression("[user, order]").strict(true).build().expect("config"),
+    );
+    let runs = Counter::default();
+    let err = invoke(&mut counting_service(&idempotency, &runs), json!({"x": 1})).await.expect_err("strict");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn falsy_responses_replay_exactly_as_stored() {
+    for response in [json!(null), json!({}), json!([]), json!(0), json!(""), json!(false)] {
+        let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+        let runs = Counter::default();
+        let mut service = {
+            let (runs, response) = (runs.clone(), response.clone());
+            idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                let response = response.clone();
+                async move { Ok::<_, BoxError>(response) }
+            }))
+        };
+        assert_eq!(invoke(&mut service, json!({"order_id": "f"})).await.expect("first"), response);
+        assert_eq!(invoke(&mut service, json!({"order_id": "f"})).await.expect("replay"), response);
+        assert_eq!(runs.get(), 1, "{response} was replayed, not recomputed");
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_response_is_refused_before_the_write_and_the_key_released() {
+    let store = CountingStore::new(MemoryStore::new());
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = {
+        let runs = runs.clone();
+        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
+            runs.hit();
+            async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
+        }))
+    };
+    let err = invoke(&mut service, json!({"order_id": "big"})).await.expect_err("too large");
+    match idempotency_error(&err) {
+        IdempotencyError::ResponseTooLarge { size, limit, .. } => assert!(size > limit),
+        other => panic!("{other}"),
+    }
+    assert!(store.inner.is_empty(), "released");
+    // reserve + release; no complete was attempted.
+    assert_eq!(store.calls.get(), 2);
+    invoke(&mut service, json!({"order_id": "big"})).await.expect_err("runs again, refused again");
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn a_store_failure_while_reserving_never_runs_the_handler() {
+    let idempotency = Idempotency::new(CountingStore::failing(MemoryStore::new()), config().build().expect("config"));
+    let runs = Counter::default();
+    let err = invoke(&mut counting_service(&idempotency, &runs), json!({"order_id": "s"})).await.expect_err("store down");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::Store(_)), "{err}");
+    assert!(err.to_string().contains("injected store failure"), "{err}");
+    assert_eq!(runs.get(), 0);
+}
+
+#[tokio::test]
+async fn the_local_cache_serves_replays_without_a_store_request() {
+    let store = CountingStore::new(MemoryStore::new());
+    let idempotency = Idempotency::new(store.clone(), config().local_cache(2).build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+
+    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("first");
+    assert_eq!(store.calls.get(), 2, "reserve + complete");
+    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("cached replay");
+    assert_eq!(store.calls.get(), 2, "served from the cache");
+
+    // Capacity 2: the least recently used record leaves the cache.
+    invoke(&mut service, json!({"order_id": "c-2"})).await.expect("second key");
+    invoke(&mut service, json!({"order_id": "c-3"})).await.expect("third key");
+    let before = store.calls.get();
+    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("replay from the store");
+    assert_eq!(store.calls.get(), before + 1, "evicted: one reserve request, refused with the record");
+    assert_eq!(runs.get(), 3);
+}
+
+#[tokio::test]
+async fn in_progress_records_are_never_cached() {
+    let store = CountingStore::new(MemoryStore::new());
+    let idempotency = Idempotency::new(store.clone(), config().local_cache(8).build().expect("config"));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let slow = {
+        let (entered, gate) = (entered.clone(), gate.clone());
+        Arc::new(idempotency.function("slow", move |_: Value| {
+            let (entered, gate) = (entered.clone(), gate.clone());
+            async move {
+                entered.notify_one();
+                gate.notified().await;
+                Ok::<_, BoxError>(json!("finished"))
+            }
+        }))
+    };
+    let first = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.call(json!({"order_id": "job-1"}), None).await }
+    });
+    entered.notified().await;
+    // Each duplicate asks the store: nothing in progress is served from the cache.
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        let before = store.calls.get();
+        let err = slow.call(json!({"order_id": "job-1"}), None).await.expect_err("in progress");
+        assert!(matches!(err, Error::Idempotency(IdempotencyError::AlreadyInProgress { .. })), "{err}");
+        requests.push(store.calls.get() - before);
+    }
+    assert_eq!(requests, vec![1, 1]);
+    gate.notify_one();
+    assert_eq!(first.await.expect("join").expect("first"), json!("finished"));
+    let before = store.calls.get();
+    assert_eq!(slow.call(json!({"order_id": "job-1"}), None).await.expect("cached replay"), json!("finished"));
+    assert_eq!(store.calls.get(), before, "completed: served from the cache");
+}
+
+#[tokio::test]
+async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let runs = Counter::default();
+    // The first call's Lambda deadline is already past, as if it had timed out:
+    // its reservation is open to takeover while its handler is still running.
+    let work = {
+        let (entered, gate, runs) = (entered.clone(), gate.clone(), runs.clone());
+        Arc::new(idempotency.function("work", move |outcome: Value| {
+            let run = runs.hit();
+            let (entered, gate) = (entered.clone(), gate.clone());
+            async move {
+                if run == 1 {
+                    entered.notify_one();
+                    gate.notified().await;
+                }
+                match outcome["fail"].as_bool() {
+                    Some(true) => Err(std::io::Error::other("late failure")),
+                    _ => Ok(json!({"run": run})),
+                }
+            }
+        }))
+    };
+    for late_outcome in ["complete", "fail"] {
+        let fail = late_outcome == "fail";
+        // Validation is off, so both calls share the key "order_id".
+        let event = json!({"order_id": late_outcome, "fail": fail});
+        let late = tokio::spawn({
+            let (work, event) = (work.clone(), event.clone());
+            async move { work.call(event, Some(&context(-1_000))).await }
+        });
+        entered.notified().await;
+
+        let taken_over = work.call(json!({"order_id": late_outcome}), Some(&context(60_000))).await.expect("takeover");
+        let winner = store.get(&only_key(&store, late_outcome).await).await.expect("get").expect("record");
+        assert_eq!(winner.status, Status::Completed);
+
+        gate.notify_one();
+        match (fail, late.await.expect("join")) {
+            (false, Err(Error::Idempotency(IdempotencyError::LostOwnership { .. }))) => {}
+            (true, Err(Error::Handler(e))) => assert_eq!(e.to_string(), "late failure"),
+            (_, other) => panic!("{late_outcome}: unexpected {other:?}"),
+        }
+        // The late owner neither overwrote nor deleted the new owner's record.
+        let after = store.get(&winner.key).await.expect("get").expect("record kept");
+        assert_eq!(after, winner);
+        assert_eq!(after.data.as_deref(), Some(serde_json::to_string(&taken_over).expect("json").as_str()));
+        runs.reset();
+    }
+}
+
+/// The one key in `store` created for order id `order_id` (the "work" function's scope).
+async fn only_key(store: &MemoryStore, order_id: &str) -> String {
+    let key = format!("test.work#{}", sha256_hex(format!("\"{order_id}\"").as_bytes()));
+    assert!(store.get(&key).await.expect("get").is_some(), "no record under {key}");
+    key
+}
+
+#[tokio::test]
+async fn a_remaining_time_of_zero_is_a_valid_deadline() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let event = LambdaEvent::new(json!({"order_id": "zero"}), context(0));
+    service.ready().await.expect("ready").call(event).await.expect("runs");
+    assert_eq!(runs.get(), 1);
+    assert_eq!(store.len(), 1);
+}
+
+#[tokio::test]
+async fn an_expired_completed_record_counts_as_absent() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    invoke(&mut service, json!({"order_id": "old"})).await.expect("first");
+    let key = format!("test#{}", sha256_hex(br#""old""#));
+
+    // As DynamoDB leaves it: TTL passed, item not yet deleted.
+    let mut stale = store.get(&key).await.expect("get").expect("record");
+    stale.expiration = now_ms() / 1000 - 60;
+    stale.owner = "previous".into();
+    // Reserving "a day later" lets the store replace the live record with the stale one.
+    store.reserve(&stale, now_ms() + 86_400_000).await.expect("overwrite with a stale record");
+
+    invoke(&mut service, json!({"order_id": "old"})).await.expect("runs again");
+    assert_eq!(runs.get(), 2);
+    let fresh = store.get(&key).await.expect("get").expect("record");
+    assert!(fresh.expiration > now_ms() / 1000, "replaced by a live record");
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct Order {
+    id: u64,
+    customer: String,
+    note: String,
+}
+
+#[tokio::test]
+async fn a_typed_closure_selects_the_key_material() {
+    let store = MemoryStore::new();
+    let by_order = config().key_fn(|order: &Order| (order.customer.clone(), order.id)).build().expect("config");
+    let idempotency = Idempotency::new(store.clone(), by_order);
+    let runs = Counter::default();
+    let mut service = {
+        let runs = runs.clone();
+        idempotency.wrap(service_fn(move |event: LambdaEvent<Order>| {
+            let run = runs.hit();
+            async move { Ok::<_, BoxError>(json!({"id": event.payload.id, "run": run})) }
+        }))
+    };
+    let order = |id, note: &str| Order { id, customer: "c-1".into(), note: note.into() };
+    for (id, note) in [(1, "a"), (1, "b"), (2, "a")] {
+        service.ready().await.expect("ready").call(LambdaEvent::new(order(id, note), context(60_000))).await.expect("call");
+    }
+    assert_eq!(runs.get(), 2, "the note is not part of the key");
+    assert_eq!(store.len(), 2);
+
+    // A closure over another event type is a clear error, and the handler does not run.
+    let mismatched = Idempotency::new(store.clone(), config().key_fn(|order: &Order| order.id).build().expect("config"));
+    let err = invoke(&mut counting_service(&mismatched, &runs), json!({"id": 1})).await.expect_err("type mismatch");
+    match idempotency_error(&err) {
+        IdempotencyError::InvalidEvent(reason) => assert!(reason.contains("Order"), "{reason}"),
+        other => panic!("{other}"),
+    }
+    assert_eq!(runs.get(), 2);
+}
+
+#[tokio::test]
+async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), IdempotencyConfig::default());
+    let runs = Counter::default();
+    let make = |name: &'static str| {
+        let runs = runs.clone();
+        idempotency.function(name, move |payload: Value| {
+            runs.hit();
+            async move { Ok::<_, BoxError>(json!({"by": name, "payload": payload})) }
+        })
+    };
+    let (reserve, charge) = (make("reserve_stock"), make("charge_card"));
+    let payload = json!({"order_id": 7});
+    assert_eq!(reserve.call(payload.clone(), None).await.expect("reserve")["by"], "reserve_stock");
+    assert_eq!(charge.call(payload.clone(), None).await.expect("charge")["by"], "charge_card");
+    assert_eq!(charge.call(payload.clone(), None).await.expect("replay")["by"], "charge_card");
+    assert_eq!(runs.get(), 2);
+    assert_eq!(store.len(), 2);
+}
+
+#[tokio::test]
+async fn the_disable_switch_bypasses_the_store() {
+    let store = CountingStore::new(MemoryStore::new());
+    let idempotency = Idempotency::new(store.clone(), config().disabled(true).build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    for _ in 0..3 {
+        invoke(&mut service, json!({"order_id": "d"})).await.expect("runs");
+    }
+    assert_eq!(runs.get(), 3);
+    assert_eq!(store.calls.get(), 0);
+}
+
+#[tokio::test]
+async fn the_replay_hook_sees_the_replayed_response_and_its_record() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hooked = {
+        let seen = seen.clone();
+        config().on_replay(move |response, record| {
+            seen.lock().expect("lock").push((response.clone(), record.key.clone(), record.status))
+        })
+    };
+    let idempotency = Idempotency::new(MemoryStore::new(), hooked.build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let first = invoke(&mut service, json!({"order_id": "h"})).await.expect("first");
+    assert!(seen.lock().expect("lock").is_empty(), "a first execution is not a replay");
+    invoke(&mut service, json!({"order_id": "h"})).await.expect("replay");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen, vec![(first, format!("test#{}", sha256_hex(br#""h""#)), Status::Completed)]);
+}
+
+#[tokio::test]
+async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run() {
+    let store = MemoryStore::new();
+    let from_body = IdempotencyConfig::builder().key_expression("powertools_json(body).order_id").build().expect("config");
+    let idempotency = Idempotency::new(store.clone(), from_body);
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let err = invoke(&mut service, json!({"body": "{not json"})).await.expect_err("malformed");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::InvalidEvent(_)), "{err}");
+    assert_eq!(runs.get(), 0);
+    assert!(store.is_empty());
+
+    invoke(&mut service, json!({"body": "{\"order_id\": \"b-1\"}"})).await.expect("well formed");
+    invoke(&mut service, json!({"body": "{\"order_id\":\"b-1\", \"x\": 1}"})).await.expect("replay");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn the_layer_wraps_a_handler_in_a_service_builder() {
+    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = {
+        let runs = runs.clone();
+        tower::ServiceBuilder::new().layer(idempotency.layer()).service(service_fn(move |e: LambdaEvent<Value>| {
+            runs.hit();
+            async move { Ok::<_, BoxError>(e.payload) }
+        }))
+    };
+    invoke(&mut service, json!({"order_id": "l"})).await.expect("first");
+    invoke(&mut service, json!({"order_id": "l"})).await.expect("replay");
+    assert_eq!(runs.get(), 1);
+}
+
+/// What `lambda_runtime::run_concurrent` does: clones of one service, invoked at
+/// the same time on several threads, sharing the store client and the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
+    const CALLS: usize = 50;
+    let store = CountingStore::new(MemoryStore::new());
+    let idempotency = Idempotency::new(store.clone(), config().local_cache(16).build().expect("config"));
+    let gate = Arc::new(Notify::new());
+    let runs = Counter::default();
+    let service = {
+        let (gate, runs) = (gate.clone(), runs.clone());
+        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
+            runs.hit();
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok::<_, BoxError>(json!({"charged": true}))
+            }
+        }))
+    };
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..CALLS {
+        let (call, tx) = (spawn_call(&service, json!({"order_id": "c"})), tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(call.await.expect("join"));
+        });
+    }
+    // Everyone but the one running the handler is refused while it is held.
+    let mut refused = 0;
+    for _ in 0..CALLS - 1 {
+        let result = rx.recv().await.expect("result");
+        let err = result.expect_err("only one call can run");
+        assert!(err.contains("in progress"), "{err}");
+        refused += 1;
+    }
+    gate.notify_one();
+    assert_eq!(rx.recv().await.expect("result").expect("the running call"), json!({"charged": true}));
+    assert_eq!((runs.get(), refused), (1, CALLS - 1));
+
+    // Now completed and cached: 50 concurrent replays, no store request.
+    let before = store.calls.get();
+    let replays: Vec<_> = (0..CALLS)
+        .map(|_| spawn_call(&service, json!({"order_id": "c"})))
+        .collect();
+    for replay in replays {
+        assert_eq!(replay.await.expect("join").expect("replay"), json!({"charged": true}));
+    }
+    assert_eq!(runs.get(), 1);
+    assert_eq!(store.calls.get(), before);
+}
+
+/// Invokes a clone of `service` on its own task, as `run_concurrent` does.
+fn spawn_call<Svc>(service: &Svc, payload: Value) -> tokio::task::JoinHandle<Result<Value, String>>
+where
+    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static,
+    Svc::Future: Send + 'static,
+{
+    let mut service = service.clone();
+    tokio::spawn(async move {
+        let future = match service.ready().await {
+            Ok(ready) => ready.call(LambdaEvent::new(payload, context(60_000))),
+            Err(e) => return Err(e.to_string()),
+        };
+        future.await.map_err(|e| e.to_string())
+    })
+}

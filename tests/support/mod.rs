@@ -1,0 +1,85 @@
+//! Shared test helpers. Each test binary uses a part of them.
+#![allow(dead_code)]
+
+pub mod localstack;
+
+use lambda_idempotency::store::StoreError;
+use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
+use lambda_runtime::Context;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+}
+
+/// A Lambda context whose deadline is `ms_from_now` away (negative: already past).
+pub fn context(ms_from_now: i64) -> Context {
+    let mut ctx = Context::default();
+    ctx.deadline = (now_ms() + ms_from_now) as u64;
+    ctx.request_id = format!("req-{}", now_ms());
+    ctx
+}
+
+/// Counts handler executions.
+#[derive(Clone, Default)]
+pub struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    pub fn hit(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+    pub fn reset(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A store that counts the calls it forwards, or fails them all.
+#[derive(Clone)]
+pub struct CountingStore<S> {
+    pub inner: S,
+    pub calls: Counter,
+    pub fail: bool,
+}
+
+impl<S> CountingStore<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, calls: Counter::default(), fail: false }
+    }
+    pub fn failing(inner: S) -> Self {
+        Self { inner, calls: Counter::default(), fail: true }
+    }
+    fn hit(&self) -> Result<(), StoreError> {
+        self.calls.hit();
+        if self.fail {
+            return Err(StoreError::Backend("injected store failure".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+        self.hit()?;
+        self.inner.reserve(record, now_ms).await
+    }
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        self.hit()?;
+        self.inner.complete(record).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.hit()?;
+        self.inner.release(key, owner).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.hit()?;
+        self.inner.get(key).await
+    }
+    fn item_size(&self, record: &IdempotencyRecord) -> usize {
+        self.inner.item_size(record)
+    }
+}
