@@ -275,12 +275,33 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
 
 #[tokio::test]
 async fn a_store_failure_while_reserving_never_runs_the_handler() {
-    let idempotency = Idempotency::new(CountingStore::failing(MemoryStore::new()), config().build().expect("config"));
+    let idempotency = Idempotency::new(CountingStore::failing(MemoryStore::new(), &["reserve"]), config().build().expect("config"));
     let runs = Counter::default();
     let err = invoke(&mut counting_service(&idempotency, &runs), json!({"order_id": "s"})).await.expect_err("store down");
     assert!(matches!(idempotency_error(&err), IdempotencyError::Store(_)), "{err}");
     assert!(err.to_string().contains("injected store failure"), "{err}");
     assert_eq!(runs.get(), 0);
+}
+
+#[tokio::test]
+async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
+    let store = CountingStore::failing(MemoryStore::new(), &["complete"]);
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let deadline = context(-1_000);
+    let deadline_ms = deadline.deadline as i64;
+    let err = service.ready().await.expect("ready").call(LambdaEvent::new(json!({"order_id": "sc"}), deadline)).await;
+    let err = err.expect_err("completion failed");
+    assert!(matches!(idempotency_error(&err), IdempotencyError::Store(_)), "{err}");
+
+    // The key is held only until the failed invocation's deadline...
+    let key = format!("test#{}", sha256_hex(br#""sc""#));
+    let held = store.inner.get(&key).await.expect("get").expect("reservation kept");
+    assert_eq!((held.status, held.in_progress_expiration), (Status::InProgress, Some(deadline_ms)));
+    // ...after which a retry takes over (and here fails to complete again).
+    invoke(&mut service, json!({"order_id": "sc"})).await.expect_err("completion fails again");
+    assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]

@@ -76,9 +76,9 @@ pub fn table_name(test: &str) -> String {
     format!("idem-{test}-{}-{}", super::now_ms(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Creates a table keyed on `hash` (and `range`, if given), TTL on `expiration`,
-/// and waits until it is active.
-pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option<&str>) {
+/// Creates a table keyed on `hash` (and `range`, if given), TTL on `ttl`, and
+/// waits until it is active.
+pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option<&str>, ttl: &str) {
     let mut request = client
         .create_table()
         .table_name(name)
@@ -100,7 +100,7 @@ pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option
         .update_time_to_live()
         .table_name(name)
         .time_to_live_specification(
-            TimeToLiveSpecification::builder().enabled(true).attribute_name("expiration").build().expect("ttl spec"),
+            TimeToLiveSpecification::builder().enabled(true).attribute_name(ttl).build().expect("ttl spec"),
         )
         .send()
         .await
@@ -110,7 +110,7 @@ pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option
 /// A table with the default layout: partition key `id`.
 pub async fn default_table(test: &str) -> String {
     let name = table_name(test);
-    create_table(&client(), &name, "id", None).await;
+    create_table(&client(), &name, "id", None, "expiration").await;
     name
 }
 

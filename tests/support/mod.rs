@@ -38,25 +38,26 @@ impl Counter {
     }
 }
 
-/// A store that counts the calls it forwards, or fails them all.
+/// A store that counts the calls it forwards, and fails the operations named in
+/// `fail` ("reserve", "complete", "release", "get").
 #[derive(Clone)]
 pub struct CountingStore<S> {
     pub inner: S,
     pub calls: Counter,
-    pub fail: bool,
+    pub fail: &'static [&'static str],
 }
 
 impl<S> CountingStore<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, calls: Counter::default(), fail: false }
+        Self { inner, calls: Counter::default(), fail: &[] }
     }
-    pub fn failing(inner: S) -> Self {
-        Self { inner, calls: Counter::default(), fail: true }
+    pub fn failing(inner: S, fail: &'static [&'static str]) -> Self {
+        Self { inner, calls: Counter::default(), fail }
     }
-    fn hit(&self) -> Result<(), StoreError> {
+    fn hit(&self, operation: &str) -> Result<(), StoreError> {
         self.calls.hit();
-        if self.fail {
-            return Err(StoreError::Backend("injected store failure".into()));
+        if self.fail.contains(&operation) {
+            return Err(StoreError::Backend(format!("injected store failure in {operation}").into()));
         }
         Ok(())
     }
@@ -64,19 +65,19 @@ impl<S> CountingStore<S> {
 
 impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
     async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
-        self.hit()?;
+        self.hit("reserve")?;
         self.inner.reserve(record, now_ms).await
     }
     async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
-        self.hit()?;
+        self.hit("complete")?;
         self.inner.complete(record).await
     }
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        self.hit()?;
+        self.hit("release")?;
         self.inner.release(key, owner).await
     }
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.hit()?;
+        self.hit("get")?;
         self.inner.get(key).await
     }
     fn item_size(&self, record: &IdempotencyRecord) -> usize {
