@@ -39,7 +39,10 @@ pub(crate) enum KeySource {
     Event,
     Expression(JsonPath),
     /// A typed closure; `None` when called with another event type.
-    Closure { f: Arc<KeyClosure>, event_type: &'static str },
+    Closure {
+        f: Arc<KeyClosure>,
+        event_type: &'static str,
+    },
 }
 
 impl KeySource {
@@ -114,7 +117,11 @@ impl IdempotencyConfig {
     /// A builder with the defaults: the whole event is the key, records last one
     /// hour, no validation, no local cache, lenient about missing keys.
     pub fn builder() -> IdempotencyConfigBuilder {
-        IdempotencyConfigBuilder { config: IdempotencyConfig::default(), key_expression: None, validation_expression: None }
+        IdempotencyConfigBuilder {
+            config: IdempotencyConfig::default(),
+            key_expression: None,
+            validation_expression: None,
+        }
     }
 }
 
@@ -162,7 +169,9 @@ impl IdempotencyConfigBuilder {
         self.key_expression = None;
         self.config.key = KeySource::Closure {
             f: Arc::new(move |event: &dyn Any| {
-                event.downcast_ref::<T>().map(|e| serde_json::to_value(f(e)).map_err(|err| err.to_string()))
+                event
+                    .downcast_ref::<T>()
+                    .map(|e| serde_json::to_value(f(e)).map_err(|err| err.to_string()))
             }),
             event_type: std::any::type_name::<T>(),
         };
@@ -226,7 +235,10 @@ impl IdempotencyConfigBuilder {
     }
 
     /// Called with the response and the record whenever a stored response is replayed.
-    pub fn on_replay(mut self, hook: impl Fn(&Value, &IdempotencyRecord) + Send + Sync + 'static) -> Self {
+    pub fn on_replay(
+        mut self,
+        hook: impl Fn(&Value, &IdempotencyRecord) + Send + Sync + 'static,
+    ) -> Self {
         self.config.on_replay = Some(Arc::new(hook));
         self
     }
@@ -234,7 +246,11 @@ impl IdempotencyConfigBuilder {
     /// Checks and compiles the configuration.
     pub fn build(mut self) -> Result<IdempotencyConfig, ConfigError> {
         let compile = |role, expression: String| {
-            JsonPath::compile(&expression).map_err(|reason| ConfigError::InvalidExpression { role, expression, reason })
+            JsonPath::compile(&expression).map_err(|reason| ConfigError::InvalidExpression {
+                role,
+                expression,
+                reason,
+            })
         };
         if let Some(expression) = self.key_expression {
             self.config.key = KeySource::Expression(compile("key", expression)?);
@@ -243,10 +259,14 @@ impl IdempotencyConfigBuilder {
             self.config.validation = Some(compile("payload validation", expression)?);
         }
         if self.config.expires_after.is_zero() {
-            return Err(ConfigError::InvalidSetting("expires_after must be positive".into()));
+            return Err(ConfigError::InvalidSetting(
+                "expires_after must be positive".into(),
+            ));
         }
         if self.config.in_progress_timeout.is_zero() {
-            return Err(ConfigError::InvalidSetting("in_progress_timeout must be positive".into()));
+            return Err(ConfigError::InvalidSetting(
+                "in_progress_timeout must be positive".into(),
+            ));
         }
         Ok(self.config)
     }
@@ -258,25 +278,57 @@ mod tests {
 
     #[test]
     fn invalid_expressions_are_rejected_at_build() {
-        let err = IdempotencyConfig::builder().key_expression("a.[").build().expect_err("syntax");
-        assert!(matches!(err, ConfigError::InvalidExpression { role: "key", .. }), "{err}");
-        let err = IdempotencyConfig::builder().payload_validation("nope(a)").build().expect_err("function");
-        assert!(matches!(err, ConfigError::InvalidExpression { role: "payload validation", .. }), "{err}");
+        let err = IdempotencyConfig::builder()
+            .key_expression("a.[")
+            .build()
+            .expect_err("syntax");
+        assert!(
+            matches!(err, ConfigError::InvalidExpression { role: "key", .. }),
+            "{err}"
+        );
+        let err = IdempotencyConfig::builder()
+            .payload_validation("nope(a)")
+            .build()
+            .expect_err("function");
+        assert!(
+            matches!(
+                err,
+                ConfigError::InvalidExpression {
+                    role: "payload validation",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn zero_durations_are_rejected() {
-        assert!(IdempotencyConfig::builder().expires_after(Duration::ZERO).build().is_err());
-        assert!(IdempotencyConfig::builder().in_progress_timeout(Duration::ZERO).build().is_err());
+        assert!(IdempotencyConfig::builder()
+            .expires_after(Duration::ZERO)
+            .build()
+            .is_err());
+        assert!(IdempotencyConfig::builder()
+            .in_progress_timeout(Duration::ZERO)
+            .build()
+            .is_err());
     }
 
     #[test]
     fn disable_switch_reads_both_variable_names() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
         };
         assert!(disabled_by(env(&[("IDEMPOTENCY_DISABLED", "true")])));
-        assert!(disabled_by(env(&[("POWERTOOLS_IDEMPOTENCY_DISABLED", "1")])));
+        assert!(disabled_by(env(&[(
+            "POWERTOOLS_IDEMPOTENCY_DISABLED",
+            "1"
+        )])));
         assert!(!disabled_by(env(&[("IDEMPOTENCY_DISABLED", "false")])));
         assert!(!disabled_by(env(&[])));
     }

@@ -100,7 +100,10 @@ pub struct PermanentError {
 impl PermanentError {
     /// A permanent error with a message and no details.
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), details: None }
+        Self {
+            message: message.into(),
+            details: None,
+        }
     }
 
     /// Attaches structured details.

@@ -46,13 +46,17 @@ pub struct Idempotency<S> {
 
 impl<S> Clone for Idempotency<S> {
     fn clone(&self) -> Self {
-        Self { inner: Arc::clone(&self.inner) }
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
     }
 }
 
 impl<S> std::fmt::Debug for Idempotency<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Idempotency").field("config", &self.inner.config).finish_non_exhaustive()
+        f.debug_struct("Idempotency")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -77,11 +81,23 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// An idempotency layer over `store`.
     pub fn new(store: S, config: IdempotencyConfig) -> Self {
         if config.disabled && !DISABLED_LOGGED.swap(true, Ordering::Relaxed) {
-            tracing::warn!("idempotency is disabled (IDEMPOTENCY_DISABLED): handlers run on every call");
+            tracing::warn!(
+                "idempotency is disabled (IDEMPOTENCY_DISABLED): handlers run on every call"
+            );
         }
-        let cache = config.local_cache.map(|capacity| Mutex::new(LruCache::new(capacity)));
-        let function_name = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
-        Self { inner: Arc::new(Inner { store, config, cache, function_name }) }
+        let cache = config
+            .local_cache
+            .map(|capacity| Mutex::new(LruCache::new(capacity)));
+        let function_name =
+            std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                cache,
+                function_name,
+            }),
+        }
     }
 
     /// The store.
@@ -106,13 +122,23 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// The key prefix for a named function: always includes the name, so two
     /// functions given the same payload get distinct keys.
     pub(crate) fn function_scope(&self, name: &str) -> String {
-        let base = self.inner.config.key_prefix.as_deref().unwrap_or(&self.inner.function_name);
+        let base = self
+            .inner
+            .config
+            .key_prefix
+            .as_deref()
+            .unwrap_or(&self.inner.function_name);
         format!("{base}.{name}")
     }
 
     /// Runs `handler(event)` at most once per key and returns its response, or the
     /// stored response of an earlier run.
-    pub(crate) async fn execute<T, R, E, F, Fut>(&self, call: Call<'_>, event: T, handler: F) -> Result<R, Error<E>>
+    pub(crate) async fn execute<T, R, E, F, Fut>(
+        &self,
+        call: Call<'_>,
+        event: T,
+        handler: F,
+    ) -> Result<R, Error<E>>
     where
         T: Serialize + 'static,
         R: Serialize + DeserializeOwned,
@@ -126,11 +152,15 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
 
         // 1. Key and validation hash, from the event as JSON.
-        let json = serde_json::to_value(&event).map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+        let json = serde_json::to_value(&event)
+            .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
         let material = self.key_material(&event, &json)?;
         if is_missing(&material) {
             if config.strict {
-                return Err(IdempotencyError::MissingKey { expression: config.key.describe().to_owned() }.into());
+                return Err(IdempotencyError::MissingKey {
+                    expression: config.key.describe().to_owned(),
+                }
+                .into());
             }
             tracing::warn!(
                 expression = config.key.describe(),
@@ -156,8 +186,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
             }
 
             // 3. Reserve. A live record comes back with the refusal (one request).
-            let in_progress_until =
-                call.deadline_ms.unwrap_or(now + duration_ms(config.in_progress_timeout));
+            let in_progress_until = call
+                .deadline_ms
+                .unwrap_or(now + duration_ms(config.in_progress_timeout));
             let reservation = IdempotencyRecord {
                 key: key.clone(),
                 status: Status::InProgress,
@@ -188,8 +219,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 Err(err) => {
                     match as_permanent(&err).filter(|_| config.replay_permanent_errors) {
                         Some(permanent) => {
-                            let data = serde_json::to_string(permanent)
-                                .map_err(|source| IdempotencyError::Serialization { key, source })?;
+                            let data = serde_json::to_string(permanent).map_err(|source| {
+                                IdempotencyError::Serialization { key, source }
+                            })?;
                             self.complete(reservation, data, true).await?;
                         }
                         None => self.release(&reservation).await,
@@ -205,7 +237,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
     fn key_material<T: 'static>(&self, event: &T, json: &Value) -> Result<Value, IdempotencyError> {
         match &self.inner.config.key {
             KeySource::Event => Ok(json.clone()),
-            KeySource::Expression(path) => path.search(json).map_err(IdempotencyError::InvalidEvent),
+            KeySource::Expression(path) => {
+                path.search(json).map_err(IdempotencyError::InvalidEvent)
+            }
             KeySource::Closure { f, event_type } => match f(event as &dyn Any) {
                 Some(result) => result.map_err(IdempotencyError::InvalidEvent),
                 None => Err(IdempotencyError::InvalidEvent(format!(
@@ -218,18 +252,26 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
     /// Reserves the key. `Ok(None)`: ours, run the handler. `Ok(Some(record))`: a
     /// completed record to replay. Errors: in progress, or the store failed.
-    async fn reserve(&self, record: &IdempotencyRecord, now: i64) -> Result<Option<IdempotencyRecord>, IdempotencyError> {
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now: i64,
+    ) -> Result<Option<IdempotencyRecord>, IdempotencyError> {
         // A second attempt only when the record that refused us has expired by our
         // clock (it expired between the store's check and ours).
         for _ in 0..2 {
             let existing = match self.inner.store.reserve(record, now).await {
                 Ok(()) => return Ok(None),
-                Err(StoreError::Exists { existing: Some(existing) }) => existing,
-                Err(StoreError::Exists { existing: None }) => match self.inner.store.get(&record.key).await {
-                    Ok(Some(existing)) => existing,
-                    Ok(None) => continue,
-                    Err(err) => return Err(store_failure(err)),
-                },
+                Err(StoreError::Exists {
+                    existing: Some(existing),
+                }) => *existing,
+                Err(StoreError::Exists { existing: None }) => {
+                    match self.inner.store.get(&record.key).await {
+                        Ok(Some(existing)) => existing,
+                        Ok(None) => continue,
+                        Err(err) => return Err(store_failure(err)),
+                    }
+                }
                 Err(err) => return Err(store_failure(err)),
             };
             if existing.can_be_taken_over(now_ms()) {
@@ -238,36 +280,64 @@ impl<S: IdempotencyStore> Idempotency<S> {
             if existing.status == Status::InProgress {
                 // Validate first: a different payload is refused even while in flight.
                 check_payload(&existing, record.validation.as_deref())?;
-                return Err(IdempotencyError::AlreadyInProgress { key: record.key.clone() });
+                return Err(IdempotencyError::AlreadyInProgress {
+                    key: record.key.clone(),
+                });
             }
             return Ok(Some(existing));
         }
-        Err(IdempotencyError::AlreadyInProgress { key: record.key.clone() })
+        Err(IdempotencyError::AlreadyInProgress {
+            key: record.key.clone(),
+        })
     }
 
     /// Returns a completed record's response (or stored permanent error).
-    fn replay<R: DeserializeOwned, E>(&self, record: IdempotencyRecord, validation: Option<&str>) -> Result<R, Error<E>> {
+    fn replay<R: DeserializeOwned, E>(
+        &self,
+        record: IdempotencyRecord,
+        validation: Option<&str>,
+    ) -> Result<R, Error<E>> {
         check_payload(&record, validation)?;
         let key = &record.key;
         let data = record.data.as_deref().unwrap_or("null");
         tracing::Span::current().record("replayed", true);
-        tracing::info!("replaying the stored {}", if record.is_error { "error" } else { "response" });
+        tracing::info!(
+            "replaying the stored {}",
+            if record.is_error { "error" } else { "response" }
+        );
         if let Some(hook) = &self.inner.config.on_replay {
-            let value: Value = serde_json::from_str(data)
-                .map_err(|source| IdempotencyError::Serialization { key: key.clone(), source })?;
+            let value: Value =
+                serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
+                    key: key.clone(),
+                    source,
+                })?;
             hook(&value, &record);
         }
         self.remember(&record);
         if record.is_error {
-            let err: PermanentError = serde_json::from_str(data)
-                .map_err(|source| IdempotencyError::Serialization { key: key.clone(), source })?;
+            let err: PermanentError =
+                serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
+                    key: key.clone(),
+                    source,
+                })?;
             return Err(Error::Replayed(err));
         }
-        serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization { key: key.clone(), source }.into())
+        serde_json::from_str(data).map_err(|source| {
+            IdempotencyError::Serialization {
+                key: key.clone(),
+                source,
+            }
+            .into()
+        })
     }
 
     /// Stores the response under our reservation.
-    async fn complete(&self, reservation: IdempotencyRecord, data: String, is_error: bool) -> Result<(), IdempotencyError> {
+    async fn complete(
+        &self,
+        reservation: IdempotencyRecord,
+        data: String,
+        is_error: bool,
+    ) -> Result<(), IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
             expiration: expiration_s(now_ms(), &self.inner.config),
@@ -278,7 +348,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
         let size = self.inner.store.item_size(&record);
         if size > MAX_ITEM_BYTES {
             self.release(&record).await;
-            return Err(IdempotencyError::ResponseTooLarge { key: record.key, size, limit: MAX_ITEM_BYTES });
+            return Err(IdempotencyError::ResponseTooLarge {
+                key: record.key,
+                size,
+                limit: MAX_ITEM_BYTES,
+            });
         }
         match self.inner.store.complete(&record).await {
             Ok(()) => {
@@ -300,12 +374,21 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// not returned: the caller is already returning a more important error, and
     /// an unreleased reservation expires at its in-progress expiry.
     async fn release(&self, reservation: &IdempotencyRecord) {
-        match self.inner.store.release(&reservation.key, &reservation.owner).await {
+        match self
+            .inner
+            .store
+            .release(&reservation.key, &reservation.owner)
+            .await
+        {
             Ok(()) => {}
             Err(StoreError::NotOwner) => {
-                tracing::error!("reservation expired and was taken over; the new owner's record was left alone")
+                tracing::error!(
+                    "reservation expired and was taken over; the new owner's record was left alone"
+                )
             }
-            Err(err) => tracing::warn!(error = %err, "could not release the reservation; it expires at its in-progress expiry"),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release the reservation; it expires at its in-progress expiry")
+            }
         }
     }
 
@@ -324,14 +407,22 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
     fn remember(&self, record: &IdempotencyRecord) {
         if let (Some(cache), Status::Completed) = (&self.inner.cache, record.status) {
-            cache.lock().unwrap_or_else(|p| p.into_inner()).put(record.key.clone(), record.clone());
+            cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(record.key.clone(), record.clone());
         }
     }
 }
 
-fn check_payload(record: &IdempotencyRecord, validation: Option<&str>) -> Result<(), IdempotencyError> {
+fn check_payload(
+    record: &IdempotencyRecord,
+    validation: Option<&str>,
+) -> Result<(), IdempotencyError> {
     match (validation, record.validation.as_deref()) {
-        (Some(ours), Some(stored)) if ours != stored => Err(IdempotencyError::PayloadMismatch { key: record.key.clone() }),
+        (Some(ours), Some(stored)) if ours != stored => Err(IdempotencyError::PayloadMismatch {
+            key: record.key.clone(),
+        }),
         _ => Ok(()),
     }
 }
@@ -347,12 +438,16 @@ fn store_failure(err: StoreError) -> IdempotencyError {
 /// as a `lambda_runtime::Error`.
 fn as_permanent<E: 'static>(err: &E) -> Option<&PermanentError> {
     let any = err as &dyn Any;
-    any.downcast_ref::<PermanentError>()
-        .or_else(|| any.downcast_ref::<lambda_runtime::Error>().and_then(|boxed| boxed.downcast_ref()))
+    any.downcast_ref::<PermanentError>().or_else(|| {
+        any.downcast_ref::<lambda_runtime::Error>()
+            .and_then(|boxed| boxed.downcast_ref())
+    })
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn duration_ms(d: std::time::Duration) -> i64 {

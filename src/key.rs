@@ -3,7 +3,7 @@
 use base64::Engine as _;
 use jmespath::ast::Ast;
 use jmespath::functions::{ArgumentType, CustomFunction, Signature};
-use jmespath::{Context, ErrorReason, JmespathError, Rcvar, RuntimeError, Runtime, Variable};
+use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::io::Read as _;
@@ -17,43 +17,56 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     let string_arg = || Signature::new(vec![ArgumentType::String], None);
     runtime.register_function(
         "powertools_json",
-        Box::new(CustomFunction::new(string_arg(), Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-            let text = first_string(args);
-            let value: Value = serde_json::from_str(text).map_err(|_| invalid(ctx, "a JSON string", text))?;
-            to_variable(&value, ctx)
-        }))),
+        Box::new(CustomFunction::new(
+            string_arg(),
+            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
+                let text = first_string(args);
+                let value: Value =
+                    serde_json::from_str(text).map_err(|_| invalid(ctx, "a JSON string", text))?;
+                to_variable(&value, ctx)
+            }),
+        )),
     );
     runtime.register_function(
         "powertools_base64",
-        Box::new(CustomFunction::new(string_arg(), Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-            let text = first_string(args);
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|_| invalid(ctx, "a base64 string", text))?;
-            let decoded = String::from_utf8(bytes).map_err(|_| invalid(ctx, "base64 of UTF-8 text", text))?;
-            Ok(Rcvar::new(Variable::String(decoded)))
-        }))),
+        Box::new(CustomFunction::new(
+            string_arg(),
+            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
+                let text = first_string(args);
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| invalid(ctx, "a base64 string", text))?;
+                let decoded = String::from_utf8(bytes)
+                    .map_err(|_| invalid(ctx, "base64 of UTF-8 text", text))?;
+                Ok(Rcvar::new(Variable::String(decoded)))
+            }),
+        )),
     );
     runtime.register_function(
         "powertools_base64_gzip",
-        Box::new(CustomFunction::new(string_arg(), Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-            let text = first_string(args);
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|_| invalid(ctx, "a base64 string", text))?;
-            let mut decoded = String::new();
-            flate2::read::GzDecoder::new(bytes.as_slice())
-                .read_to_string(&mut decoded)
-                .map_err(|_| invalid(ctx, "base64 of gzipped UTF-8 text", text))?;
-            Ok(Rcvar::new(Variable::String(decoded)))
-        }))),
+        Box::new(CustomFunction::new(
+            string_arg(),
+            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
+                let text = first_string(args);
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(|_| invalid(ctx, "a base64 string", text))?;
+                let mut decoded = String::new();
+                flate2::read::GzDecoder::new(bytes.as_slice())
+                    .read_to_string(&mut decoded)
+                    .map_err(|_| invalid(ctx, "base64 of gzipped UTF-8 text", text))?;
+                Ok(Rcvar::new(Variable::String(decoded)))
+            }),
+        )),
     );
     runtime
 });
 
 /// The signature check has already run, so the first argument is a string.
 fn first_string(args: &[Rcvar]) -> &str {
-    args.first().and_then(|a| a.as_string()).map_or("", String::as_str)
+    args.first()
+        .and_then(|a| a.as_string())
+        .map_or("", String::as_str)
 }
 
 fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
@@ -118,12 +131,20 @@ fn unknown_function(ast: &Ast) -> Option<String> {
         | Ast::And { lhs, rhs, .. }
         | Ast::Or { lhs, rhs, .. }
         | Ast::Subexpr { lhs, rhs, .. } => vec![lhs, rhs],
-        Ast::Condition { predicate, then, .. } => vec![predicate, then],
+        Ast::Condition {
+            predicate, then, ..
+        } => vec![predicate, then],
         Ast::Expref { ast, .. } => vec![ast],
-        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => vec![node],
+        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => {
+            vec![node]
+        }
         Ast::MultiList { elements, .. } => elements.iter().collect(),
         Ast::MultiHash { elements, .. } => elements.iter().map(|kv| &kv.value).collect(),
-        Ast::Identity { .. } | Ast::Field { .. } | Ast::Index { .. } | Ast::Literal { .. } | Ast::Slice { .. } => {
+        Ast::Identity { .. }
+        | Ast::Field { .. }
+        | Ast::Index { .. }
+        | Ast::Literal { .. }
+        | Ast::Slice { .. } => {
             vec![]
         }
     };
@@ -183,7 +204,10 @@ pub(crate) fn canonical_json(value: &Value) -> String {
 
 /// Lowercase hex SHA-256 of `data`.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Hash of the canonical form of `value`.
@@ -197,7 +221,10 @@ mod tests {
     use serde_json::json;
 
     fn eval(expr: &str, data: Value) -> Value {
-        JsonPath::compile(expr).expect("valid").search(&data).expect("search")
+        JsonPath::compile(expr)
+            .expect("valid")
+            .search(&data)
+            .expect("search")
     }
 
     #[test]
@@ -209,18 +236,29 @@ mod tests {
     #[test]
     fn powertools_base64_and_gzip_decode() {
         let plain = base64::engine::general_purpose::STANDARD.encode("{\"a\":1}");
-        assert_eq!(eval("powertools_json(powertools_base64(d)).a", json!({"d": plain})), json!(1));
+        assert_eq!(
+            eval(
+                "powertools_json(powertools_base64(d)).a",
+                json!({"d": plain})
+            ),
+            json!(1)
+        );
 
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, b"hello").expect("gzip");
         let zipped = base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"));
-        assert_eq!(eval("powertools_base64_gzip(d)", json!({"d": zipped})), json!("hello"));
+        assert_eq!(
+            eval("powertools_base64_gzip(d)", json!({"d": zipped})),
+            json!("hello")
+        );
     }
 
     #[test]
     fn bad_embedded_json_is_a_search_error_not_a_panic() {
         let path = JsonPath::compile("powertools_json(body)").expect("valid");
-        let err = path.search(&json!({"body": "not json"})).expect_err("must fail");
+        let err = path
+            .search(&json!({"body": "not json"}))
+            .expect_err("must fail");
         assert!(err.contains("JSON string"), "{err}");
     }
 
@@ -234,21 +272,42 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": "é"}});
-        assert_eq!(canonical_json(&a), r#"{"a":{"c":"é","d":[1,{"x":1,"y":2}]},"b":1}"#);
-        assert_eq!(hash_value(&a), hash_value(&json!({"a": {"c": "é", "d": [1, {"x": 1, "y": 2}]}, "b": 1})));
+        assert_eq!(
+            canonical_json(&a),
+            r#"{"a":{"c":"é","d":[1,{"x":1,"y":2}]},"b":1}"#
+        );
+        assert_eq!(
+            hash_value(&a),
+            hash_value(&json!({"a": {"c": "é", "d": [1, {"x": 1, "y": 2}]}, "b": 1}))
+        );
     }
 
     #[test]
     fn sha256_matches_a_known_vector() {
-        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]
     fn missing_key_material() {
-        for missing in [json!(null), json!(""), json!([]), json!({}), json!([null, null])] {
+        for missing in [
+            json!(null),
+            json!(""),
+            json!([]),
+            json!({}),
+            json!([null, null]),
+        ] {
             assert!(is_missing(&missing), "{missing}");
         }
-        for present in [json!(0), json!(false), json!("x"), json!([null, 1]), json!({"a": null})] {
+        for present in [
+            json!(0),
+            json!(false),
+            json!("x"),
+            json!([null, 1]),
+            json!({"a": null}),
+        ] {
             assert!(!is_missing(&present), "{present}");
         }
     }

@@ -16,15 +16,24 @@ use tower::{Layer, Service};
 impl<S: IdempotencyStore> Idempotency<S> {
     /// Wraps a Lambda handler service (e.g. `lambda_runtime::service_fn(handler)`)
     /// into one that runs it at most once per idempotency key. The key prefix is the
-    /// configured one, or `{function name}.{handler type name}`.
+    /// configured one, or `{function name}.{handler name}`: for `service_fn(handle)`
+    /// the path of `handle`; for a closure, the function that defines it. Set
+    /// [`key_prefix`](crate::IdempotencyConfigBuilder::key_prefix) to keep keys
+    /// stable across refactoring.
     pub fn wrap<Svc>(&self, service: Svc) -> IdempotentService<Svc, S> {
-        let scope = self.scope_for(std::any::type_name::<Svc>());
-        IdempotentService { inner: service, idempotency: self.clone(), scope: scope.into() }
+        let scope = self.scope_for(&handler_name(std::any::type_name::<Svc>()));
+        IdempotentService {
+            inner: service,
+            idempotency: self.clone(),
+            scope: scope.into(),
+        }
     }
 
     /// The same as [`wrap`](Self::wrap), as a `tower` layer for `ServiceBuilder`.
     pub fn layer(&self) -> IdempotencyLayer<S> {
-        IdempotencyLayer { idempotency: self.clone() }
+        IdempotencyLayer {
+            idempotency: self.clone(),
+        }
     }
 
     /// Makes an async function idempotent, for work inside a handler. `name` goes
@@ -45,8 +54,26 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// # }
     /// ```
     pub fn function<F>(&self, name: &str, f: F) -> IdempotentFunction<F, S> {
-        IdempotentFunction { f, idempotency: self.clone(), scope: self.function_scope(name).into() }
+        IdempotentFunction {
+            f,
+            idempotency: self.clone(),
+            scope: self.function_scope(name).into(),
+        }
     }
+}
+
+/// A readable handler name from a service's type name: `ServiceFn<app::handle>`
+/// gives `app::handle`, `ServiceFn<app::main::{{closure}}>` gives `app::main`.
+fn handler_name(type_name: &str) -> String {
+    let inner = match (type_name.find('<'), type_name.strip_suffix('>')) {
+        (Some(start), Some(without_end)) => &without_end[start + 1..],
+        _ => type_name,
+    };
+    inner
+        .split("::")
+        .filter(|segment| *segment != "{{closure}}")
+        .collect::<Vec<_>>()
+        .join("::")
 }
 
 /// A `tower::Layer` that makes the services it wraps idempotent.
@@ -56,7 +83,9 @@ pub struct IdempotencyLayer<S> {
 
 impl<S> Clone for IdempotencyLayer<S> {
     fn clone(&self) -> Self {
-        Self { idempotency: self.idempotency.clone() }
+        Self {
+            idempotency: self.idempotency.clone(),
+        }
     }
 }
 
@@ -81,7 +110,11 @@ pub struct IdempotentService<Svc, S> {
 
 impl<Svc: Clone, S> Clone for IdempotentService<Svc, S> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), idempotency: self.idempotency.clone(), scope: Arc::clone(&self.scope) }
+        Self {
+            inner: self.inner.clone(),
+            idempotency: self.idempotency.clone(),
+            scope: Arc::clone(&self.scope),
+        }
     }
 }
 
@@ -110,9 +143,14 @@ where
         let scope = Arc::clone(&self.scope);
         Box::pin(async move {
             let LambdaEvent { payload, context } = event;
-            let call = Call { scope: &scope, deadline_ms: Some(context.deadline as i64) };
+            let call = Call {
+                scope: &scope,
+                deadline_ms: Some(context.deadline as i64),
+            };
             let result = idempotency
-                .execute(call, payload, |payload| inner.call(LambdaEvent::new(payload, context)))
+                .execute(call, payload, |payload| {
+                    inner.call(LambdaEvent::new(payload, context))
+                })
                 .await;
             result.map_err(|err| match err {
                 Error::Handler(e) => e.into(),
@@ -132,7 +170,11 @@ pub struct IdempotentFunction<F, S> {
 
 impl<F: Clone, S> Clone for IdempotentFunction<F, S> {
     fn clone(&self) -> Self {
-        Self { f: self.f.clone(), idempotency: self.idempotency.clone(), scope: Arc::clone(&self.scope) }
+        Self {
+            f: self.f.clone(),
+            idempotency: self.idempotency.clone(),
+            scope: Arc::clone(&self.scope),
+        }
     }
 }
 
@@ -143,7 +185,11 @@ where
     /// Calls the function with `payload` unless a call with the same key completed.
     /// With a `Context`, the reservation lasts until the Lambda deadline; without,
     /// for the configured in-progress timeout.
-    pub async fn call<P, R, E, Fut>(&self, payload: P, context: Option<&Context>) -> Result<R, Error<E>>
+    pub async fn call<P, R, E, Fut>(
+        &self,
+        payload: P,
+        context: Option<&Context>,
+    ) -> Result<R, Error<E>>
     where
         F: Fn(P) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -151,7 +197,28 @@ where
         R: Serialize + DeserializeOwned,
         E: 'static,
     {
-        let call = Call { scope: &self.scope, deadline_ms: context.map(|c| c.deadline as i64) };
+        let call = Call {
+            scope: &self.scope,
+            deadline_ms: context.map(|c| c.deadline as i64),
+        };
         self.idempotency.execute(call, payload, &self.f).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::handler_name;
+
+    #[test]
+    fn handler_names_come_from_the_wrapped_function() {
+        assert_eq!(
+            handler_name("tower::util::service_fn::ServiceFn<app::handle>"),
+            "app::handle"
+        );
+        assert_eq!(
+            handler_name("tower::util::service_fn::ServiceFn<app::main::{{closure}}::{{closure}}>"),
+            "app::main"
+        );
+        assert_eq!(handler_name("app::OrderService"), "app::OrderService");
     }
 }

@@ -7,12 +7,16 @@ mod support;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use lambda_idempotency::store::{AttributeNames, KeyLayout};
-use lambda_idempotency::{DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError, PermanentError};
+use lambda_idempotency::{
+    DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError, PermanentError,
+};
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
-use support::localstack::{client, create_table, default_table, recorded_client, table_name, Requests};
+use support::localstack::{
+    client, create_table, default_table, recorded_client, table_name, Requests,
+};
 use support::{context, now_ms, Counter};
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
@@ -21,7 +25,9 @@ type BoxError = lambda_runtime::Error;
 type Item = HashMap<String, AttributeValue>;
 
 fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
-    IdempotencyConfig::builder().key_expression("order_id").key_prefix("orders")
+    IdempotencyConfig::builder()
+        .key_expression("order_id")
+        .key_prefix("orders")
 }
 
 /// A store on a fresh default table, with its requests recorded.
@@ -46,25 +52,43 @@ async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxErro
 where
     Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
 {
-    service.ready().await?.call(LambdaEvent::new(payload, context(60_000))).await
+    service
+        .ready()
+        .await?
+        .call(LambdaEvent::new(payload, context(60_000)))
+        .await
 }
 
 fn idempotency_error(err: &BoxError) -> &IdempotencyError {
-    err.downcast_ref::<IdempotencyError>().unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
+    err.downcast_ref::<IdempotencyError>()
+        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
 }
 
 fn key_for(prefix: &str, order_id: &str) -> String {
     use sha2::Digest;
-    let hash: String = sha2::Sha256::digest(format!("\"{order_id}\"")).iter().map(|b| format!("{b:02x}")).collect();
+    let hash: String = sha2::Sha256::digest(format!("\"{order_id}\""))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("{prefix}#{hash}")
 }
 
 async fn scan(table: &str) -> Vec<Item> {
-    client().scan().table_name(table).consistent_read(true).send().await.expect("scan").items().to_vec()
+    client()
+        .scan()
+        .table_name(table)
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("scan")
+        .items()
+        .to_vec()
 }
 
 fn s<'a>(item: &'a Item, name: &str) -> &'a str {
-    item.get(name).and_then(|v| v.as_s().ok()).unwrap_or_else(|| panic!("{name} is not an S attribute in {item:?}"))
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .unwrap_or_else(|| panic!("{name} is not an S attribute in {item:?}"))
 }
 
 fn n(item: &Item, name: &str) -> i64 {
@@ -78,35 +102,68 @@ fn n(item: &Item, name: &str) -> i64 {
 async fn requests_per_invocation_first_two_replay_one_cached_zero_error_two() {
     let (store, requests, _) = recorded_store("counts").await;
     let runs = Counter::default();
-    let cached = Idempotency::new(store.clone(), config().local_cache(16).build().expect("config"));
+    let cached = Idempotency::new(
+        store.clone(),
+        config().local_cache(16).build().expect("config"),
+    );
     let uncached = Idempotency::new(store.clone(), config().build().expect("config"));
     let mut cached_service = counting_service(&cached, &runs);
     let mut uncached_service = counting_service(&uncached, &runs);
 
-    let first = invoke(&mut cached_service, json!({"order_id": "n-1"})).await.expect("first");
-    assert_eq!(requests.take(), ["PutItem", "PutItem"], "first execution: reserve + complete");
+    let first = invoke(&mut cached_service, json!({"order_id": "n-1"}))
+        .await
+        .expect("first");
+    assert_eq!(
+        requests.take(),
+        ["PutItem", "PutItem"],
+        "first execution: reserve + complete"
+    );
 
-    let replay = invoke(&mut uncached_service, json!({"order_id": "n-1"})).await.expect("replay");
-    assert_eq!(requests.take(), ["PutItem"], "replay: the refused reserve returns the record");
-    assert_eq!(serde_json::to_vec(&replay).expect("json"), serde_json::to_vec(&first).expect("json"));
+    let replay = invoke(&mut uncached_service, json!({"order_id": "n-1"}))
+        .await
+        .expect("replay");
+    assert_eq!(
+        requests.take(),
+        ["PutItem"],
+        "replay: the refused reserve returns the record"
+    );
+    assert_eq!(
+        serde_json::to_vec(&replay).expect("json"),
+        serde_json::to_vec(&first).expect("json")
+    );
 
-    let cached_replay = invoke(&mut cached_service, json!({"order_id": "n-1"})).await.expect("cached replay");
-    assert_eq!(requests.take(), Vec::<String>::new(), "cached replay: no request");
+    let cached_replay = invoke(&mut cached_service, json!({"order_id": "n-1"}))
+        .await
+        .expect("cached replay");
+    assert_eq!(
+        requests.take(),
+        Vec::<String>::new(),
+        "cached replay: no request"
+    );
     assert_eq!(cached_replay, first);
     assert_eq!(runs.get(), 1);
 
     let failing = cached.wrap(service_fn(|_: LambdaEvent<Value>| async {
         Err::<Value, BoxError>(std::io::Error::other("downstream timeout").into())
     }));
-    let err = invoke(&mut failing.clone(), json!({"order_id": "n-2"})).await.expect_err("handler error");
+    let err = invoke(&mut failing.clone(), json!({"order_id": "n-2"}))
+        .await
+        .expect_err("handler error");
     assert_eq!(err.to_string(), "downstream timeout");
-    assert_eq!(requests.take(), ["PutItem", "DeleteItem"], "handler error: reserve + release");
+    assert_eq!(
+        requests.take(),
+        ["PutItem", "DeleteItem"],
+        "handler error: reserve + release"
+    );
 }
 
 #[tokio::test]
 async fn items_follow_the_powertools_schema() {
     let (store, _, table) = recorded_store("schema").await;
-    let validated = config().payload_validation("amount").build().expect("config");
+    let validated = config()
+        .payload_validation("amount")
+        .build()
+        .expect("config");
     let idempotency = Idempotency::new(store, validated);
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let mut service = {
@@ -122,7 +179,10 @@ async fn items_follow_the_powertools_schema() {
     };
     let ctx = context(30_000);
     let deadline = ctx.deadline as i64;
-    let call = service.ready().await.expect("ready").call(LambdaEvent::new(json!({"order_id": "s-1", "amount": 42}), ctx));
+    let call = service.ready().await.expect("ready").call(LambdaEvent::new(
+        json!({"order_id": "s-1", "amount": 42}),
+        ctx,
+    ));
     let running = tokio::spawn(call);
     entered.notified().await;
 
@@ -132,7 +192,11 @@ async fn items_follow_the_powertools_schema() {
     let reserved = &items[0];
     assert_eq!(s(reserved, "id"), key);
     assert_eq!(s(reserved, "status"), "INPROGRESS");
-    assert_eq!(n(reserved, "in_progress_expiration"), deadline, "epoch ms, from the Lambda deadline");
+    assert_eq!(
+        n(reserved, "in_progress_expiration"),
+        deadline,
+        "epoch ms, from the Lambda deadline"
+    );
     assert!(!reserved.contains_key("data"));
 
     gate.notify_one();
@@ -142,26 +206,58 @@ async fn items_follow_the_powertools_schema() {
     let done = &items[0];
     assert_eq!(s(done, "id"), key);
     assert_eq!(s(done, "status"), "COMPLETED");
-    assert_eq!(s(done, "data"), serde_json::to_string(&response).expect("json"));
+    assert_eq!(
+        s(done, "data"),
+        serde_json::to_string(&response).expect("json")
+    );
     let ttl = n(done, "expiration") - (now_ms() / 1000 + 3600);
-    assert!(ttl.abs() <= 5, "expiration is epoch seconds an hour ahead (off by {ttl}s)");
+    assert!(
+        ttl.abs() <= 5,
+        "expiration is epoch seconds an hour ahead (off by {ttl}s)"
+    );
     let validation = s(done, "validation");
     assert_eq!(validation.len(), 64);
-    assert!(validation.chars().all(|c| c.is_ascii_hexdigit()), "{validation}");
-    assert_eq!(s(done, "owner"), s(reserved, "owner"), "completed under its own reservation");
+    assert!(
+        validation.chars().all(|c| c.is_ascii_hexdigit()),
+        "{validation}"
+    );
+    assert_eq!(
+        s(done, "owner"),
+        s(reserved, "owner"),
+        "completed under its own reservation"
+    );
 }
 
 #[tokio::test]
 async fn a_different_payload_is_refused_from_the_record_returned_by_the_failed_put() {
     let (store, requests, _) = recorded_store("mismatch").await;
-    let validated = config().payload_validation("[amount, currency]").build().expect("config");
+    let validated = config()
+        .payload_validation("[amount, currency]")
+        .build()
+        .expect("config");
     let runs = Counter::default();
     let mut service = counting_service(&Idempotency::new(store, validated), &runs);
 
-    invoke(&mut service, json!({"order_id": "m-1", "amount": 5, "currency": "EUR"})).await.expect("first");
+    invoke(
+        &mut service,
+        json!({"order_id": "m-1", "amount": 5, "currency": "EUR"}),
+    )
+    .await
+    .expect("first");
     requests.take();
-    let err = invoke(&mut service, json!({"order_id": "m-1", "amount": 6, "currency": "EUR"})).await.expect_err("refused");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    let err = invoke(
+        &mut service,
+        json!({"order_id": "m-1", "amount": 6, "currency": "EUR"}),
+    )
+    .await
+    .expect_err("refused");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::PayloadMismatch { .. }
+        ),
+        "{err}"
+    );
     assert_eq!(requests.take(), ["PutItem"], "no extra read");
     assert_eq!(runs.get(), 1);
 }
@@ -196,18 +292,34 @@ async fn fifty_concurrent_calls_run_the_handler_once() {
     }
     // While the one handler is held, every other call is refused.
     for _ in 0..CALLS - 1 {
-        let err = rx.recv().await.expect("result").expect_err("only one call runs");
+        let err = rx
+            .recv()
+            .await
+            .expect("result")
+            .expect_err("only one call runs");
         assert!(err.contains("already in progress"), "{err}");
     }
     gate.notify_one();
-    assert_eq!(rx.recv().await.expect("result").expect("the running call"), json!({"shipped": true}));
+    assert_eq!(
+        rx.recv().await.expect("result").expect("the running call"),
+        json!({"shipped": true})
+    );
     assert_eq!(runs.get(), 1);
-    assert_eq!(requests.count(), CALLS + 1, "50 reserves and one completion");
+    assert_eq!(
+        requests.count(),
+        CALLS + 1,
+        "50 reserves and one completion"
+    );
 
     // Completed: another 50 at once all replay.
-    let replays: Vec<_> = (0..CALLS).map(|_| spawn_call(&service, json!({"order_id": "c-1"}))).collect();
+    let replays: Vec<_> = (0..CALLS)
+        .map(|_| spawn_call(&service, json!({"order_id": "c-1"})))
+        .collect();
     for replay in replays {
-        assert_eq!(replay.await.expect("join").expect("replayed"), json!({"shipped": true}));
+        assert_eq!(
+            replay.await.expect("join").expect("replayed"),
+            json!({"shipped": true})
+        );
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(scan(&table).await.len(), 1);
@@ -255,15 +367,29 @@ async fn a_timed_out_reservation_is_taken_over_and_the_late_owner_cannot_write_o
     for (order_id, late_fails) in [("t-complete", false), ("t-release", true)] {
         // The first call's deadline has passed: it timed out, as far as anyone knows.
         let late = tokio::spawn({
-            let (work, event) = (work.clone(), json!({"order_id": order_id, "fail": late_fails}));
+            let (work, event) = (
+                work.clone(),
+                json!({"order_id": order_id, "fail": late_fails}),
+            );
             async move { work.call(event, Some(&context(-1_000))).await }
         });
         entered.notified().await;
-        let winner = work.call(json!({"order_id": order_id}), Some(&context(60_000))).await.expect("takeover");
+        let winner = work
+            .call(json!({"order_id": order_id}), Some(&context(60_000)))
+            .await
+            .expect("takeover");
         let key = key_for("orders.work", order_id);
-        let item_of = |items: Vec<Item>| items.into_iter().find(|item| s(item, "id") == key).expect("record");
+        let item_of = |items: Vec<Item>| {
+            items
+                .into_iter()
+                .find(|item| s(item, "id") == key)
+                .expect("record")
+        };
         let before = item_of(scan(&table).await);
-        assert_eq!(s(&before, "data"), serde_json::to_string(&winner).expect("json"));
+        assert_eq!(
+            s(&before, "data"),
+            serde_json::to_string(&winner).expect("json")
+        );
 
         gate.notify_one();
         match (late_fails, late.await.expect("join")) {
@@ -271,7 +397,11 @@ async fn a_timed_out_reservation_is_taken_over_and_the_late_owner_cannot_write_o
             (true, Err(Error::Handler(e))) => assert_eq!(e.to_string(), "late failure"),
             (_, other) => panic!("{order_id}: unexpected {other:?}"),
         }
-        assert_eq!(item_of(scan(&table).await), before, "{order_id}: the new owner's record is untouched");
+        assert_eq!(
+            item_of(scan(&table).await),
+            before,
+            "{order_id}: the new owner's record is untouched"
+        );
     }
     assert_eq!(runs.get(), 4);
 }
@@ -280,18 +410,32 @@ async fn a_timed_out_reservation_is_taken_over_and_the_late_owner_cannot_write_o
 async fn an_expired_record_still_in_the_table_counts_as_absent() {
     let (store, _, table) = recorded_store("expired").await;
     let runs = Counter::default();
-    let mut service = counting_service(&Idempotency::new(store, config().build().expect("config")), &runs);
+    let mut service = counting_service(
+        &Idempotency::new(store, config().build().expect("config")),
+        &runs,
+    );
     // What DynamoDB TTL leaves behind for days: an expired item, not yet deleted.
     let key = key_for("orders", "e-1");
     let stale = HashMap::from([
         ("id".to_owned(), AttributeValue::S(key.clone())),
         ("status".to_owned(), AttributeValue::S("COMPLETED".into())),
-        ("expiration".to_owned(), AttributeValue::N((now_ms() / 1000 - 60).to_string())),
+        (
+            "expiration".to_owned(),
+            AttributeValue::N((now_ms() / 1000 - 60).to_string()),
+        ),
         ("data".to_owned(), AttributeValue::S("\"stale\"".into())),
     ]);
-    client().put_item().table_name(&table).set_item(Some(stale)).send().await.expect("put stale item");
+    client()
+        .put_item()
+        .table_name(&table)
+        .set_item(Some(stale))
+        .send()
+        .await
+        .expect("put stale item");
 
-    let response = invoke(&mut service, json!({"order_id": "e-1"})).await.expect("runs");
+    let response = invoke(&mut service, json!({"order_id": "e-1"}))
+        .await
+        .expect("runs");
     assert_eq!(response, json!({"order": "e-1", "run": 1}));
     assert_eq!(runs.get(), 1);
     let items = scan(&table).await;
@@ -313,25 +457,60 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         owner: "lease_owner".into(),
         error: "is_error".into(),
     };
-    let layout = KeyLayout::Composite { partition_key: "pk".into(), partition_value: "idempotency#orders".into() };
-    let store = DynamoDbStore::new(client(), &table).with_attribute_names(names).with_key_layout(layout);
-    let idempotency =
-        Idempotency::new(store, config().payload_validation("amount").replay_permanent_errors(true).build().expect("config"));
+    let layout = KeyLayout::Composite {
+        partition_key: "pk".into(),
+        partition_value: "idempotency#orders".into(),
+    };
+    let store = DynamoDbStore::new(client(), &table)
+        .with_attribute_names(names)
+        .with_key_layout(layout);
+    let idempotency = Idempotency::new(
+        store,
+        config()
+            .payload_validation("amount")
+            .replay_permanent_errors(true)
+            .build()
+            .expect("config"),
+    );
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
-    let first = invoke(&mut service, json!({"order_id": "k-1", "amount": 1})).await.expect("first");
-    assert_eq!(invoke(&mut service, json!({"order_id": "k-1", "amount": 1})).await.expect("replay"), first);
-    let err = invoke(&mut service, json!({"order_id": "k-1", "amount": 2})).await.expect_err("mismatch");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    let first = invoke(&mut service, json!({"order_id": "k-1", "amount": 1}))
+        .await
+        .expect("first");
+    assert_eq!(
+        invoke(&mut service, json!({"order_id": "k-1", "amount": 1}))
+            .await
+            .expect("replay"),
+        first
+    );
+    let err = invoke(&mut service, json!({"order_id": "k-1", "amount": 2}))
+        .await
+        .expect_err("mismatch");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::PayloadMismatch { .. }
+        ),
+        "{err}"
+    );
     assert_eq!(runs.get(), 1);
 
     let declined = idempotency.wrap(service_fn(|_: LambdaEvent<Value>| async {
         Err::<Value, BoxError>(PermanentError::new("card declined").into())
     }));
     for _ in 0..2 {
-        let err = invoke(&mut declined.clone(), json!({"order_id": "k-2", "amount": 1})).await.expect_err("declined");
-        assert_eq!(err.downcast_ref::<PermanentError>().map(|e| e.message.as_str()), Some("card declined"));
+        let err = invoke(
+            &mut declined.clone(),
+            json!({"order_id": "k-2", "amount": 1}),
+        )
+        .await
+        .expect_err("declined");
+        assert_eq!(
+            err.downcast_ref::<PermanentError>()
+                .map(|e| e.message.as_str()),
+            Some("card declined")
+        );
     }
 
     let mut items = scan(&table).await;
@@ -343,15 +522,30 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         assert_eq!(s(item, "pk"), "idempotency#orders");
         assert_eq!(s(item, "sk"), key);
         assert_eq!(s(item, "state"), "COMPLETED");
-        for name in ["ttl", "lease_until", "response", "payload_hash", "lease_owner"] {
+        for name in [
+            "ttl",
+            "lease_until",
+            "response",
+            "payload_hash",
+            "lease_owner",
+        ] {
             assert!(item.contains_key(name), "{name} missing from {item:?}");
         }
         for default_name in ["id", "expiration", "status", "data", "validation", "owner"] {
-            assert!(!item.contains_key(default_name), "{default_name} in {item:?}");
+            assert!(
+                !item.contains_key(default_name),
+                "{default_name} in {item:?}"
+            );
         }
     }
-    let error_item = items.iter().find(|item| s(item, "sk") == key_for("orders", "k-2")).expect("error record");
-    assert_eq!(error_item.get("is_error"), Some(&AttributeValue::Bool(true)));
+    let error_item = items
+        .iter()
+        .find(|item| s(item, "sk") == key_for("orders", "k-2"))
+        .expect("error record");
+    assert_eq!(
+        error_item.get("is_error"),
+        Some(&AttributeValue::Bool(true))
+    );
 }
 
 #[tokio::test]
@@ -368,14 +562,33 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
         }))
     };
 
-    let fits = invoke(&mut service, json!({"order_id": "z-1", "kib": 390})).await.expect("390 KiB fits");
-    let replay = invoke(&mut service, json!({"order_id": "z-1", "kib": 390})).await.expect("replayed");
-    assert_eq!(serde_json::to_vec(&replay).expect("json"), serde_json::to_vec(&fits).expect("json"));
+    let fits = invoke(&mut service, json!({"order_id": "z-1", "kib": 390}))
+        .await
+        .expect("390 KiB fits");
+    let replay = invoke(&mut service, json!({"order_id": "z-1", "kib": 390}))
+        .await
+        .expect("replayed");
+    assert_eq!(
+        serde_json::to_vec(&replay).expect("json"),
+        serde_json::to_vec(&fits).expect("json")
+    );
     requests.take();
 
-    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 401})).await.expect_err("too large");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::ResponseTooLarge { .. }), "{err}");
-    assert_eq!(requests.take(), ["PutItem", "DeleteItem"], "refused before the write, reservation released");
+    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 401}))
+        .await
+        .expect_err("too large");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::ResponseTooLarge { .. }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        requests.take(),
+        ["PutItem", "DeleteItem"],
+        "refused before the write, reservation released"
+    );
     assert_eq!(scan(&table).await.len(), 1, "only the record that fits");
     assert_eq!(runs.get(), 2);
 }
@@ -384,12 +597,23 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
 async fn a_store_failure_is_a_typed_error_carrying_the_sdk_error_and_the_handler_does_not_run() {
     let store = DynamoDbStore::new(client(), table_name("does-not-exist"));
     let runs = Counter::default();
-    let mut service = counting_service(&Idempotency::new(store, config().build().expect("config")), &runs);
-    let err = invoke(&mut service, json!({"order_id": "f-1"})).await.expect_err("no table");
-    let IdempotencyError::Store(source) = idempotency_error(&err) else { panic!("{err}") };
+    let mut service = counting_service(
+        &Idempotency::new(store, config().build().expect("config")),
+        &runs,
+    );
+    let err = invoke(&mut service, json!({"order_id": "f-1"}))
+        .await
+        .expect_err("no table");
+    let IdempotencyError::Store(source) = idempotency_error(&err) else {
+        panic!("{err}")
+    };
     let sdk = source
         .downcast_ref::<aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError>>()
         .expect("the SDK error");
-    assert!(sdk.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()), "{sdk:?}");
+    assert!(
+        sdk.as_service_error()
+            .is_some_and(|e| e.is_resource_not_found_exception()),
+        "{sdk:?}"
+    );
     assert_eq!(runs.get(), 0);
 }

@@ -16,7 +16,9 @@ use tower::{Service, ServiceExt};
 type BoxError = lambda_runtime::Error;
 
 fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
-    IdempotencyConfig::builder().key_expression("order_id").key_prefix("test")
+    IdempotencyConfig::builder()
+        .key_expression("order_id")
+        .key_prefix("test")
 }
 
 /// A wrapped handler that counts its runs and echoes the order id.
@@ -35,11 +37,16 @@ async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxErro
 where
     Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
 {
-    service.ready().await?.call(LambdaEvent::new(payload, context(60_000))).await
+    service
+        .ready()
+        .await?
+        .call(LambdaEvent::new(payload, context(60_000)))
+        .await
 }
 
 fn idempotency_error(err: &BoxError) -> &IdempotencyError {
-    err.downcast_ref::<IdempotencyError>().unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
+    err.downcast_ref::<IdempotencyError>()
+        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
 }
 
 #[tokio::test]
@@ -49,11 +56,18 @@ async fn first_execution_runs_and_replay_returns_the_stored_response_byte_for_by
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
-    let first = invoke(&mut service, json!({"order_id": "o-1", "extra": 1})).await.expect("first");
-    let replay = invoke(&mut service, json!({"order_id": "o-1", "extra": 2})).await.expect("replay");
+    let first = invoke(&mut service, json!({"order_id": "o-1", "extra": 1}))
+        .await
+        .expect("first");
+    let replay = invoke(&mut service, json!({"order_id": "o-1", "extra": 2}))
+        .await
+        .expect("replay");
 
     assert_eq!(runs.get(), 1);
-    assert_eq!(serde_json::to_vec(&first).expect("json"), serde_json::to_vec(&replay).expect("json"));
+    assert_eq!(
+        serde_json::to_vec(&first).expect("json"),
+        serde_json::to_vec(&replay).expect("json")
+    );
     assert_eq!(store.len(), 1);
 }
 
@@ -62,21 +76,39 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
     let store = MemoryStore::new();
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let runs = Counter::default();
-    let response = invoke(&mut counting_service(&idempotency, &runs), json!({"order_id": "o-2"})).await.expect("run");
+    let response = invoke(
+        &mut counting_service(&idempotency, &runs),
+        json!({"order_id": "o-2"}),
+    )
+    .await
+    .expect("run");
 
     // The key material is the string "o-2"; its canonical JSON is "\"o-2\"".
     let key = format!("test#{}", sha256_hex(br#""o-2""#));
-    let record = store.get(&key).await.expect("get").expect("record stored under the hashed key");
+    let record = store
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("record stored under the hashed key");
     assert_eq!(record.key, key);
     assert_eq!(record.status, Status::Completed);
-    assert_eq!(record.data.as_deref(), Some(serde_json::to_string(&response).expect("json").as_str()));
+    assert_eq!(
+        record.data.as_deref(),
+        Some(serde_json::to_string(&response).expect("json").as_str())
+    );
     let one_hour = (now_ms() / 1000 + 3600 - record.expiration).abs();
-    assert!(one_hour <= 2, "expiration about an hour from now, off by {one_hour}s");
+    assert!(
+        one_hour <= 2,
+        "expiration about an hour from now, off by {one_hour}s"
+    );
 }
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test]
@@ -104,39 +136,93 @@ async fn a_duplicate_while_in_progress_gets_already_in_progress() {
     // Spawn the service's own (boxed, Send) future, as lambda_runtime::run_concurrent does.
     let mut first_service = service.clone();
     let ready = first_service.ready().await.expect("ready");
-    let first = tokio::spawn(ready.call(LambdaEvent::new(json!({"order_id": "o-3"}), context(60_000))));
+    let first = tokio::spawn(ready.call(LambdaEvent::new(
+        json!({"order_id": "o-3"}),
+        context(60_000),
+    )));
     entered_rx.await.expect("first call entered the handler");
-    let err = invoke(&mut service.clone(), json!({"order_id": "o-3"})).await.expect_err("in progress");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::AlreadyInProgress { .. }), "{err}");
+    let err = invoke(&mut service.clone(), json!({"order_id": "o-3"}))
+        .await
+        .expect_err("in progress");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::AlreadyInProgress { .. }
+        ),
+        "{err}"
+    );
 
     release.notify_one();
-    assert_eq!(first.await.expect("join").expect("first call"), json!("done"));
+    assert_eq!(
+        first.await.expect("join").expect("first call"),
+        json!("done")
+    );
     assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
 async fn same_key_with_different_validated_fields_is_refused() {
     let store = CountingStore::new(MemoryStore::new());
-    let cached = config().payload_validation("[amount, currency]").local_cache(8).build().expect("config");
+    let cached = config()
+        .payload_validation("[amount, currency]")
+        .local_cache(8)
+        .build()
+        .expect("config");
     let idempotency = Idempotency::new(store.clone(), cached);
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
-    invoke(&mut service, json!({"order_id": "o-4", "amount": 10, "currency": "EUR"})).await.expect("first");
+    invoke(
+        &mut service,
+        json!({"order_id": "o-4", "amount": 10, "currency": "EUR"}),
+    )
+    .await
+    .expect("first");
     // The cached record is checked too, without a request.
     let calls = store.calls.get();
-    let err = invoke(&mut service, json!({"order_id": "o-4", "amount": 11, "currency": "EUR"})).await.expect_err("mismatch");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    let err = invoke(
+        &mut service,
+        json!({"order_id": "o-4", "amount": 11, "currency": "EUR"}),
+    )
+    .await
+    .expect_err("mismatch");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::PayloadMismatch { .. }
+        ),
+        "{err}"
+    );
     assert_eq!(store.calls.get(), calls, "refused from the local cache");
 
     // Without the cache, from the record the refused reservation returns.
-    let uncached = Idempotency::new(store.clone(), config().payload_validation("[amount, currency]").build().expect("config"));
-    let err = invoke(&mut counting_service(&uncached, &runs), json!({"order_id": "o-4", "amount": 10, "currency": "USD"}))
-        .await
-        .expect_err("mismatch");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::PayloadMismatch { .. }), "{err}");
+    let uncached = Idempotency::new(
+        store.clone(),
+        config()
+            .payload_validation("[amount, currency]")
+            .build()
+            .expect("config"),
+    );
+    let err = invoke(
+        &mut counting_service(&uncached, &runs),
+        json!({"order_id": "o-4", "amount": 10, "currency": "USD"}),
+    )
+    .await
+    .expect_err("mismatch");
+    assert!(
+        matches!(
+            idempotency_error(&err),
+            IdempotencyError::PayloadMismatch { .. }
+        ),
+        "{err}"
+    );
     // Same fields, other extra data: replayed.
-    invoke(&mut service, json!({"order_id": "o-4", "amount": 10, "currency": "EUR", "note": "x"})).await.expect("replay");
+    invoke(
+        &mut service,
+        json!({"order_id": "o-4", "amount": 10, "currency": "EUR", "note": "x"}),
+    )
+    .await
+    .expect("replay");
     assert_eq!(runs.get(), 1);
 }
 
@@ -159,12 +245,21 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
         }))
     };
 
-    let err = invoke(&mut service, json!({"order_id": "o-5"})).await.expect_err("handler error");
-    let io = err.downcast_ref::<std::io::Error>().expect("the handler's own error type");
+    let err = invoke(&mut service, json!({"order_id": "o-5"}))
+        .await
+        .expect_err("handler error");
+    let io = err
+        .downcast_ref::<std::io::Error>()
+        .expect("the handler's own error type");
     assert_eq!(io.to_string(), "card network down");
     assert!(store.is_empty(), "the reservation was released");
 
-    assert_eq!(invoke(&mut service, json!({"order_id": "o-5"})).await.expect("retry"), json!({"run": 2}));
+    assert_eq!(
+        invoke(&mut service, json!({"order_id": "o-5"}))
+            .await
+            .expect("retry"),
+        json!({"run": 2})
+    );
     assert_eq!(runs.get(), 2);
 }
 
@@ -172,23 +267,49 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
 async fn permanent_errors_replay_only_when_enabled() {
     for replay_errors in [false, true] {
         let store = MemoryStore::new();
-        let idempotency =
-            Idempotency::new(store.clone(), config().replay_permanent_errors(replay_errors).build().expect("config"));
+        let idempotency = Idempotency::new(
+            store.clone(),
+            config()
+                .replay_permanent_errors(replay_errors)
+                .build()
+                .expect("config"),
+        );
         let runs = Counter::default();
         let mut service = {
             let runs = runs.clone();
             idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
                 runs.hit();
                 async move {
-                    Err::<Value, BoxError>(PermanentError::new("card declined").with_details(json!({"code": 51})).into())
+                    Err::<Value, BoxError>(
+                        PermanentError::new("card declined")
+                            .with_details(json!({"code": 51}))
+                            .into(),
+                    )
                 }
             }))
         };
-        let first = invoke(&mut service, json!({"order_id": "o-6"})).await.expect_err("declined");
-        let second = invoke(&mut service, json!({"order_id": "o-6"})).await.expect_err("declined again");
-        assert_eq!(first.downcast_ref::<PermanentError>(), second.downcast_ref::<PermanentError>());
-        assert_eq!(second.downcast_ref::<PermanentError>().expect("permanent").details, Some(json!({"code": 51})));
-        assert_eq!(runs.get(), if replay_errors { 1 } else { 2 }, "replay_permanent_errors = {replay_errors}");
+        let first = invoke(&mut service, json!({"order_id": "o-6"}))
+            .await
+            .expect_err("declined");
+        let second = invoke(&mut service, json!({"order_id": "o-6"}))
+            .await
+            .expect_err("declined again");
+        assert_eq!(
+            first.downcast_ref::<PermanentError>(),
+            second.downcast_ref::<PermanentError>()
+        );
+        assert_eq!(
+            second
+                .downcast_ref::<PermanentError>()
+                .expect("permanent")
+                .details,
+            Some(json!({"code": 51}))
+        );
+        assert_eq!(
+            runs.get(),
+            if replay_errors { 1 } else { 2 },
+            "replay_permanent_errors = {replay_errors}"
+        );
         assert_eq!(store.len(), usize::from(replay_errors));
     }
 }
@@ -199,20 +320,38 @@ async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
-    for event in [json!({}), json!({"order_id": null}), json!({"order_id": ""}), json!({"order_id": []})] {
+    for event in [
+        json!({}),
+        json!({"order_id": null}),
+        json!({"order_id": ""}),
+        json!({"order_id": []}),
+    ] {
         invoke(&mut service, event).await.expect("runs unprotected");
     }
     assert_eq!(runs.get(), 4);
     assert!(store.is_empty());
 
-    let strict = Idempotency::new(store.clone(), config().strict(true).build().expect("config"));
+    let strict = Idempotency::new(
+        store.clone(),
+        config().strict(true).build().expect("config"),
+    );
     let mut service = counting_service(&strict, &runs);
-    let err = invoke(&mut service, json!({"other": 1})).await.expect_err("strict");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }), "{err}");
+    let err = invoke(&mut service, json!({"other": 1}))
+        .await
+        .expect_err("strict");
+    assert!(
+        matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }),
+        "{err}"
+    );
     assert_eq!(runs.get(), 4, "the handler did not run");
 
     // 0 and false are real keys.
-    for event in [json!({"order_id": 0}), json!({"order_id": false}), json!({"order_id": 0}), json!({"order_id": false})] {
+    for event in [
+        json!({"order_id": 0}),
+        json!({"order_id": false}),
+        json!({"order_id": 0}),
+        json!({"order_id": false}),
+    ] {
         invoke(&mut service, event).await.expect("runs or replays");
     }
     assert_eq!(runs.get(), 6);
@@ -223,16 +362,32 @@ async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
 async fn a_multi_select_of_absent_fields_is_missing_key_material() {
     let idempotency = Idempotency::new(
         MemoryStore::new(),
-        IdempotencyConfig::builder().key_expression("[user, order]").strict(true).build().expect("config"),
+        IdempotencyConfig::builder()
+            .key_expression("[user, order]")
+            .strict(true)
+            .build()
+            .expect("config"),
     );
     let runs = Counter::default();
-    let err = invoke(&mut counting_service(&idempotency, &runs), json!({"x": 1})).await.expect_err("strict");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }), "{err}");
+    let err = invoke(&mut counting_service(&idempotency, &runs), json!({"x": 1}))
+        .await
+        .expect_err("strict");
+    assert!(
+        matches!(idempotency_error(&err), IdempotencyError::MissingKey { .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn falsy_responses_replay_exactly_as_stored() {
-    for response in [json!(null), json!({}), json!([]), json!(0), json!(""), json!(false)] {
+    for response in [
+        json!(null),
+        json!({}),
+        json!([]),
+        json!(0),
+        json!(""),
+        json!(false),
+    ] {
         let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
         let runs = Counter::default();
         let mut service = {
@@ -243,8 +398,18 @@ async fn falsy_responses_replay_exactly_as_stored() {
                 async move { Ok::<_, BoxError>(response) }
             }))
         };
-        assert_eq!(invoke(&mut service, json!({"order_id": "f"})).await.expect("first"), response);
-        assert_eq!(invoke(&mut service, json!({"order_id": "f"})).await.expect("replay"), response);
+        assert_eq!(
+            invoke(&mut service, json!({"order_id": "f"}))
+                .await
+                .expect("first"),
+            response
+        );
+        assert_eq!(
+            invoke(&mut service, json!({"order_id": "f"}))
+                .await
+                .expect("replay"),
+            response
+        );
         assert_eq!(runs.get(), 1, "{response} was replayed, not recomputed");
     }
 }
@@ -261,7 +426,9 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
             async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
         }))
     };
-    let err = invoke(&mut service, json!({"order_id": "big"})).await.expect_err("too large");
+    let err = invoke(&mut service, json!({"order_id": "big"}))
+        .await
+        .expect_err("too large");
     match idempotency_error(&err) {
         IdempotencyError::ResponseTooLarge { size, limit, .. } => assert!(size > limit),
         other => panic!("{other}"),
@@ -269,16 +436,29 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
     assert!(store.inner.is_empty(), "released");
     // reserve + release; no complete was attempted.
     assert_eq!(store.calls.get(), 2);
-    invoke(&mut service, json!({"order_id": "big"})).await.expect_err("runs again, refused again");
+    invoke(&mut service, json!({"order_id": "big"}))
+        .await
+        .expect_err("runs again, refused again");
     assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]
 async fn a_store_failure_while_reserving_never_runs_the_handler() {
-    let idempotency = Idempotency::new(CountingStore::failing(MemoryStore::new(), &["reserve"]), config().build().expect("config"));
+    let idempotency = Idempotency::new(
+        CountingStore::failing(MemoryStore::new(), &["reserve"]),
+        config().build().expect("config"),
+    );
     let runs = Counter::default();
-    let err = invoke(&mut counting_service(&idempotency, &runs), json!({"order_id": "s"})).await.expect_err("store down");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::Store(_)), "{err}");
+    let err = invoke(
+        &mut counting_service(&idempotency, &runs),
+        json!({"order_id": "s"}),
+    )
+    .await
+    .expect_err("store down");
+    assert!(
+        matches!(idempotency_error(&err), IdempotencyError::Store(_)),
+        "{err}"
+    );
     assert!(err.to_string().contains("injected store failure"), "{err}");
     assert_eq!(runs.get(), 0);
 }
@@ -291,44 +471,82 @@ async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
     let mut service = counting_service(&idempotency, &runs);
     let deadline = context(-1_000);
     let deadline_ms = deadline.deadline as i64;
-    let err = service.ready().await.expect("ready").call(LambdaEvent::new(json!({"order_id": "sc"}), deadline)).await;
+    let err = service
+        .ready()
+        .await
+        .expect("ready")
+        .call(LambdaEvent::new(json!({"order_id": "sc"}), deadline))
+        .await;
     let err = err.expect_err("completion failed");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::Store(_)), "{err}");
+    assert!(
+        matches!(idempotency_error(&err), IdempotencyError::Store(_)),
+        "{err}"
+    );
 
     // The key is held only until the failed invocation's deadline...
     let key = format!("test#{}", sha256_hex(br#""sc""#));
-    let held = store.inner.get(&key).await.expect("get").expect("reservation kept");
-    assert_eq!((held.status, held.in_progress_expiration), (Status::InProgress, Some(deadline_ms)));
+    let held = store
+        .inner
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("reservation kept");
+    assert_eq!(
+        (held.status, held.in_progress_expiration),
+        (Status::InProgress, Some(deadline_ms))
+    );
     // ...after which a retry takes over (and here fails to complete again).
-    invoke(&mut service, json!({"order_id": "sc"})).await.expect_err("completion fails again");
+    invoke(&mut service, json!({"order_id": "sc"}))
+        .await
+        .expect_err("completion fails again");
     assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]
 async fn the_local_cache_serves_replays_without_a_store_request() {
     let store = CountingStore::new(MemoryStore::new());
-    let idempotency = Idempotency::new(store.clone(), config().local_cache(2).build().expect("config"));
+    let idempotency = Idempotency::new(
+        store.clone(),
+        config().local_cache(2).build().expect("config"),
+    );
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
-    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("first");
+    invoke(&mut service, json!({"order_id": "c-1"}))
+        .await
+        .expect("first");
     assert_eq!(store.calls.get(), 2, "reserve + complete");
-    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("cached replay");
+    invoke(&mut service, json!({"order_id": "c-1"}))
+        .await
+        .expect("cached replay");
     assert_eq!(store.calls.get(), 2, "served from the cache");
 
     // Capacity 2: the least recently used record leaves the cache.
-    invoke(&mut service, json!({"order_id": "c-2"})).await.expect("second key");
-    invoke(&mut service, json!({"order_id": "c-3"})).await.expect("third key");
+    invoke(&mut service, json!({"order_id": "c-2"}))
+        .await
+        .expect("second key");
+    invoke(&mut service, json!({"order_id": "c-3"}))
+        .await
+        .expect("third key");
     let before = store.calls.get();
-    invoke(&mut service, json!({"order_id": "c-1"})).await.expect("replay from the store");
-    assert_eq!(store.calls.get(), before + 1, "evicted: one reserve request, refused with the record");
+    invoke(&mut service, json!({"order_id": "c-1"}))
+        .await
+        .expect("replay from the store");
+    assert_eq!(
+        store.calls.get(),
+        before + 1,
+        "evicted: one reserve request, refused with the record"
+    );
     assert_eq!(runs.get(), 3);
 }
 
 #[tokio::test]
 async fn in_progress_records_are_never_cached() {
     let store = CountingStore::new(MemoryStore::new());
-    let idempotency = Idempotency::new(store.clone(), config().local_cache(8).build().expect("config"));
+    let idempotency = Idempotency::new(
+        store.clone(),
+        config().local_cache(8).build().expect("config"),
+    );
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let slow = {
         let (entered, gate) = (entered.clone(), gate.clone());
@@ -350,16 +568,37 @@ async fn in_progress_records_are_never_cached() {
     let mut requests = Vec::new();
     for _ in 0..2 {
         let before = store.calls.get();
-        let err = slow.call(json!({"order_id": "job-1"}), None).await.expect_err("in progress");
-        assert!(matches!(err, Error::Idempotency(IdempotencyError::AlreadyInProgress { .. })), "{err}");
+        let err = slow
+            .call(json!({"order_id": "job-1"}), None)
+            .await
+            .expect_err("in progress");
+        assert!(
+            matches!(
+                err,
+                Error::Idempotency(IdempotencyError::AlreadyInProgress { .. })
+            ),
+            "{err}"
+        );
         requests.push(store.calls.get() - before);
     }
     assert_eq!(requests, vec![1, 1]);
     gate.notify_one();
-    assert_eq!(first.await.expect("join").expect("first"), json!("finished"));
+    assert_eq!(
+        first.await.expect("join").expect("first"),
+        json!("finished")
+    );
     let before = store.calls.get();
-    assert_eq!(slow.call(json!({"order_id": "job-1"}), None).await.expect("cached replay"), json!("finished"));
-    assert_eq!(store.calls.get(), before, "completed: served from the cache");
+    assert_eq!(
+        slow.call(json!({"order_id": "job-1"}), None)
+            .await
+            .expect("cached replay"),
+        json!("finished")
+    );
+    assert_eq!(
+        store.calls.get(),
+        before,
+        "completed: served from the cache"
+    );
 }
 
 #[tokio::test]
@@ -397,8 +636,15 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
         });
         entered.notified().await;
 
-        let taken_over = work.call(json!({"order_id": late_outcome}), Some(&context(60_000))).await.expect("takeover");
-        let winner = store.get(&only_key(&store, late_outcome).await).await.expect("get").expect("record");
+        let taken_over = work
+            .call(json!({"order_id": late_outcome}), Some(&context(60_000)))
+            .await
+            .expect("takeover");
+        let winner = store
+            .get(&only_key(&store, late_outcome).await)
+            .await
+            .expect("get")
+            .expect("record");
         assert_eq!(winner.status, Status::Completed);
 
         gate.notify_one();
@@ -408,17 +654,30 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
             (_, other) => panic!("{late_outcome}: unexpected {other:?}"),
         }
         // The late owner neither overwrote nor deleted the new owner's record.
-        let after = store.get(&winner.key).await.expect("get").expect("record kept");
+        let after = store
+            .get(&winner.key)
+            .await
+            .expect("get")
+            .expect("record kept");
         assert_eq!(after, winner);
-        assert_eq!(after.data.as_deref(), Some(serde_json::to_string(&taken_over).expect("json").as_str()));
+        assert_eq!(
+            after.data.as_deref(),
+            Some(serde_json::to_string(&taken_over).expect("json").as_str())
+        );
         runs.reset();
     }
 }
 
 /// The one key in `store` created for order id `order_id` (the "work" function's scope).
 async fn only_key(store: &MemoryStore, order_id: &str) -> String {
-    let key = format!("test.work#{}", sha256_hex(format!("\"{order_id}\"").as_bytes()));
-    assert!(store.get(&key).await.expect("get").is_some(), "no record under {key}");
+    let key = format!(
+        "test.work#{}",
+        sha256_hex(format!("\"{order_id}\"").as_bytes())
+    );
+    assert!(
+        store.get(&key).await.expect("get").is_some(),
+        "no record under {key}"
+    );
     key
 }
 
@@ -429,7 +688,13 @@ async fn a_remaining_time_of_zero_is_a_valid_deadline() {
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     let event = LambdaEvent::new(json!({"order_id": "zero"}), context(0));
-    service.ready().await.expect("ready").call(event).await.expect("runs");
+    service
+        .ready()
+        .await
+        .expect("ready")
+        .call(event)
+        .await
+        .expect("runs");
     assert_eq!(runs.get(), 1);
     assert_eq!(store.len(), 1);
 }
@@ -440,7 +705,9 @@ async fn an_expired_completed_record_counts_as_absent() {
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
-    invoke(&mut service, json!({"order_id": "old"})).await.expect("first");
+    invoke(&mut service, json!({"order_id": "old"}))
+        .await
+        .expect("first");
     let key = format!("test#{}", sha256_hex(br#""old""#));
 
     // As DynamoDB leaves it: TTL passed, item not yet deleted.
@@ -448,12 +715,20 @@ async fn an_expired_completed_record_counts_as_absent() {
     stale.expiration = now_ms() / 1000 - 60;
     stale.owner = "previous".into();
     // Reserving "a day later" lets the store replace the live record with the stale one.
-    store.reserve(&stale, now_ms() + 86_400_000).await.expect("overwrite with a stale record");
+    store
+        .reserve(&stale, now_ms() + 86_400_000)
+        .await
+        .expect("overwrite with a stale record");
 
-    invoke(&mut service, json!({"order_id": "old"})).await.expect("runs again");
+    invoke(&mut service, json!({"order_id": "old"}))
+        .await
+        .expect("runs again");
     assert_eq!(runs.get(), 2);
     let fresh = store.get(&key).await.expect("get").expect("record");
-    assert!(fresh.expiration > now_ms() / 1000, "replaced by a live record");
+    assert!(
+        fresh.expiration > now_ms() / 1000,
+        "replaced by a live record"
+    );
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Clone)]
@@ -466,7 +741,10 @@ struct Order {
 #[tokio::test]
 async fn a_typed_closure_selects_the_key_material() {
     let store = MemoryStore::new();
-    let by_order = config().key_fn(|order: &Order| (order.customer.clone(), order.id)).build().expect("config");
+    let by_order = config()
+        .key_fn(|order: &Order| (order.customer.clone(), order.id))
+        .build()
+        .expect("config");
     let idempotency = Idempotency::new(store.clone(), by_order);
     let runs = Counter::default();
     let mut service = {
@@ -476,16 +754,34 @@ async fn a_typed_closure_selects_the_key_material() {
             async move { Ok::<_, BoxError>(json!({"id": event.payload.id, "run": run})) }
         }))
     };
-    let order = |id, note: &str| Order { id, customer: "c-1".into(), note: note.into() };
+    let order = |id, note: &str| Order {
+        id,
+        customer: "c-1".into(),
+        note: note.into(),
+    };
     for (id, note) in [(1, "a"), (1, "b"), (2, "a")] {
-        service.ready().await.expect("ready").call(LambdaEvent::new(order(id, note), context(60_000))).await.expect("call");
+        service
+            .ready()
+            .await
+            .expect("ready")
+            .call(LambdaEvent::new(order(id, note), context(60_000)))
+            .await
+            .expect("call");
     }
     assert_eq!(runs.get(), 2, "the note is not part of the key");
     assert_eq!(store.len(), 2);
 
     // A closure over another event type is a clear error, and the handler does not run.
-    let mismatched = Idempotency::new(store.clone(), config().key_fn(|order: &Order| order.id).build().expect("config"));
-    let err = invoke(&mut counting_service(&mismatched, &runs), json!({"id": 1})).await.expect_err("type mismatch");
+    let mismatched = Idempotency::new(
+        store.clone(),
+        config()
+            .key_fn(|order: &Order| order.id)
+            .build()
+            .expect("config"),
+    );
+    let err = invoke(&mut counting_service(&mismatched, &runs), json!({"id": 1}))
+        .await
+        .expect_err("type mismatch");
     match idempotency_error(&err) {
         IdempotencyError::InvalidEvent(reason) => assert!(reason.contains("Order"), "{reason}"),
         other => panic!("{other}"),
@@ -507,9 +803,18 @@ async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys() {
     };
     let (reserve, charge) = (make("reserve_stock"), make("charge_card"));
     let payload = json!({"order_id": 7});
-    assert_eq!(reserve.call(payload.clone(), None).await.expect("reserve")["by"], "reserve_stock");
-    assert_eq!(charge.call(payload.clone(), None).await.expect("charge")["by"], "charge_card");
-    assert_eq!(charge.call(payload.clone(), None).await.expect("replay")["by"], "charge_card");
+    assert_eq!(
+        reserve.call(payload.clone(), None).await.expect("reserve")["by"],
+        "reserve_stock"
+    );
+    assert_eq!(
+        charge.call(payload.clone(), None).await.expect("charge")["by"],
+        "charge_card"
+    );
+    assert_eq!(
+        charge.call(payload.clone(), None).await.expect("replay")["by"],
+        "charge_card"
+    );
     assert_eq!(runs.get(), 2);
     assert_eq!(store.len(), 2);
 }
@@ -517,11 +822,16 @@ async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys() {
 #[tokio::test]
 async fn the_disable_switch_bypasses_the_store() {
     let store = CountingStore::new(MemoryStore::new());
-    let idempotency = Idempotency::new(store.clone(), config().disabled(true).build().expect("config"));
+    let idempotency = Idempotency::new(
+        store.clone(),
+        config().disabled(true).build().expect("config"),
+    );
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     for _ in 0..3 {
-        invoke(&mut service, json!({"order_id": "d"})).await.expect("runs");
+        invoke(&mut service, json!({"order_id": "d"}))
+            .await
+            .expect("runs");
     }
     assert_eq!(runs.get(), 3);
     assert_eq!(store.calls.get(), 0);
@@ -533,33 +843,64 @@ async fn the_replay_hook_sees_the_replayed_response_and_its_record() {
     let hooked = {
         let seen = seen.clone();
         config().on_replay(move |response, record| {
-            seen.lock().expect("lock").push((response.clone(), record.key.clone(), record.status))
+            seen.lock()
+                .expect("lock")
+                .push((response.clone(), record.key.clone(), record.status))
         })
     };
     let idempotency = Idempotency::new(MemoryStore::new(), hooked.build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
-    let first = invoke(&mut service, json!({"order_id": "h"})).await.expect("first");
-    assert!(seen.lock().expect("lock").is_empty(), "a first execution is not a replay");
-    invoke(&mut service, json!({"order_id": "h"})).await.expect("replay");
+    let first = invoke(&mut service, json!({"order_id": "h"}))
+        .await
+        .expect("first");
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "a first execution is not a replay"
+    );
+    invoke(&mut service, json!({"order_id": "h"}))
+        .await
+        .expect("replay");
     let seen = seen.lock().expect("lock").clone();
-    assert_eq!(seen, vec![(first, format!("test#{}", sha256_hex(br#""h""#)), Status::Completed)]);
+    assert_eq!(
+        seen,
+        vec![(
+            first,
+            format!("test#{}", sha256_hex(br#""h""#)),
+            Status::Completed
+        )]
+    );
 }
 
 #[tokio::test]
 async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run() {
     let store = MemoryStore::new();
-    let from_body = IdempotencyConfig::builder().key_expression("powertools_json(body).order_id").build().expect("config");
+    let from_body = IdempotencyConfig::builder()
+        .key_expression("powertools_json(body).order_id")
+        .build()
+        .expect("config");
     let idempotency = Idempotency::new(store.clone(), from_body);
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
-    let err = invoke(&mut service, json!({"body": "{not json"})).await.expect_err("malformed");
-    assert!(matches!(idempotency_error(&err), IdempotencyError::InvalidEvent(_)), "{err}");
+    let err = invoke(&mut service, json!({"body": "{not json"}))
+        .await
+        .expect_err("malformed");
+    assert!(
+        matches!(idempotency_error(&err), IdempotencyError::InvalidEvent(_)),
+        "{err}"
+    );
     assert_eq!(runs.get(), 0);
     assert!(store.is_empty());
 
-    invoke(&mut service, json!({"body": "{\"order_id\": \"b-1\"}"})).await.expect("well formed");
-    invoke(&mut service, json!({"body": "{\"order_id\":\"b-1\", \"x\": 1}"})).await.expect("replay");
+    invoke(&mut service, json!({"body": "{\"order_id\": \"b-1\"}"}))
+        .await
+        .expect("well formed");
+    invoke(
+        &mut service,
+        json!({"body": "{\"order_id\":\"b-1\", \"x\": 1}"}),
+    )
+    .await
+    .expect("replay");
     assert_eq!(runs.get(), 1);
 }
 
@@ -569,13 +910,19 @@ async fn the_layer_wraps_a_handler_in_a_service_builder() {
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
-        tower::ServiceBuilder::new().layer(idempotency.layer()).service(service_fn(move |e: LambdaEvent<Value>| {
-            runs.hit();
-            async move { Ok::<_, BoxError>(e.payload) }
-        }))
+        tower::ServiceBuilder::new()
+            .layer(idempotency.layer())
+            .service(service_fn(move |e: LambdaEvent<Value>| {
+                runs.hit();
+                async move { Ok::<_, BoxError>(e.payload) }
+            }))
     };
-    invoke(&mut service, json!({"order_id": "l"})).await.expect("first");
-    invoke(&mut service, json!({"order_id": "l"})).await.expect("replay");
+    invoke(&mut service, json!({"order_id": "l"}))
+        .await
+        .expect("first");
+    invoke(&mut service, json!({"order_id": "l"}))
+        .await
+        .expect("replay");
     assert_eq!(runs.get(), 1);
 }
 
@@ -585,7 +932,10 @@ async fn the_layer_wraps_a_handler_in_a_service_builder() {
 async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
     const CALLS: usize = 50;
     let store = CountingStore::new(MemoryStore::new());
-    let idempotency = Idempotency::new(store.clone(), config().local_cache(16).build().expect("config"));
+    let idempotency = Idempotency::new(
+        store.clone(),
+        config().local_cache(16).build().expect("config"),
+    );
     let gate = Arc::new(Notify::new());
     let runs = Counter::default();
     let service = {
@@ -616,7 +966,10 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
         refused += 1;
     }
     gate.notify_one();
-    assert_eq!(rx.recv().await.expect("result").expect("the running call"), json!({"charged": true}));
+    assert_eq!(
+        rx.recv().await.expect("result").expect("the running call"),
+        json!({"charged": true})
+    );
     assert_eq!((runs.get(), refused), (1, CALLS - 1));
 
     // Now completed and cached: 50 concurrent replays, no store request.
@@ -625,7 +978,10 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
         .map(|_| spawn_call(&service, json!({"order_id": "c"})))
         .collect();
     for replay in replays {
-        assert_eq!(replay.await.expect("join").expect("replay"), json!({"charged": true}));
+        assert_eq!(
+            replay.await.expect("join").expect("replay"),
+            json!({"charged": true})
+        );
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(store.calls.get(), before);

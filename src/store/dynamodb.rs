@@ -113,8 +113,15 @@ impl DynamoDbStore {
     fn primary_key(&self, key: &str) -> Item {
         let mut item = Item::new();
         item.insert(self.names.key.clone(), AttributeValue::S(key.to_owned()));
-        if let KeyLayout::Composite { partition_key, partition_value } = &self.layout {
-            item.insert(partition_key.clone(), AttributeValue::S(partition_value.clone()));
+        if let KeyLayout::Composite {
+            partition_key,
+            partition_value,
+        } = &self.layout
+        {
+            item.insert(
+                partition_key.clone(),
+                AttributeValue::S(partition_value.clone()),
+            );
         }
         item
     }
@@ -122,11 +129,20 @@ impl DynamoDbStore {
     fn to_item(&self, record: &IdempotencyRecord) -> Item {
         let n = &self.names;
         let mut item = self.primary_key(&record.key);
-        item.insert(n.status.clone(), AttributeValue::S(record.status.as_str().into()));
-        item.insert(n.expiration.clone(), AttributeValue::N(record.expiration.to_string()));
+        item.insert(
+            n.status.clone(),
+            AttributeValue::S(record.status.as_str().into()),
+        );
+        item.insert(
+            n.expiration.clone(),
+            AttributeValue::N(record.expiration.to_string()),
+        );
         item.insert(n.owner.clone(), AttributeValue::S(record.owner.clone()));
         if let Some(at) = record.in_progress_expiration {
-            item.insert(n.in_progress_expiration.clone(), AttributeValue::N(at.to_string()));
+            item.insert(
+                n.in_progress_expiration.clone(),
+                AttributeValue::N(at.to_string()),
+            );
         }
         if let Some(data) = &record.data {
             item.insert(n.data.clone(), AttributeValue::S(data.clone()));
@@ -140,9 +156,13 @@ impl DynamoDbStore {
         item
     }
 
-    fn from_item(&self, item: &Item) -> Result<IdempotencyRecord, StoreError> {
+    fn parse_item(&self, item: &Item) -> Result<IdempotencyRecord, StoreError> {
         let n = &self.names;
-        let malformed = |what: &str| StoreError::Backend(format!("malformed idempotency item in {}: {what}", self.table).into());
+        let malformed = |what: &str| {
+            StoreError::Backend(
+                format!("malformed idempotency item in {}: {what}", self.table).into(),
+            )
+        };
         let string = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
         let number = |name: &str| -> Result<Option<i64>, StoreError> {
             match item.get(name) {
@@ -167,7 +187,11 @@ impl DynamoDbStore {
             validation: string(&n.validation),
             // Records written by other tools (e.g. Powertools) have no owner token.
             owner: string(&n.owner).unwrap_or_default(),
-            is_error: item.get(&n.error).and_then(|v| v.as_bool().ok()).copied().unwrap_or(false),
+            is_error: item
+                .get(&n.error)
+                .and_then(|v| v.as_bool().ok())
+                .copied()
+                .unwrap_or(false),
         })
     }
 }
@@ -217,7 +241,7 @@ impl IdempotencyStore for DynamoDbStore {
                         _ => None,
                     })
                 })?;
-                let existing = old.as_ref().map(|item| self.from_item(item)).transpose()?;
+                let existing = old.as_ref().map(|item| self.parse_item(item).map(Box::new)).transpose()?;
                 Err(StoreError::Exists { existing })
             }
         }
@@ -237,7 +261,9 @@ impl IdempotencyStore for DynamoDbStore {
         match result {
             Ok(_) => Ok(()),
             Err(err) => {
-                classify(err, |e| e.is_conditional_check_failed_exception().then_some(None))?;
+                classify(err, |e| {
+                    e.is_conditional_check_failed_exception().then_some(None)
+                })?;
                 Err(StoreError::NotOwner)
             }
         }
@@ -257,7 +283,9 @@ impl IdempotencyStore for DynamoDbStore {
         match result {
             Ok(_) => Ok(()),
             Err(err) => {
-                classify(err, |e| e.is_conditional_check_failed_exception().then_some(None))?;
+                classify(err, |e| {
+                    e.is_conditional_check_failed_exception().then_some(None)
+                })?;
                 Err(StoreError::NotOwner)
             }
         }
@@ -273,7 +301,7 @@ impl IdempotencyStore for DynamoDbStore {
             .send()
             .await
             .map_err(|e| StoreError::Backend(e.into()))?;
-        output.item().map(|item| self.from_item(item)).transpose()
+        output.item().map(|item| self.parse_item(item)).transpose()
     }
 
     fn item_size(&self, record: &IdempotencyRecord) -> usize {

@@ -32,7 +32,9 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, IdempotencyRecord>> {
         // A panic while holding the lock cannot leave a half-written map: every
         // critical section is a single insert or remove.
-        self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.records
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -41,7 +43,9 @@ impl IdempotencyStore for MemoryStore {
         let mut records = self.lock();
         if let Some(existing) = records.get(&record.key) {
             if !existing.can_be_taken_over(now_ms) {
-                return Err(StoreError::Exists { existing: Some(existing.clone()) });
+                return Err(StoreError::Exists {
+                    existing: Some(Box::new(existing.clone())),
+                });
             }
         }
         records.insert(record.key.clone(), record.clone());

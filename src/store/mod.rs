@@ -19,7 +19,7 @@ pub enum StoreError {
     #[error("a live record exists for this key")]
     Exists {
         /// The record that blocked the reservation.
-        existing: Option<IdempotencyRecord>,
+        existing: Option<Box<IdempotencyRecord>>,
     },
     /// The record is no longer owned by the caller's token (or is gone).
     #[error("the record is not owned by this invocation")]
@@ -51,8 +51,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Deletes the record if `owner` still owns it; otherwise [`StoreError::NotOwner`].
-    fn release(&self, key: &str, owner: &str)
-        -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn release(
+        &self,
+        key: &str,
+        owner: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Reads a record as stored, expired or not (diagnostics and tests).
     fn get(

@@ -1,6 +1,8 @@
 //! The LocalStack side of the integration tests: a real SDK client pointed at the
 //! endpoint that `scripts/test.sh` ensured, a request recorder, and fresh tables.
 
+#![allow(dead_code)] // each test binary and bench uses a part
+
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
@@ -43,7 +45,11 @@ impl Intercept for Recorder {
         _: &RuntimeComponents,
         _: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let target = context.request().headers().get("x-amz-target").unwrap_or("unknown");
+        let target = context
+            .request()
+            .headers()
+            .get("x-amz-target")
+            .unwrap_or("unknown");
         let operation = target.rsplit('.').next().unwrap_or(target).to_owned();
         self.0 .0.lock().expect("requests lock").push(operation);
         Ok(())
@@ -73,7 +79,11 @@ pub fn recorded_client() -> (Client, Requests) {
 /// A unique table name for one test.
 pub fn table_name(test: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("idem-{test}-{}-{}", super::now_ms(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "idem-{test}-{}-{}",
+        super::now_ms(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Creates a table keyed on `hash` (and `range`, if given), TTL on `ttl`, and
@@ -86,11 +96,21 @@ pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option
         .attribute_definitions(attribute(hash))
         .key_schema(key(hash, KeyType::Hash));
     if let Some(range) = range {
-        request = request.attribute_definitions(attribute(range)).key_schema(key(range, KeyType::Range));
+        request = request
+            .attribute_definitions(attribute(range))
+            .key_schema(key(range, KeyType::Range));
     }
-    request.send().await.unwrap_or_else(|e| panic!("create table {name} at {}: {e:?}", endpoint()));
+    request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create table {name} at {}: {e:?}", endpoint()));
     for _ in 0..100 {
-        let described = client.describe_table().table_name(name).send().await.expect("describe table");
+        let described = client
+            .describe_table()
+            .table_name(name)
+            .send()
+            .await
+            .expect("describe table");
         if described.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
             break;
         }
@@ -100,7 +120,11 @@ pub async fn create_table(client: &Client, name: &str, hash: &str, range: Option
         .update_time_to_live()
         .table_name(name)
         .time_to_live_specification(
-            TimeToLiveSpecification::builder().enabled(true).attribute_name(ttl).build().expect("ttl spec"),
+            TimeToLiveSpecification::builder()
+                .enabled(true)
+                .attribute_name(ttl)
+                .build()
+                .expect("ttl spec"),
         )
         .send()
         .await
@@ -123,5 +147,9 @@ fn attribute(name: &str) -> AttributeDefinition {
 }
 
 fn key(name: &str, key_type: KeyType) -> KeySchemaElement {
-    KeySchemaElement::builder().attribute_name(name).key_type(key_type).build().expect("key schema")
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(key_type)
+        .build()
+        .expect("key schema")
 }

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
 }
 
 /// A Lambda context whose deadline is `ms_from_now` away (negative: already past).
@@ -49,15 +52,25 @@ pub struct CountingStore<S> {
 
 impl<S> CountingStore<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, calls: Counter::default(), fail: &[] }
+        Self {
+            inner,
+            calls: Counter::default(),
+            fail: &[],
+        }
     }
     pub fn failing(inner: S, fail: &'static [&'static str]) -> Self {
-        Self { inner, calls: Counter::default(), fail }
+        Self {
+            inner,
+            calls: Counter::default(),
+            fail,
+        }
     }
     fn hit(&self, operation: &str) -> Result<(), StoreError> {
         self.calls.hit();
         if self.fail.contains(&operation) {
-            return Err(StoreError::Backend(format!("injected store failure in {operation}").into()));
+            return Err(StoreError::Backend(
+                format!("injected store failure in {operation}").into(),
+            ));
         }
         Ok(())
     }

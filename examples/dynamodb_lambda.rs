@@ -1,0 +1,53 @@
+//! A Lambda function whose order handler runs once per order id, with records in
+//! DynamoDB. Deployed by `template.yaml` (`sam build && sam deploy --guided`).
+//!
+//! Environment: `IDEMPOTENCY_TABLE` (the table name). Locally, against LocalStack:
+//! `AWS_ENDPOINT_URL=http://127.0.0.1:4566 cargo lambda watch --example dynamodb_lambda`.
+
+use lambda_idempotency::{DynamoDbStore, Idempotency, IdempotencyConfig};
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+#[derive(Deserialize, Serialize)]
+struct Order {
+    order_id: String,
+    customer_id: String,
+    amount_cents: u64,
+}
+
+#[derive(Deserialize, Serialize)]
+struct Receipt {
+    order_id: String,
+    charged_cents: u64,
+}
+
+/// The side effect to protect. Replace with a real payment call.
+async fn handle(event: LambdaEvent<Order>) -> Result<Receipt, Error> {
+    let order = event.payload;
+    tracing::info!(order_id = %order.order_id, "charging");
+    Ok(Receipt {
+        order_id: order.order_id,
+        charged_cents: order.amount_cents,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+
+    let table = std::env::var("IDEMPOTENCY_TABLE").map_err(|_| "IDEMPOTENCY_TABLE is not set")?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&sdk), table);
+
+    let config = IdempotencyConfig::builder()
+        .key_expression("[customer_id, order_id]")
+        .payload_validation("amount_cents")
+        .expires_after(Duration::from_secs(24 * 3600))
+        // Warm invocations replay without a DynamoDB request.
+        .local_cache(1024)
+        .build()?;
+    let idempotency = Idempotency::new(store, config);
+
+    lambda_runtime::run(idempotency.wrap(service_fn(handle))).await
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmarks: the wrapper's own cost (in-memory store), then DynamoDB requests per
+# invocation and latency against LocalStack (started when none answers).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+AWS_ENDPOINT_URL="$(bash localstack/ensure.sh)"
+export AWS_ENDPOINT_URL
+cargo bench --locked --bench idempotency
+cargo bench --locked --bench dynamodb

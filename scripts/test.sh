@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: lint the SAM template, check format
+# and clippy, then every test (unit, LocalStack integration, doc tests) and the
+# quickstart. Starts LocalStack when no endpoint answers and stops it afterwards.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+endpoint_was_up=false
+for candidate in "${AWS_ENDPOINT_URL:-}" "http://127.0.0.1:${LOCALSTACK_PORT:-4566}"; do
+  if [[ -n "$candidate" ]] && curl -fsS --max-time 3 "$candidate/_localstack/health" >/dev/null 2>&1; then
+    endpoint_was_up=true
+  fi
+done
+AWS_ENDPOINT_URL="$(bash localstack/ensure.sh)"
+export AWS_ENDPOINT_URL
+if [[ "$endpoint_was_up" == false ]]; then
+  trap 'bash localstack/ensure.sh stop' EXIT
+fi
+
+step() { echo "== $*" >&2; }
+step "cfn-lint template.yaml"
+bash scripts/lint-template.sh
+step "cargo fmt --check"
+cargo fmt --check
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --locked -- -D warnings
+step "cargo test (against LocalStack at $AWS_ENDPOINT_URL)"
+cargo test --all-targets --locked
+cargo test --doc --locked
+step "cargo run --example quickstart"
+cargo run --locked --example quickstart >/dev/null
+step "all checks passed"
