@@ -43,3 +43,8 @@ pub use idempotency::Idempotency;
 pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
 pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore};
+
+/// Compiles the README's Rust snippets as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

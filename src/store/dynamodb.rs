@@ -241,7 +241,10 @@ impl IdempotencyStore for DynamoDbStore {
                         _ => None,
                     })
                 })?;
-                let existing = old.as_ref().map(|item| self.parse_item(item).map(Box::new)).transpose()?;
+                let existing = old
+                    .as_ref()
+                    .map(|item| self.parse_item(item).map(Box::new))
+                    .transpose()?;
                 Err(StoreError::Exists { existing })
             }
         }
