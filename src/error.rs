@@ -112,3 +112,14 @@ impl PermanentError {
         self
     }
 }
+
+/// Lets batch helpers that return `Result<_, IdempotencyError>` go straight into
+/// `lambda_runtime::run(service_fn(...))`.
+impl From<IdempotencyError> for lambda_runtime::Diagnostic {
+    fn from(err: IdempotencyError) -> Self {
+        Self {
+            error_type: "IdempotencyError".to_owned(),
+            error_message: err.to_string(),
+        }
+    }
+}

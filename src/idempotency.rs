@@ -3,7 +3,7 @@
 
 use crate::config::{IdempotencyConfig, KeySource};
 use crate::error::{Error, IdempotencyError, PermanentError};
-use crate::key::{hash_value, is_missing};
+use crate::key::{hash_value, is_missing, JsonPath};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, StoreError};
 use lru::LruCache;
@@ -75,6 +75,37 @@ pub(crate) struct Call<'a> {
     pub(crate) scope: &'a str,
     /// The Lambda deadline in epoch milliseconds, when there is a `Context`.
     pub(crate) deadline_ms: Option<i64>,
+    /// Where the key comes from.
+    pub(crate) key: CallKey<'a>,
+}
+
+/// Where an invocation's key material comes from.
+pub(crate) enum CallKey<'a> {
+    /// The config's key source and payload validation.
+    Config,
+    /// As `Config`, but an event source's own default replaces "the whole event"
+    /// (e.g. an SQS record's `messageId`, which stays the same on redelivery).
+    SourceDefault(&'a JsonPath),
+    /// Material and validation fields chosen by the caller (HTTP `Idempotency-Key`).
+    Given {
+        material: Value,
+        validation: Option<Value>,
+    },
+}
+
+/// A response, and whether it was replayed rather than computed.
+pub(crate) struct Executed<R> {
+    pub(crate) response: R,
+    pub(crate) replayed: bool,
+}
+
+impl<R> Executed<R> {
+    fn ran(response: R) -> Self {
+        Self {
+            response,
+            replayed: false,
+        }
+    }
 }
 
 impl<S: IdempotencyStore> Idempotency<S> {
@@ -138,7 +169,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         call: Call<'_>,
         event: T,
         handler: F,
-    ) -> Result<R, Error<E>>
+    ) -> Result<Executed<R>, Error<E>>
     where
         T: Serialize + 'static,
         R: Serialize + DeserializeOwned,
@@ -148,13 +179,33 @@ impl<S: IdempotencyStore> Idempotency<S> {
     {
         let config = &self.inner.config;
         if config.disabled {
-            return handler(event).await.map_err(Error::Handler);
+            return handler(event)
+                .await
+                .map(Executed::ran)
+                .map_err(Error::Handler);
         }
 
         // 1. Key and validation hash, from the event as JSON.
-        let json = serde_json::to_value(&event)
-            .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
-        let material = self.key_material(&event, &json)?;
+        let (material, validation_fields) = match call.key {
+            CallKey::Given {
+                material,
+                validation,
+            } => (material, validation),
+            CallKey::Config | CallKey::SourceDefault(_) => {
+                let json = serde_json::to_value(&event)
+                    .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+                let source_default = match call.key {
+                    CallKey::SourceDefault(path) => Some(path),
+                    _ => None,
+                };
+                let material = self.key_material(&event, &json, source_default)?;
+                let validation = match &config.validation {
+                    Some(path) => Some(path.search(&json).map_err(IdempotencyError::InvalidEvent)?),
+                    None => None,
+                };
+                (material, validation)
+            }
+        };
         if is_missing(&material) {
             if config.strict {
                 return Err(IdempotencyError::MissingKey {
@@ -166,77 +217,96 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 expression = config.key.describe(),
                 "no idempotency key material in the event; running the handler without idempotency"
             );
-            return handler(event).await.map_err(Error::Handler);
+            return handler(event)
+                .await
+                .map(Executed::ran)
+                .map_err(Error::Handler);
         }
         let key = format!("{}#{}", call.scope, hash_value(&material));
-        let validation = match &config.validation {
-            Some(path) => {
-                let fields = path.search(&json).map_err(IdempotencyError::InvalidEvent)?;
-                Some(hash_value(&fields))
-            }
-            None => None,
-        };
+        let validation = validation_fields.as_ref().map(hash_value);
 
         let span = tracing::info_span!("idempotency", key = %key, replayed = field::Empty);
-        async move {
-            // 2. A completed record in this execution environment: no request at all.
-            let now = now_ms();
-            if let Some(record) = self.cached(&key, now) {
-                return self.replay(record, validation.as_deref());
-            }
-
-            // 3. Reserve. A live record comes back with the refusal (one request).
-            let in_progress_until = call
-                .deadline_ms
-                .unwrap_or(now + duration_ms(config.in_progress_timeout));
-            let reservation = IdempotencyRecord {
-                key: key.clone(),
-                status: Status::InProgress,
-                expiration: expiration_s(now, config),
-                in_progress_expiration: Some(in_progress_until),
-                data: None,
-                validation: validation.clone(),
-                owner: owner_token(),
-                is_error: false,
-            };
-            if let Some(existing) = self.reserve(&reservation, now).await? {
-                return self.replay(existing, validation.as_deref());
-            }
-
-            // 4. Run the handler, then complete or release.
-            match handler(event).await {
-                Ok(response) => {
-                    let data = match serde_json::to_string(&response) {
-                        Ok(data) => data,
-                        Err(source) => {
-                            self.release(&reservation).await;
-                            return Err(IdempotencyError::Serialization { key, source }.into());
-                        }
-                    };
-                    self.complete(reservation, data, false).await?;
-                    Ok(response)
+        // Boxed: with event types as deep as API Gateway's, the unboxed future
+        // overflows the compiler's layout query depth in the user's `main`.
+        Box::pin(
+            async move {
+                // 2. A completed record in this execution environment: no request at all.
+                let now = now_ms();
+                if let Some(record) = self.cached(&key, now) {
+                    return self
+                        .replay(record, validation.as_deref())
+                        .map(|response| Executed {
+                            response,
+                            replayed: true,
+                        });
                 }
-                Err(err) => {
-                    match as_permanent(&err).filter(|_| config.replay_permanent_errors) {
-                        Some(permanent) => {
-                            let data = serde_json::to_string(permanent).map_err(|source| {
-                                IdempotencyError::Serialization { key, source }
-                            })?;
-                            self.complete(reservation, data, true).await?;
-                        }
-                        None => self.release(&reservation).await,
+
+                // 3. Reserve. A live record comes back with the refusal (one request).
+                let in_progress_until = call
+                    .deadline_ms
+                    .unwrap_or(now + duration_ms(config.in_progress_timeout));
+                let reservation = IdempotencyRecord {
+                    key: key.clone(),
+                    status: Status::InProgress,
+                    expiration: expiration_s(now, config),
+                    in_progress_expiration: Some(in_progress_until),
+                    data: None,
+                    validation: validation.clone(),
+                    owner: owner_token(),
+                    is_error: false,
+                };
+                if let Some(existing) = self.reserve(&reservation, now).await? {
+                    return self
+                        .replay(existing, validation.as_deref())
+                        .map(|response| Executed {
+                            response,
+                            replayed: true,
+                        });
+                }
+
+                // 4. Run the handler, then complete or release.
+                match handler(event).await {
+                    Ok(response) => {
+                        let data = match serde_json::to_string(&response) {
+                            Ok(data) => data,
+                            Err(source) => {
+                                self.release(&reservation).await;
+                                return Err(IdempotencyError::Serialization { key, source }.into());
+                            }
+                        };
+                        self.complete(reservation, data, false).await?;
+                        Ok(Executed::ran(response))
                     }
-                    Err(Error::Handler(err))
+                    Err(err) => {
+                        match as_permanent(&err).filter(|_| config.replay_permanent_errors) {
+                            Some(permanent) => {
+                                let data = serde_json::to_string(permanent).map_err(|source| {
+                                    IdempotencyError::Serialization { key, source }
+                                })?;
+                                self.complete(reservation, data, true).await?;
+                            }
+                            None => self.release(&reservation).await,
+                        }
+                        Err(Error::Handler(err))
+                    }
                 }
             }
-        }
-        .instrument(span)
+            .instrument(span),
+        )
         .await
     }
 
-    fn key_material<T: 'static>(&self, event: &T, json: &Value) -> Result<Value, IdempotencyError> {
+    fn key_material<T: 'static>(
+        &self,
+        event: &T,
+        json: &Value,
+        source_default: Option<&JsonPath>,
+    ) -> Result<Value, IdempotencyError> {
         match &self.inner.config.key {
-            KeySource::Event => Ok(json.clone()),
+            KeySource::Event => match source_default {
+                Some(path) => path.search(json).map_err(IdempotencyError::InvalidEvent),
+                None => Ok(json.clone()),
+            },
             KeySource::Expression(path) => {
                 path.search(json).map_err(IdempotencyError::InvalidEvent)
             }

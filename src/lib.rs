@@ -35,6 +35,7 @@ mod idempotency;
 mod key;
 mod record;
 mod service;
+mod sources;
 pub mod store;
 
 pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
@@ -42,6 +43,7 @@ pub use error::{Error, IdempotencyError, PermanentError};
 pub use idempotency::Idempotency;
 pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
+pub use sources::{HttpIdempotency, SqsBatch, StreamBatch, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore};
 
 /// Compiles the README's Rust snippets as doc tests.

@@ -2,7 +2,7 @@
 //! handlers, and [`IdempotentFunction`] for any async function.
 
 use crate::error::Error;
-use crate::idempotency::{Call, Idempotency};
+use crate::idempotency::{Call, CallKey, Idempotency};
 use crate::store::IdempotencyStore;
 use lambda_runtime::{Context, LambdaEvent};
 use serde::de::DeserializeOwned;
@@ -146,17 +146,20 @@ where
             let call = Call {
                 scope: &scope,
                 deadline_ms: Some(context.deadline as i64),
+                key: CallKey::Config,
             };
             let result = idempotency
                 .execute(call, payload, |payload| {
                     inner.call(LambdaEvent::new(payload, context))
                 })
                 .await;
-            result.map_err(|err| match err {
-                Error::Handler(e) => e.into(),
-                Error::Replayed(e) => e.into(),
-                Error::Idempotency(e) => e.into(),
-            })
+            result
+                .map(|executed| executed.response)
+                .map_err(|err| match err {
+                    Error::Handler(e) => e.into(),
+                    Error::Replayed(e) => e.into(),
+                    Error::Idempotency(e) => e.into(),
+                })
         })
     }
 }
@@ -200,8 +203,10 @@ where
         let call = Call {
             scope: &self.scope,
             deadline_ms: context.map(|c| c.deadline as i64),
+            key: CallKey::Config,
         };
-        self.idempotency.execute(call, payload, &self.f).await
+        let executed = self.idempotency.execute(call, payload, &self.f).await?;
+        Ok(executed.response)
     }
 }
 

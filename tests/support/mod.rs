@@ -1,6 +1,7 @@
 //! Shared test helpers. Each test binary uses a part of them.
 #![allow(dead_code)]
 
+pub mod events;
 pub mod localstack;
 
 use lambda_idempotency::store::StoreError;

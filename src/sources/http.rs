@@ -1,0 +1,309 @@
+//! API Gateway requests (REST v1 and HTTP v2) with `Idempotency-Key` header
+//! semantics, after the IETF httpapi idempotency-key draft.
+
+use super::field;
+use crate::config::ConfigError;
+use crate::error::{Error, IdempotencyError};
+use crate::idempotency::{Call, CallKey, Executed, Idempotency};
+use crate::key::JsonPath;
+use crate::store::IdempotencyStore;
+use aws_lambda_events::apigw::{
+    ApiGatewayProxyRequest, ApiGatewayProxyResponse, ApiGatewayV2httpRequest,
+    ApiGatewayV2httpResponse,
+};
+use aws_lambda_events::encodings::Body;
+use aws_lambda_events::http::{HeaderMap, HeaderValue};
+use lambda_runtime::LambdaEvent;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+
+/// The request header carrying the client's key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set to `true` on replayed responses.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Who is calling, by default: the authorizer's principal, JWT subject or IAM user.
+static CALLER_V1: LazyLock<JsonPath> = LazyLock::new(|| field(CALLER_V1_EXPRESSION));
+static CALLER_V2: LazyLock<JsonPath> = LazyLock::new(|| field(CALLER_V2_EXPRESSION));
+const CALLER_V1_EXPRESSION: &str =
+    "requestContext.authorizer.principalId || requestContext.authorizer.claims.sub || requestContext.identity.userArn";
+const CALLER_V2_EXPRESSION: &str =
+    "requestContext.authorizer.jwt.claims.sub || requestContext.authorizer.lambda.principalId \
+                         || requestContext.authorizer.iam.userArn";
+
+impl<S: IdempotencyStore> Idempotency<S> {
+    /// An API Gateway handler with `Idempotency-Key` semantics: a request carrying
+    /// the header runs once; a retry with the same key gets the stored status,
+    /// headers and body plus `Idempotent-Replayed: true`.
+    ///
+    /// | Situation | Response |
+    /// |---|---|
+    /// | no `Idempotency-Key` header | 400 (or run unprotected, with [`HttpIdempotency::key_optional`]) |
+    /// | same key while the first request runs | 409 with `Retry-After` |
+    /// | same key, different body | 422 |
+    /// | same key, same body, completed | the stored response, replayed |
+    ///
+    /// Errors are `application/problem+json` (RFC 9457). Keys are scoped by caller
+    /// (from the authorizer, see [`HttpIdempotency::caller`]) and route, so one
+    /// caller cannot replay another's response. 5xx responses are not stored: a
+    /// retry runs again. The config's key expression is not used here.
+    pub fn http<F>(&self, name: &str, handler: F) -> HttpIdempotency<F, S> {
+        HttpIdempotency {
+            handler,
+            idempotency: self.clone(),
+            scope: self.function_scope(name).into(),
+            caller: None,
+            require_key: true,
+        }
+    }
+}
+
+/// An API Gateway handler made idempotent by [`Idempotency::http`].
+pub struct HttpIdempotency<F, S> {
+    handler: F,
+    idempotency: Idempotency<S>,
+    scope: Arc<str>,
+    caller: Option<JsonPath>,
+    require_key: bool,
+}
+
+impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
+    /// A JMESPath expression over the request selecting the caller's identity,
+    /// which scopes every key. Rejected here if invalid.
+    pub fn caller(mut self, expression: &str) -> Result<Self, ConfigError> {
+        let path =
+            JsonPath::compile(expression).map_err(|reason| ConfigError::InvalidExpression {
+                role: "caller",
+                expression: expression.to_owned(),
+                reason,
+            })?;
+        self.caller = Some(path);
+        Ok(self)
+    }
+
+    /// Requests without an `Idempotency-Key` run without idempotency instead of
+    /// getting a 400.
+    pub fn key_optional(mut self) -> Self {
+        self.require_key = false;
+        self
+    }
+
+    /// Handles a REST API (payload v1) request.
+    pub async fn handle_v1<E, Fut>(
+        &self,
+        event: LambdaEvent<ApiGatewayProxyRequest>,
+    ) -> Result<ApiGatewayProxyResponse, E>
+    where
+        F: Fn(ApiGatewayProxyRequest) -> Fut,
+        Fut: Future<Output = Result<ApiGatewayProxyResponse, E>>,
+        E: 'static,
+    {
+        let request = &event.payload;
+        let parts = Parts {
+            key: idempotency_key(&request.headers),
+            route: format!(
+                "{} {}",
+                request.http_method,
+                request.resource.as_deref().unwrap_or_default()
+            ),
+            body: request.body.clone(),
+            default_caller: &CALLER_V1,
+        };
+        self.handle(event, parts).await
+    }
+
+    /// Handles an HTTP API (payload v2) request.
+    pub async fn handle_v2<E, Fut>(
+        &self,
+        event: LambdaEvent<ApiGatewayV2httpRequest>,
+    ) -> Result<ApiGatewayV2httpResponse, E>
+    where
+        F: Fn(ApiGatewayV2httpRequest) -> Fut,
+        Fut: Future<Output = Result<ApiGatewayV2httpResponse, E>>,
+        E: 'static,
+    {
+        let request = &event.payload;
+        let route = request
+            .route_key
+            .clone()
+            .or_else(|| request.request_context.route_key.clone());
+        let parts = Parts {
+            key: idempotency_key(&request.headers),
+            route: route.unwrap_or_default(),
+            body: request.body.clone(),
+            default_caller: &CALLER_V2,
+        };
+        self.handle(event, parts).await
+    }
+
+    async fn handle<Req, Resp, E, Fut>(
+        &self,
+        event: LambdaEvent<Req>,
+        parts: Parts,
+    ) -> Result<Resp, E>
+    where
+        F: Fn(Req) -> Fut,
+        Fut: Future<Output = Result<Resp, E>>,
+        Req: Serialize + 'static,
+        Resp: HttpResponse,
+        E: 'static,
+    {
+        let LambdaEvent {
+            payload: request,
+            context,
+        } = event;
+        let Some(key) = parts.key else {
+            if self.require_key {
+                return Ok(Resp::problem(
+                    400,
+                    "Idempotency-Key is missing",
+                    "This route requires an Idempotency-Key header.",
+                ));
+            }
+            return (self.handler)(request).await;
+        };
+        let caller = match caller_of(
+            &request,
+            self.caller.as_ref().unwrap_or(parts.default_caller),
+        ) {
+            Ok(caller) => caller,
+            Err(err) => return Ok(Resp::problem(400, "Invalid request", &err.to_string())),
+        };
+
+        let call = Call {
+            scope: &self.scope,
+            deadline_ms: Some(context.deadline as i64),
+            key: CallKey::Given {
+                material: json!([caller, parts.route, key]),
+                validation: Some(json!(parts.body)),
+            },
+        };
+        // 5xx responses go back to the engine as failures, so the key is released.
+        let run = |request| async {
+            match (self.handler)(request).await {
+                Ok(response) if response.status() >= 500 => Err(Failure::Server(response)),
+                Ok(response) => Ok(response),
+                Err(err) => Err(Failure::Handler(err)),
+            }
+        };
+        match self.idempotency.execute(call, request, run).await {
+            Ok(Executed {
+                mut response,
+                replayed,
+            }) => {
+                if replayed {
+                    response.set_header(IDEMPOTENT_REPLAYED, "true");
+                }
+                Ok(response)
+            }
+            Err(Error::Handler(Failure::Server(response))) => Ok(response),
+            Err(Error::Handler(Failure::Handler(err))) => Err(err),
+            Err(Error::Replayed(err)) => Ok(Resp::problem(500, "Stored error", &err.to_string())),
+            Err(Error::Idempotency(err)) => Ok(problem_for(&err)),
+        }
+    }
+}
+
+/// What a request brings besides its payload.
+struct Parts {
+    key: Option<String>,
+    route: String,
+    body: Option<String>,
+    default_caller: &'static JsonPath,
+}
+
+enum Failure<Resp, E> {
+    Server(Resp),
+    Handler(E),
+}
+
+/// The header's value: a structured-field string (`"abc"`) or a bare token.
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(IDEMPOTENCY_KEY)?.to_str().ok()?.trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+fn caller_of<Req: Serialize>(request: &Req, path: &JsonPath) -> Result<Value, IdempotencyError> {
+    let json =
+        serde_json::to_value(request).map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+    path.search(&json).map_err(IdempotencyError::InvalidEvent)
+}
+
+fn problem_for<Resp: HttpResponse>(err: &IdempotencyError) -> Resp {
+    let detail = err.to_string();
+    match err {
+        IdempotencyError::AlreadyInProgress { .. } => {
+            let mut response = Resp::problem(409, "Request in progress", &detail);
+            response.set_header("retry-after", "1");
+            response
+        }
+        IdempotencyError::PayloadMismatch { .. } => Resp::problem(
+            422,
+            "Idempotency-Key reused with a different request body",
+            &detail,
+        ),
+        IdempotencyError::MissingKey { .. } | IdempotencyError::InvalidEvent(_) => {
+            Resp::problem(400, "Invalid request", &detail)
+        }
+        IdempotencyError::Store(_) => {
+            let mut response = Resp::problem(503, "Idempotency store unavailable", &detail);
+            response.set_header("retry-after", "1");
+            response
+        }
+        _ => Resp::problem(500, "Idempotency failure", &detail),
+    }
+}
+
+/// What this module needs from the v1 and v2 response types.
+trait HttpResponse: Serialize + DeserializeOwned + 'static {
+    fn status(&self) -> i64;
+    fn set_header(&mut self, name: &'static str, value: &'static str);
+    fn problem(status: i64, title: &str, detail: &str) -> Self;
+}
+
+fn problem_parts(status: i64, title: &str, detail: &str) -> (HeaderMap, Option<Body>) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("application/problem+json"),
+    );
+    let body = json!({ "type": "about:blank", "title": title, "status": status, "detail": detail });
+    (headers, Some(Body::Text(body.to_string())))
+}
+
+impl HttpResponse for ApiGatewayProxyResponse {
+    fn status(&self) -> i64 {
+        self.status_code
+    }
+    fn set_header(&mut self, name: &'static str, value: &'static str) {
+        self.headers.insert(name, HeaderValue::from_static(value));
+    }
+    fn problem(status: i64, title: &str, detail: &str) -> Self {
+        let (headers, body) = problem_parts(status, title, detail);
+        let mut response = Self::default();
+        (response.status_code, response.headers, response.body) = (status, headers, body);
+        response
+    }
+}
+
+impl HttpResponse for ApiGatewayV2httpResponse {
+    fn status(&self) -> i64 {
+        self.status_code
+    }
+    fn set_header(&mut self, name: &'static str, value: &'static str) {
+        self.headers.insert(name, HeaderValue::from_static(value));
+    }
+    fn problem(status: i64, title: &str, detail: &str) -> Self {
+        let (headers, body) = problem_parts(status, title, detail);
+        let mut response = Self::default();
+        (response.status_code, response.headers, response.body) = (status, headers, body);
+        response
+    }
+}

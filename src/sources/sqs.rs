@@ -1,0 +1,176 @@
+//! SQS batches with partial batch failures.
+
+use super::{field, run_record};
+use crate::error::IdempotencyError;
+use crate::idempotency::Idempotency;
+use crate::key::JsonPath;
+use crate::store::IdempotencyStore;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use futures_util::stream::{self, StreamExt};
+use lambda_runtime::LambdaEvent;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+
+static MESSAGE_ID: LazyLock<JsonPath> = LazyLock::new(|| field("messageId"));
+
+/// Messages that run in order, with their positions in the batch.
+type Lane = Vec<(usize, SqsMessage)>;
+
+impl<S: IdempotencyStore> Idempotency<S> {
+    /// An SQS batch handler: each message runs through `handler` at most once per
+    /// key, and [`SqsBatch::process`] reports the failed ones as `batchItemFailures`
+    /// (set `ReportBatchItemFailures` on the event source mapping).
+    ///
+    /// The key comes from the config's expression over each message (e.g.
+    /// `powertools_json(body).order_id`); without one, from its `messageId`, which
+    /// dedupes redeliveries but not duplicate sends. `name` goes into the key prefix.
+    ///
+    /// ```no_run
+    /// use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    /// use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+    /// use lambda_runtime::{service_fn, Error, LambdaEvent};
+    ///
+    /// async fn ship(message: SqsMessage) -> Result<(), Error> {
+    ///     println!("shipping {:?}", message.body);
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Error> {
+    /// let config = IdempotencyConfig::builder().key_expression("powertools_json(body).order_id").build()?;
+    /// let batch = Idempotency::new(MemoryStore::new(), config).sqs_batch("ship", ship);
+    /// lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| batch.process(event))).await
+    /// # }
+    /// ```
+    pub fn sqs_batch<F>(&self, name: &str, handler: F) -> SqsBatch<F, S> {
+        SqsBatch {
+            handler,
+            idempotency: self.clone(),
+            scope: self.function_scope(name).into(),
+            concurrency: 1,
+        }
+    }
+}
+
+/// Processes SQS batches; made by [`Idempotency::sqs_batch`].
+pub struct SqsBatch<F, S> {
+    handler: F,
+    idempotency: Idempotency<S>,
+    scope: Arc<str>,
+    concurrency: usize,
+}
+
+impl<F, S: IdempotencyStore> SqsBatch<F, S> {
+    /// Runs up to `limit` messages at a time (default 1: in order). On a FIFO queue,
+    /// messages of one group always run in order, one at a time.
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = limit.max(1);
+        self
+    }
+
+    /// Processes a batch. Messages that failed, were already in progress elsewhere,
+    /// or (FIFO) come after a failed message of their group are reported as failed;
+    /// completed and replayed ones are not. Each failure is logged with its reason.
+    ///
+    /// Errs only when a failed message has no `messageId` to report (not something
+    /// SQS sends), so that Lambda retries the whole batch instead of losing it.
+    pub async fn process<R, E, Fut>(
+        &self,
+        event: LambdaEvent<SqsEvent>,
+    ) -> Result<SqsBatchResponse, IdempotencyError>
+    where
+        F: Fn(SqsMessage) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+        R: Serialize + DeserializeOwned,
+        E: std::fmt::Display + 'static,
+    {
+        let deadline_ms = event.context.deadline as i64;
+        let records = event.payload.records;
+        let fifo = records.first().is_some_and(is_fifo);
+
+        // Lanes run concurrently; records in a lane run in order. FIFO: a lane per
+        // message group. Standard queues: a lane per message.
+        let mut lanes: Vec<(Option<String>, Lane)> = Vec::new();
+        for (index, record) in records.into_iter().enumerate() {
+            let group = fifo
+                .then(|| record.attributes.get("MessageGroupId").cloned())
+                .flatten();
+            match lanes
+                .iter_mut()
+                .find(|(g, _)| group.is_some() && *g == group)
+            {
+                Some((_, lane)) => lane.push((index, record)),
+                None => lanes.push((group, vec![(index, record)])),
+            }
+        }
+
+        let mut failed: Vec<(usize, Option<String>)> = stream::iter(lanes)
+            .map(|(_, lane)| self.run_lane(lane, deadline_ms))
+            .buffer_unordered(self.concurrency)
+            .flat_map(stream::iter)
+            .collect()
+            .await;
+        failed.sort_by_key(|(index, _)| *index);
+
+        let mut response = SqsBatchResponse::default();
+        for (index, message_id) in failed {
+            let message_id = message_id.ok_or_else(|| {
+                IdempotencyError::InvalidEvent(format!(
+                    "record {index} failed and has no messageId to report"
+                ))
+            })?;
+            response.add_failure(message_id);
+        }
+        Ok(response)
+    }
+
+    /// Runs a lane in order; after a failure the rest of the lane fails unrun.
+    async fn run_lane<R, E, Fut>(
+        &self,
+        lane: Lane,
+        deadline_ms: i64,
+    ) -> Vec<(usize, Option<String>)>
+    where
+        F: Fn(SqsMessage) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+        R: Serialize + DeserializeOwned,
+        E: std::fmt::Display + 'static,
+    {
+        let mut failed = Vec::new();
+        for (index, record) in lane {
+            let message_id = record.message_id.clone();
+            if !failed.is_empty() {
+                tracing::warn!(
+                    ?message_id,
+                    "not run: an earlier message of its FIFO group failed"
+                );
+                failed.push((index, message_id));
+                continue;
+            }
+            let scope = &self.scope;
+            if let Err(reason) = run_record(
+                &self.idempotency,
+                scope,
+                deadline_ms,
+                &MESSAGE_ID,
+                record,
+                &self.handler,
+            )
+            .await
+            {
+                tracing::error!(?message_id, %reason, "SQS message failed; reported in batchItemFailures");
+                failed.push((index, message_id));
+            }
+        }
+        failed
+    }
+}
+
+fn is_fifo(record: &SqsMessage) -> bool {
+    record
+        .event_source_arn
+        .as_deref()
+        .is_some_and(|arn| arn.ends_with(".fifo"))
+        || record.attributes.contains_key("MessageGroupId")
+}
