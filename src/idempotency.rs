@@ -191,20 +191,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 material,
                 validation,
             } => (material, validation),
-            CallKey::Config | CallKey::SourceDefault(_) => {
-                let json = serde_json::to_value(&event)
-                    .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
-                let source_default = match call.key {
-                    CallKey::SourceDefault(path) => Some(path),
-                    _ => None,
-                };
-                let material = self.key_material(&event, &json, source_default)?;
-                let validation = match &config.validation {
-                    Some(path) => Some(path.search(&json).map_err(IdempotencyError::InvalidEvent)?),
-                    None => None,
-                };
-                (material, validation)
-            }
+            CallKey::Config => self.key_material(&event, None)?,
+            CallKey::SourceDefault(path) => self.key_material(&event, Some(path))?,
         };
         if is_missing(&material) {
             if config.strict {
@@ -296,28 +284,31 @@ impl<S: IdempotencyStore> Idempotency<S> {
         .await
     }
 
-    fn key_material<T: 'static>(
+    /// The key material and the validation fields, selected from the event as JSON.
+    fn key_material<T: Serialize + 'static>(
         &self,
         event: &T,
-        json: &Value,
         source_default: Option<&JsonPath>,
-    ) -> Result<Value, IdempotencyError> {
-        match &self.inner.config.key {
-            KeySource::Event => match source_default {
-                Some(path) => path.search(json).map_err(IdempotencyError::InvalidEvent),
-                None => Ok(json.clone()),
+    ) -> Result<(Value, Option<Value>), IdempotencyError> {
+        let config = &self.inner.config;
+        let json = serde_json::to_value(event)
+            .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+        let search = |path: &JsonPath| path.search(&json).map_err(IdempotencyError::InvalidEvent);
+        let material = match (&config.key, source_default) {
+            (KeySource::Event, None) => json.clone(),
+            (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => search(path)?,
+            (KeySource::Closure { f, event_type }, _) => match f(event as &dyn Any) {
+                Some(result) => result.map_err(IdempotencyError::InvalidEvent)?,
+                None => {
+                    return Err(IdempotencyError::InvalidEvent(format!(
+                        "the key closure takes {event_type}, the handler's event is {}",
+                        std::any::type_name::<T>()
+                    )))
+                }
             },
-            KeySource::Expression(path) => {
-                path.search(json).map_err(IdempotencyError::InvalidEvent)
-            }
-            KeySource::Closure { f, event_type } => match f(event as &dyn Any) {
-                Some(result) => result.map_err(IdempotencyError::InvalidEvent),
-                None => Err(IdempotencyError::InvalidEvent(format!(
-                    "the key closure takes {event_type}, the handler's event is {}",
-                    std::any::type_name::<T>()
-                ))),
-            },
-        }
+        };
+        let validation = config.validation.as_ref().map(search).transpose()?;
+        Ok((material, validation))
     }
 
     /// Reserves the key. `Ok(None)`: ours, run the handler. `Ok(Some(record))`: a
