@@ -24,8 +24,8 @@ step "cfn-lint template.yaml"
 bash scripts/lint-template.sh
 step "cargo fmt --check"
 cargo fmt --check
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (against LocalStack at $AWS_ENDPOINT_URL)"
 cargo test --all-targets --locked
 cargo test --doc --locked

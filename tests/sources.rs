@@ -362,3 +362,106 @@ async fn bad_sqs_records_fail_alone_and_concurrent_results_map_to_their_message_
     );
     assert_eq!(runs.get(), 5, "the bad records never reached the handler");
 }
+
+fn lambda_http_request(fixture_name: &str, edit: impl FnOnce(&mut Value)) -> lambda_http::Request {
+    let path = format!(
+        "{}/tests/fixtures/{fixture_name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut event: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+    edit(&mut event);
+    lambda_http::request::from_str(&event.to_string()).expect("a lambda_http request")
+}
+
+#[tokio::test]
+async fn lambda_http_requests_get_the_same_header_semantics() {
+    let runs = Counter::default();
+    let http = {
+        let runs = runs.clone();
+        idempotency().http("orders", move |request: lambda_http::Request| {
+            let run = runs.hit();
+            let body = json!({ "run": run, "path": request.uri().path() }).to_string();
+            let response = lambda_http::Response::builder()
+                .status(201)
+                .header("location", "/orders/1")
+                .body(Body::Text(body))
+                .map_err(|e| e.to_string());
+            ready(response)
+        })
+    };
+    for fixture_name in ["apigw_v1.json", "apigw_v2.json"] {
+        let first = http
+            .handle_request(lambda_http_request(fixture_name, |_| {}))
+            .await
+            .expect("first");
+        let replay = http
+            .handle_request(lambda_http_request(fixture_name, |_| {}))
+            .await
+            .expect("replay");
+        assert_eq!(
+            (first.status().as_u16(), replay.status().as_u16()),
+            (201, 201),
+            "{fixture_name}"
+        );
+        assert_eq!(
+            replay.body().as_ref() as &[u8],
+            first.body().as_ref() as &[u8],
+            "{fixture_name}: same bytes"
+        );
+        assert_eq!(
+            replay.headers().get("location"),
+            first.headers().get("location")
+        );
+        assert_eq!(
+            replay
+                .headers()
+                .get("idempotent-replayed")
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        assert_eq!(first.headers().get("idempotent-replayed"), None);
+
+        let changed =
+            lambda_http_request(fixture_name, |e| e["body"] = json!(r#"{"sku":"book-2"}"#));
+        assert_eq!(
+            http.handle_request(changed)
+                .await
+                .expect("422")
+                .status()
+                .as_u16(),
+            422
+        );
+        let other_caller = lambda_http_request(fixture_name, |e| {
+            e["requestContext"]["authorizer"]["principalId"] = json!("customer-77");
+            if let Some(claims) = e["requestContext"]["authorizer"]["jwt"]["claims"].as_object_mut()
+            {
+                claims.insert("sub".into(), json!("customer-77"));
+            }
+        });
+        let theirs = http
+            .handle_request(other_caller)
+            .await
+            .expect("another caller's own request");
+        assert_eq!(
+            theirs.headers().get("idempotent-replayed"),
+            None,
+            "{fixture_name}"
+        );
+    }
+    assert_eq!(runs.get(), 4, "one run per fixture and caller");
+    let no_key = lambda_http_request("apigw_v2.json", |e| {
+        e["headers"]
+            .as_object_mut()
+            .map(|h| h.remove("idempotency-key"));
+    });
+    assert_eq!(
+        http.handle_request(no_key)
+            .await
+            .expect("400")
+            .status()
+            .as_u16(),
+        400
+    );
+    assert_eq!(runs.get(), 4);
+}

@@ -13,6 +13,10 @@ use aws_lambda_events::apigw::{
 };
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::http::{HeaderMap, HeaderValue};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+use lambda_http::request::RequestContext;
+use lambda_http::RequestExt;
 use lambda_runtime::LambdaEvent;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -50,6 +54,27 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// (from the authorizer, see [`HttpIdempotency::caller`]) and route, so one
     /// caller cannot replay another's response. 5xx responses are not stored: a
     /// retry runs again. The config's key expression is not used here.
+    ///
+    /// Use [`HttpIdempotency::handle_v1`] (REST API), [`HttpIdempotency::handle_v2`]
+    /// (HTTP API) or [`HttpIdempotency::handle_request`] (`lambda_http`).
+    ///
+    /// ```no_run
+    /// use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+    /// use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+    /// use lambda_runtime::{service_fn, Error, LambdaEvent};
+    ///
+    /// async fn create_order(_: ApiGatewayV2httpRequest) -> Result<ApiGatewayV2httpResponse, Error> {
+    ///     let mut response = ApiGatewayV2httpResponse::default();
+    ///     response.status_code = 201;
+    ///     Ok(response)
+    /// }
+    ///
+    /// # async fn run() -> Result<(), Error> {
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default());
+    /// let http = idempotency.http("create_order", create_order);
+    /// lambda_runtime::run(service_fn(|event: LambdaEvent<ApiGatewayV2httpRequest>| http.handle_v2(event))).await
+    /// # }
+    /// ```
     pub fn http<F>(&self, name: &str, handler: F) -> HttpIdempotency<F, S> {
         HttpIdempotency {
             handler,
@@ -101,7 +126,10 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
         Fut: Future<Output = Result<ApiGatewayProxyResponse, E>>,
         E: 'static,
     {
-        let request = &event.payload;
+        let LambdaEvent {
+            payload: request,
+            context,
+        } = event;
         let parts = Parts {
             key: idempotency_key(&request.headers),
             route: format!(
@@ -110,9 +138,10 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
                 request.resource.as_deref().unwrap_or_default()
             ),
             body: request.body.clone(),
-            default_caller: &CALLER_V1,
+            caller: self.caller_of(&request, &CALLER_V1),
+            deadline_ms: Some(context.deadline as i64),
         };
-        self.handle(event, parts).await
+        self.handle(request, parts, &self.handler).await
     }
 
     /// Handles an HTTP API (payload v2) request.
@@ -125,7 +154,10 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
         Fut: Future<Output = Result<ApiGatewayV2httpResponse, E>>,
         E: 'static,
     {
-        let request = &event.payload;
+        let LambdaEvent {
+            payload: request,
+            context,
+        } = event;
         let route = request
             .route_key
             .clone()
@@ -134,27 +166,71 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
             key: idempotency_key(&request.headers),
             route: route.unwrap_or_default(),
             body: request.body.clone(),
-            default_caller: &CALLER_V2,
+            caller: self.caller_of(&request, &CALLER_V2),
+            deadline_ms: Some(context.deadline as i64),
         };
-        self.handle(event, parts).await
+        self.handle(request, parts, &self.handler).await
     }
 
-    async fn handle<Req, Resp, E, Fut>(
+    /// Handles a `lambda_http` request (REST or HTTP API), for
+    /// `lambda_http::run(service_fn(|request| http.handle_request(request)))`.
+    /// The route in the key is the method and the request path.
+    pub async fn handle_request<E, Fut>(
         &self,
-        event: LambdaEvent<Req>,
+        request: lambda_http::Request,
+    ) -> Result<lambda_http::Response<Body>, E>
+    where
+        F: Fn(lambda_http::Request) -> Fut,
+        Fut: Future<Output = Result<lambda_http::Response<Body>, E>>,
+        E: 'static,
+    {
+        let context = request.request_context_ref();
+        let default_caller = match context {
+            Some(RequestContext::ApiGatewayV1(_)) => &CALLER_V1,
+            _ => &CALLER_V2,
+        };
+        let parts = Parts {
+            key: idempotency_key(request.headers()),
+            route: format!("{} {}", request.method(), request.uri().path()),
+            body: match request.body() {
+                Body::Empty => None,
+                Body::Text(text) => Some(text.clone()),
+                binary => Some(BASE64.encode(binary.as_ref() as &[u8])),
+            },
+            caller: self.caller_of(&json!({ "requestContext": context }), default_caller),
+            deadline_ms: request.lambda_context_ref().map(|c| c.deadline as i64),
+        };
+        // Stored in the HTTP API response shape, which serializes; converted back here.
+        let run = |request| async { (self.handler)(request).await.map(to_stored) };
+        self.handle(request, parts, run).await.map(from_stored)
+    }
+
+    fn caller_of<Req: Serialize>(
+        &self,
+        request: &Req,
+        default: &JsonPath,
+    ) -> Result<Value, IdempotencyError> {
+        let json = serde_json::to_value(request)
+            .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+        self.caller
+            .as_ref()
+            .unwrap_or(default)
+            .search(&json)
+            .map_err(IdempotencyError::InvalidEvent)
+    }
+
+    async fn handle<Req, Resp, E, H, Fut>(
+        &self,
+        request: Req,
         parts: Parts,
+        handler: H,
     ) -> Result<Resp, E>
     where
-        F: Fn(Req) -> Fut,
+        H: FnOnce(Req) -> Fut,
         Fut: Future<Output = Result<Resp, E>>,
-        Req: Serialize + 'static,
         Resp: HttpResponse,
         E: 'static,
     {
-        let LambdaEvent {
-            payload: request,
-            context,
-        } = event;
         let Some(key) = parts.key else {
             if self.require_key {
                 return Ok(Resp::problem(
@@ -163,33 +239,32 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
                     "This route requires an Idempotency-Key header.",
                 ));
             }
-            return (self.handler)(request).await;
+            return handler(request).await;
         };
-        let caller = match caller_of(
-            &request,
-            self.caller.as_ref().unwrap_or(parts.default_caller),
-        ) {
+        let caller = match parts.caller {
             Ok(caller) => caller,
             Err(err) => return Ok(Resp::problem(400, "Invalid request", &err.to_string())),
         };
 
         let call = Call {
             scope: &self.scope,
-            deadline_ms: Some(context.deadline as i64),
+            deadline_ms: parts.deadline_ms,
             key: CallKey::Given {
                 material: json!([caller, parts.route, key]),
                 validation: Some(json!(parts.body)),
             },
         };
-        // 5xx responses go back to the engine as failures, so the key is released.
-        let run = |request| async {
-            match (self.handler)(request).await {
+        // The key material is given, so the engine needs no event; the request goes
+        // to the handler directly. 5xx responses go back to the engine as failures,
+        // so the key is released.
+        let run = move |()| async move {
+            match handler(request).await {
                 Ok(response) if response.status() >= 500 => Err(Failure::Server(response)),
                 Ok(response) => Ok(response),
                 Err(err) => Err(Failure::Handler(err)),
             }
         };
-        match self.idempotency.execute(call, request, run).await {
+        match self.idempotency.execute(call, (), run).await {
             Ok(Executed {
                 mut response,
                 replayed,
@@ -207,12 +282,32 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     }
 }
 
+fn to_stored(response: lambda_http::Response<Body>) -> ApiGatewayV2httpResponse {
+    let (parts, body) = response.into_parts();
+    let mut stored = ApiGatewayV2httpResponse::default();
+    (stored.status_code, stored.headers, stored.body) =
+        (i64::from(parts.status.as_u16()), parts.headers, Some(body));
+    stored
+}
+
+fn from_stored(stored: ApiGatewayV2httpResponse) -> lambda_http::Response<Body> {
+    let mut response = lambda_http::Response::new(stored.body.unwrap_or_default());
+    // Statuses were valid when stored; an unknown one in a record becomes a 500.
+    *response.status_mut() = u16::try_from(stored.status_code)
+        .ok()
+        .and_then(|code| lambda_http::http::StatusCode::from_u16(code).ok())
+        .unwrap_or(lambda_http::http::StatusCode::INTERNAL_SERVER_ERROR);
+    *response.headers_mut() = stored.headers;
+    response
+}
+
 /// What a request brings besides its payload.
 struct Parts {
     key: Option<String>,
     route: String,
     body: Option<String>,
-    default_caller: &'static JsonPath,
+    caller: Result<Value, IdempotencyError>,
+    deadline_ms: Option<i64>,
 }
 
 enum Failure<Resp, E> {
@@ -228,12 +323,6 @@ fn idempotency_key(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.strip_suffix('"'))
         .unwrap_or(value);
     (!value.is_empty()).then(|| value.to_owned())
-}
-
-fn caller_of<Req: Serialize>(request: &Req, path: &JsonPath) -> Result<Value, IdempotencyError> {
-    let json =
-        serde_json::to_value(request).map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
-    path.search(&json).map_err(IdempotencyError::InvalidEvent)
 }
 
 fn problem_for<Resp: HttpResponse>(err: &IdempotencyError) -> Resp {
