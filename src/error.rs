@@ -58,6 +58,39 @@ pub enum IdempotencyError {
         /// The idempotency key.
         key: String,
     },
+    /// A retry called its steps in another order than the journal recorded: the
+    /// handler's code or branching changed between attempts. Replaying would give
+    /// a wrong result, so the invocation stops.
+    #[error("step {position} of {key} was journaled as {journaled:?} but the handler now calls {called:?}")]
+    NonDeterministic {
+        /// The idempotency key of the invocation.
+        key: String,
+        /// The step's position in the invocation (0-based).
+        position: usize,
+        /// The name journaled at that position.
+        journaled: String,
+        /// The name the handler called at that position.
+        called: String,
+    },
+    /// Delivering a committed outbox message failed; it stays pending for the relay.
+    #[error("outbox delivery failed: {0}")]
+    Delivery(#[source] BoxError),
+    /// `effects()` was called outside an idempotent handler (or on another task).
+    #[error("no idempotent invocation is running on this task; steps and the outbox work inside a wrapped handler")]
+    NoEffects,
+    /// The completed record and the staged outbox messages do not fit in one
+    /// DynamoDB transaction (100 items, 4 MB, 400 KB per item). Nothing was written.
+    #[error("idempotency key {key}: {items} items of {bytes} bytes exceed the transaction limits ({limit})")]
+    OutboxTooLarge {
+        /// The idempotency key.
+        key: String,
+        /// Items in the transaction (the record plus the messages).
+        items: usize,
+        /// Their total size.
+        bytes: usize,
+        /// Which limit was exceeded.
+        limit: &'static str,
+    },
     /// The store failed (network, throttling, permissions). When this happens while
     /// reserving, the handler has not run.
     #[error("idempotency store failure: {0}")]

@@ -2,10 +2,12 @@
 //! reserve, run the handler, complete or release.
 
 use crate::config::{IdempotencyConfig, KeySource};
+use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
 use crate::key::{hash_value, is_missing, JsonPath};
+use crate::outbox::{deliver_and_mark, Dispatcher, OutboxMessage};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
-use crate::store::{IdempotencyStore, StoreError};
+use crate::store::{IdempotencyStore, OutboxRecord, StoreError};
 use lru::LruCache;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -14,7 +16,7 @@ use std::any::Any;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
@@ -65,6 +67,7 @@ struct Inner<S> {
     config: IdempotencyConfig,
     cache: Option<Mutex<LruCache<String, IdempotencyRecord>>>,
     function_name: String,
+    dispatcher: OnceLock<Dispatcher>,
 }
 
 static DISABLED_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -127,8 +130,20 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 config,
                 cache,
                 function_name,
+                dispatcher: OnceLock::new(),
             }),
         }
+    }
+
+    /// Delivers the outbox messages of completed invocations right after commit
+    /// with `dispatcher`. Without one, committed messages wait for the
+    /// [`Relay`](crate::Relay). Set once, before the first invocation; later calls
+    /// keep the first dispatcher.
+    pub fn with_dispatcher(self, dispatcher: Dispatcher) -> Self {
+        if self.inner.dispatcher.set(dispatcher).is_err() {
+            tracing::warn!("a dispatcher was already set; keeping the first");
+        }
+        self
     }
 
     /// The store.
@@ -243,26 +258,32 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     owner: owner_token(),
                     is_error: false,
                 };
-                if let Some(existing) = self.reserve(&reservation, now).await? {
-                    return self
-                        .replay(existing, validation.as_deref())
-                        .map(|response| Executed {
-                            response,
-                            replayed: true,
-                        });
-                }
+                let retry = match self.reserve(&reservation, now).await? {
+                    Reserved::Ours { retry } => retry,
+                    Reserved::Completed(existing) => {
+                        return self
+                            .replay(existing, validation.as_deref())
+                            .map(|response| Executed {
+                                response,
+                                replayed: true,
+                            });
+                    }
+                };
 
-                // 4. Run the handler, then complete or release.
-                match handler(event).await {
+                // 4. Run the handler, then complete or release. Its steps and outbox
+                // hang off the invocation's key.
+                let effects = Effects::new(self, &key, retry, reservation.expiration);
+                // Called inside the scope: a handler may reach its effects before its first await.
+                match effects.scope(async move { handler(event).await }).await {
                     Ok(response) => {
                         let data = match serde_json::to_string(&response) {
                             Ok(data) => data,
                             Err(source) => {
-                                self.release(&reservation).await;
+                                self.release(&reservation, &effects).await;
                                 return Err(IdempotencyError::Serialization { key, source }.into());
                             }
                         };
-                        self.complete(reservation, data, false).await?;
+                        self.complete(reservation, data, false, &effects).await?;
                         Ok(Executed::ran(response))
                     }
                     Err(err) => {
@@ -271,9 +292,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                                 let data = serde_json::to_string(permanent).map_err(|source| {
                                     IdempotencyError::Serialization { key, source }
                                 })?;
-                                self.complete(reservation, data, true).await?;
+                                self.complete(reservation, data, true, &effects).await?;
                             }
-                            None => self.release(&reservation).await,
+                            None => self.release(&reservation, &effects).await,
                         }
                         Err(Error::Handler(err))
                     }
@@ -311,29 +332,28 @@ impl<S: IdempotencyStore> Idempotency<S> {
         Ok((material, validation))
     }
 
-    /// Reserves the key. `Ok(None)`: ours, run the handler. `Ok(Some(record))`: a
-    /// completed record to replay. Errors: in progress, or the store failed.
+    /// Reserves the key, or finds the completed record to replay. Errors: in
+    /// progress, or the store failed.
     async fn reserve(
         &self,
         record: &IdempotencyRecord,
         now: i64,
-    ) -> Result<Option<IdempotencyRecord>, IdempotencyError> {
+    ) -> Result<Reserved, IdempotencyError> {
         // A second attempt only when the record that refused us has expired by our
         // clock (it expired between the store's check and ours).
         for _ in 0..2 {
             let existing = match self.inner.store.reserve(record, now).await {
-                Ok(()) => return Ok(None),
+                Ok(retry) => return Ok(Reserved::Ours { retry }),
                 Err(StoreError::Exists {
                     existing: Some(existing),
                 }) => *existing,
                 Err(StoreError::Exists { existing: None }) => {
-                    match self.inner.store.get(&record.key).await {
-                        Ok(Some(existing)) => existing,
-                        Ok(None) => continue,
-                        Err(err) => return Err(store_failure(err)),
+                    match self.inner.store.get(&record.key).await? {
+                        Some(existing) => existing,
+                        None => continue,
                     }
                 }
-                Err(err) => return Err(store_failure(err)),
+                Err(err) => return Err(err.into()),
             };
             if existing.can_be_taken_over(now_ms()) {
                 continue;
@@ -345,7 +365,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     key: record.key.clone(),
                 });
             }
-            return Ok(Some(existing));
+            return Ok(Reserved::Completed(existing));
         }
         Err(IdempotencyError::AlreadyInProgress {
             key: record.key.clone(),
@@ -392,12 +412,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
         })
     }
 
-    /// Stores the response under our reservation.
+    /// Stores the response under our reservation, with the outbox messages the
+    /// handler staged (one transaction), then dispatches them.
     async fn complete(
         &self,
         reservation: IdempotencyRecord,
         data: String,
         is_error: bool,
+        effects: &Effects,
     ) -> Result<(), IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
@@ -406,41 +428,73 @@ impl<S: IdempotencyStore> Idempotency<S> {
             is_error,
             ..reservation
         };
-        let size = self.inner.store.item_size(&record);
+        let store = &self.inner.store;
+        let size = store.item_size(&record);
         if size > MAX_ITEM_BYTES {
-            self.release(&record).await;
+            self.release(&record, effects).await;
             return Err(IdempotencyError::ResponseTooLarge {
                 key: record.key,
                 size,
                 limit: MAX_ITEM_BYTES,
             });
         }
-        match self.inner.store.complete(&record).await {
-            Ok(()) => {
-                self.remember(&record);
-                Ok(())
-            }
+        // A failed handler's staged messages are dropped with it.
+        let staged = if is_error {
+            Vec::new()
+        } else {
+            effects.take_staged()
+        };
+        let outbox = outbox_records(&record, staged)?;
+        if let Some(limit) = transaction_limit(store, size, &outbox) {
+            self.release(&record, effects).await;
+            return Err(IdempotencyError::OutboxTooLarge {
+                key: record.key,
+                items: outbox.len() + 1,
+                bytes: size + outbox.iter().map(|r| store.outbox_size(r)).sum::<usize>(),
+                limit,
+            });
+        }
+        match store.complete(&record, &outbox).await {
+            Ok(()) => self.remember(&record),
             Err(StoreError::NotOwner) => {
                 tracing::error!(
                     "reservation expired and was taken over before completion; the late result was not stored"
                 );
-                Err(IdempotencyError::LostOwnership { key: record.key })
+                return Err(IdempotencyError::LostOwnership { key: record.key });
             }
             // The reservation stays until its in-progress expiry, then a retry takes over.
-            Err(err) => Err(store_failure(err)),
+            Err(err) => return Err(err.into()),
         }
+        if let Some(dispatcher) = self.inner.dispatcher.get() {
+            for message in &outbox {
+                if let Err(err) = deliver_and_mark(store, dispatcher, message).await {
+                    tracing::warn!(key = %message.key, error = %err, "outbox message committed but not delivered; the relay will");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gives the key back so a retry runs the handler again. Failures are logged,
     /// not returned: the caller is already returning a more important error, and
     /// an unreleased reservation expires at its in-progress expiry.
-    async fn release(&self, reservation: &IdempotencyRecord) {
-        match self
-            .inner
-            .store
-            .release(&reservation.key, &reservation.owner)
-            .await
-        {
+    ///
+    /// With journaled steps the record stays, open to takeover at once, so the
+    /// retry knows to replay the journal.
+    async fn release(&self, reservation: &IdempotencyRecord, effects: &Effects) {
+        let store = &self.inner.store;
+        let result = if effects.journaled_any() {
+            let open = IdempotencyRecord {
+                status: Status::InProgress,
+                in_progress_expiration: Some(0),
+                data: None,
+                ..reservation.clone()
+            };
+            store.complete(&open, &[]).await
+        } else {
+            store.release(&reservation.key, &reservation.owner).await
+        };
+        match result {
             Ok(()) => {}
             Err(StoreError::NotOwner) => {
                 tracing::error!(
@@ -476,6 +530,65 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 }
 
+/// Whether the reservation was ours, or a completed record is to be replayed.
+enum Reserved {
+    /// Ours; `retry` when it replaced an earlier record (steps may be journaled).
+    Ours {
+        retry: bool,
+    },
+    Completed(IdempotencyRecord),
+}
+
+/// The staged messages as records under the invocation's key.
+fn outbox_records(
+    record: &IdempotencyRecord,
+    staged: Vec<(String, OutboxMessage)>,
+) -> Result<Vec<OutboxRecord>, IdempotencyError> {
+    staged
+        .into_iter()
+        .enumerate()
+        .map(|(index, (derived_key, message))| {
+            let key = format!("{}#outbox#{index}", record.key);
+            let message = serde_json::to_string(&message).map_err(|source| {
+                IdempotencyError::Serialization {
+                    key: key.clone(),
+                    source,
+                }
+            })?;
+            Ok(OutboxRecord {
+                key,
+                derived_key,
+                message,
+                delivered: false,
+                expiration: record.expiration,
+            })
+        })
+        .collect()
+}
+
+/// Which DynamoDB transaction limit the record plus its outbox would exceed.
+fn transaction_limit<S: IdempotencyStore>(
+    store: &S,
+    record_size: usize,
+    outbox: &[OutboxRecord],
+) -> Option<&'static str> {
+    const MAX_ITEMS: usize = 100;
+    const MAX_BYTES: usize = 4 * 1024 * 1024;
+    if outbox.is_empty() {
+        return None;
+    }
+    let sizes: Vec<usize> = outbox.iter().map(|r| store.outbox_size(r)).collect();
+    if outbox.len() + 1 > MAX_ITEMS {
+        Some("100 items per transaction")
+    } else if sizes.iter().any(|&size| size > MAX_ITEM_BYTES) {
+        Some("400 KB per item")
+    } else if record_size + sizes.iter().sum::<usize>() > MAX_BYTES {
+        Some("4 MB per transaction")
+    } else {
+        None
+    }
+}
+
 fn check_payload(
     record: &IdempotencyRecord,
     validation: Option<&str>,
@@ -485,13 +598,6 @@ fn check_payload(
             key: record.key.clone(),
         }),
         _ => Ok(()),
-    }
-}
-
-fn store_failure(err: StoreError) -> IdempotencyError {
-    match err {
-        StoreError::Backend(source) => IdempotencyError::Store(source),
-        other => IdempotencyError::Store(Box::new(other)),
     }
 }
 

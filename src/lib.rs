@@ -30,17 +30,21 @@
 #![warn(missing_docs)]
 
 mod config;
+mod effects;
 mod error;
 mod idempotency;
 mod key;
+mod outbox;
 mod record;
 mod service;
 mod sources;
 pub mod store;
 
 pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
+pub use effects::{client_request_token, effects, idempotency_key_header, Effects, Outbox};
 pub use error::{Error, IdempotencyError, PermanentError};
 pub use idempotency::Idempotency;
+pub use outbox::{DeliveryError, Dispatcher, OutboxMessage, Relay, Sink, SweepReport};
 pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
 pub use sources::{HttpIdempotency, SqsBatch, StreamBatch, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};

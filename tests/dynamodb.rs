@@ -456,6 +456,8 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         validation: "payload_hash".into(),
         owner: "lease_owner".into(),
         error: "is_error".into(),
+        step: "step_name".into(),
+        derived_key: "effect_key".into(),
     };
     let layout = KeyLayout::Composite {
         partition_key: "pk".into(),

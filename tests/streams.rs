@@ -3,114 +3,31 @@
 mod support;
 
 use aws_lambda_events::event::dynamodb::EventRecord;
-use aws_sdk_dynamodb::types::{AttributeValue, StreamSpecification, StreamViewType};
-use aws_sdk_dynamodbstreams::types::{Record, ShardIteratorType, StreamStatus};
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodbstreams::types::Record;
 use lambda_idempotency::{DynamoDbStore, Idempotency, IdempotencyConfig};
 use lambda_runtime::LambdaEvent;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 use support::context;
-use support::events::{dynamodb_event, streams};
-use support::localstack::{client, create_table, default_table, table_name};
+use support::events::{dynamodb_event, Stream};
+use support::localstack::{client, default_table, table_name};
 
 /// A table with a NEW_IMAGE stream and `count` orders written to it; returns the
 /// stream's records in shard order, read through the Streams API.
 async fn orders_stream(count: usize) -> Vec<Record> {
-    let table = table_name("orders");
-    create_table(&client(), &table, "id", None, "expiration").await;
-    let spec = StreamSpecification::builder()
-        .stream_enabled(true)
-        .stream_view_type(StreamViewType::NewImage)
-        .build()
-        .expect("stream spec");
-    let updated = client()
-        .update_table()
-        .table_name(&table)
-        .stream_specification(spec)
-        .send()
-        .await
-        .expect("enable stream");
-    let stream_arn = updated
-        .table_description()
-        .and_then(|t| t.latest_stream_arn())
-        .expect("stream arn")
-        .to_owned();
-
-    // The stream takes a moment to start capturing writes: write once it is
-    // enabled and lists a shard.
-    let streams = streams();
-    let started = Instant::now();
-    let shard = loop {
-        let described = streams
-            .describe_stream()
-            .stream_arn(&stream_arn)
-            .send()
-            .await
-            .expect("describe stream");
-        let description = described.stream_description();
-        let enabled = description.and_then(|d| d.stream_status()) == Some(&StreamStatus::Enabled);
-        let shard = description
-            .and_then(|d| d.shards().first())
-            .and_then(|s| s.shard_id());
-        if let (true, Some(shard)) = (enabled, shard) {
-            break shard.to_owned();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "stream not enabled"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
-    };
+    let stream = Stream::create(&table_name("orders")).await;
     for i in 0..count {
         client()
             .put_item()
-            .table_name(&table)
+            .table_name(&stream.table)
             .item("id", AttributeValue::S(format!("order-{i}")))
             .item("amount", AttributeValue::N(format!("{}", 10 + i)))
             .send()
             .await
             .expect("put order");
     }
-
-    // The shard iterator is refused until the stream's backing shard is active.
-    let mut iterator = loop {
-        let result = streams
-            .get_shard_iterator()
-            .stream_arn(&stream_arn)
-            .shard_id(&shard)
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
-            .send()
-            .await;
-        match result {
-            Ok(output) => break output.shard_iterator().map(str::to_owned),
-            Err(e) => assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no shard iterator: {e:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
-    };
-    let mut records = Vec::new();
-    while records.len() < count {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {} of {count} records",
-            records.len()
-        );
-        let Some(current) = iterator else { break };
-        let page = streams
-            .get_records()
-            .shard_iterator(current)
-            .send()
-            .await
-            .expect("get records");
-        records.extend(page.records().iter().cloned());
-        iterator = page.next_shard_iterator().map(str::to_owned);
-        if records.len() < count {
-            tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
-        }
-    }
+    let records = stream.read_until(|records| records.len() >= count).await;
     assert_eq!(records.len(), count);
     records
 }

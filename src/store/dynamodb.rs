@@ -1,7 +1,9 @@
-use super::{IdempotencyStore, StoreError};
+use super::{IdempotencyStore, OutboxRecord, StepRecord, StoreError};
 use crate::record::{IdempotencyRecord, Status};
 use aws_sdk_dynamodb::error::{BoxError, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 
@@ -27,6 +29,10 @@ pub struct AttributeNames {
     pub owner: String,
     /// Present (`true`) when `data` holds a stored permanent error. Default `error`.
     pub error: String,
+    /// A journaled step's name. Default `step`.
+    pub step: String,
+    /// An outbox message's derived idempotency key. Default `derived_key`.
+    pub derived_key: String,
 }
 
 impl Default for AttributeNames {
@@ -40,6 +46,8 @@ impl Default for AttributeNames {
             validation: "validation".into(),
             owner: "owner".into(),
             error: "error".into(),
+            step: "step".into(),
+            derived_key: "derived_key".into(),
         }
     }
 }
@@ -212,7 +220,7 @@ where
 }
 
 impl IdempotencyStore for DynamoDbStore {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
         let n = &self.names;
         let result = self
             .client
@@ -230,10 +238,12 @@ impl IdempotencyStore for DynamoDbStore {
             .expression_attribute_values(":now_ms", AttributeValue::N(now_ms.to_string()))
             .expression_attribute_values(":inprogress", AttributeValue::S(Status::InProgress.as_str().into()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            // On success the replaced item, if any, comes back: then this is a retry.
+            .return_values(ReturnValue::AllOld)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(output) => Ok(output.attributes().is_some_and(|old| !old.is_empty())),
             Err(err) => {
                 let old = classify(err, |e| {
                     e.is_conditional_check_failed_exception().then(|| match e {
@@ -250,7 +260,14 @@ impl IdempotencyStore for DynamoDbStore {
         }
     }
 
-    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        if !outbox.is_empty() {
+            return self.complete_with_outbox(record, outbox).await;
+        }
         let result = self
             .client
             .put_item()
@@ -307,19 +324,244 @@ impl IdempotencyStore for DynamoDbStore {
         output.item().map(|item| self.parse_item(item)).transpose()
     }
 
-    fn item_size(&self, record: &IdempotencyRecord) -> usize {
-        // DynamoDB counts attribute names and values in UTF-8 bytes; a number takes
-        // at most 21 bytes and a boolean 1.
-        self.to_item(record)
-            .iter()
-            .map(|(name, value)| {
-                name.len()
-                    + match value {
-                        AttributeValue::S(s) => s.len(),
-                        AttributeValue::N(_) => 21,
-                        _ => 1,
-                    }
+    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
+        let n = &self.names;
+        let mut item = self.primary_key(&step.key);
+        item.insert(n.status.clone(), AttributeValue::S(STEP.into()));
+        item.insert(n.step.clone(), AttributeValue::S(step.name.clone()));
+        item.insert(n.data.clone(), AttributeValue::S(step.data.clone()));
+        item.insert(
+            n.expiration.clone(),
+            AttributeValue::N(step.expiration.to_string()),
+        );
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#id)")
+            .expression_attribute_names("#id", &n.key)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Journaled already (by an invocation that lost its reservation): first wins.
+            Err(err) => classify(err, |e| {
+                e.is_conditional_check_failed_exception().then_some(None)
             })
-            .sum()
+            .map(|_| ()),
+        }
+    }
+
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        let Some(item) = self.get_item(key).await? else {
+            return Ok(None);
+        };
+        let n = &self.names;
+        Ok(Some(StepRecord {
+            key: key.to_owned(),
+            name: self.string(&item, &n.step)?,
+            data: self.string(&item, &n.data)?,
+            expiration: self.number(&item, &n.expiration)?,
+        }))
+    }
+
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        match self.get_item(key).await? {
+            Some(item) => self.parse_outbox(&item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(self.primary_key(key)))
+            .update_expression("SET #status = :delivered")
+            .condition_expression("attribute_exists(#status)")
+            .expression_attribute_names("#status", &self.names.status)
+            .expression_attribute_values(":delivered", AttributeValue::S(DELIVERED.into()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Backend(e.into()))
+    }
+
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut pending = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .filter_expression("#status = :pending")
+                .expression_attribute_names("#status", &self.names.status)
+                .expression_attribute_values(":pending", AttributeValue::S(PENDING.into()))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| StoreError::Backend(e.into()))?;
+            for item in page.items() {
+                if self.is_own(item) {
+                    pending.push(self.parse_outbox(item)?);
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        pending.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(pending)
+    }
+
+    fn outbox_size(&self, record: &OutboxRecord) -> usize {
+        item_bytes(&self.outbox_item(record))
+    }
+
+    fn item_size(&self, record: &IdempotencyRecord) -> usize {
+        item_bytes(&self.to_item(record))
+    }
+}
+
+/// The size DynamoDB counts for an item: attribute names and values in UTF-8
+/// bytes; a number takes at most 21 bytes and a boolean 1.
+fn item_bytes(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(s) => s.len(),
+                    AttributeValue::N(_) => 21,
+                    _ => 1,
+                }
+        })
+        .sum()
+}
+
+/// `status` values of journal and outbox items (records use `INPROGRESS`/`COMPLETED`).
+const STEP: &str = "STEP";
+const PENDING: &str = "PENDING";
+const DELIVERED: &str = "DELIVERED";
+
+impl DynamoDbStore {
+    /// The completed record and the outbox messages in one transaction, the record
+    /// conditional on our ownership: all written or none.
+    async fn complete_with_outbox(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        let put = |item: Item| Put::builder().table_name(&self.table).set_item(Some(item));
+        let owned = put(self.to_item(record))
+            .condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", &self.names.owner)
+            .expression_attribute_values(":owner", AttributeValue::S(record.owner.clone()));
+        let mut items = vec![owned];
+        items.extend(outbox.iter().map(|message| put(self.outbox_item(message))));
+        let items = items
+            .into_iter()
+            .map(|put| {
+                put.build()
+                    .map(|p| TransactWriteItem::builder().put(p).build())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Backend(e.into()))?;
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                // The record's condition is the only one: a cancellation for a failed
+                // condition on the first item means another owner holds the key.
+                let lost = err.as_service_error().is_some_and(|e| {
+                    e.is_transaction_canceled_exception()
+                        && matches!(e, aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)
+                            if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed"))
+                });
+                if lost {
+                    Err(StoreError::NotOwner)
+                } else {
+                    Err(StoreError::Backend(err.into()))
+                }
+            }
+        }
+    }
+
+    fn outbox_item(&self, record: &OutboxRecord) -> Item {
+        let n = &self.names;
+        let mut item = self.primary_key(&record.key);
+        let status = if record.delivered { DELIVERED } else { PENDING };
+        item.insert(n.status.clone(), AttributeValue::S(status.into()));
+        item.insert(
+            n.derived_key.clone(),
+            AttributeValue::S(record.derived_key.clone()),
+        );
+        item.insert(n.data.clone(), AttributeValue::S(record.message.clone()));
+        item.insert(
+            n.expiration.clone(),
+            AttributeValue::N(record.expiration.to_string()),
+        );
+        item
+    }
+
+    fn parse_outbox(&self, item: &Item) -> Result<OutboxRecord, StoreError> {
+        let n = &self.names;
+        Ok(OutboxRecord {
+            key: self.string(item, &n.key)?,
+            derived_key: self.string(item, &n.derived_key)?,
+            message: self.string(item, &n.data)?,
+            delivered: self.string(item, &n.status)? == DELIVERED,
+            expiration: self.number(item, &n.expiration)?,
+        })
+    }
+
+    /// Whether a scanned item belongs to this store (composite layout: its partition).
+    fn is_own(&self, item: &Item) -> bool {
+        match &self.layout {
+            KeyLayout::Simple => true,
+            KeyLayout::Composite {
+                partition_key,
+                partition_value,
+            } => item.get(partition_key).and_then(|v| v.as_s().ok()) == Some(partition_value),
+        }
+    }
+
+    async fn get_item(&self, key: &str) -> Result<Option<Item>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.primary_key(key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| StoreError::Backend(e.into()))?;
+        Ok(output.item().cloned())
+    }
+
+    fn malformed(&self, what: &str) -> StoreError {
+        StoreError::Backend(format!("malformed idempotency item in {}: {what}", self.table).into())
+    }
+
+    fn string(&self, item: &Item, name: &str) -> Result<String, StoreError> {
+        item.get(name)
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .ok_or_else(|| self.malformed(name))
+    }
+
+    fn number(&self, item: &Item, name: &str) -> Result<i64, StoreError> {
+        item.get(name)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.malformed(name))
     }
 }

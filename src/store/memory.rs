@@ -1,4 +1,4 @@
-use super::{IdempotencyStore, StoreError};
+use super::{IdempotencyStore, OutboxRecord, StepRecord, StoreError};
 use crate::record::IdempotencyRecord;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,7 +10,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// duplicates delivered to different instances. Clones share the same records.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
-    records: Arc<Mutex<HashMap<String, IdempotencyRecord>>>,
+    tables: Arc<Mutex<Tables>>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    records: HashMap<String, IdempotencyRecord>,
+    steps: HashMap<String, StepRecord>,
+    outbox: HashMap<String, OutboxRecord>,
 }
 
 impl MemoryStore {
@@ -19,44 +26,54 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// Number of records held, expired ones included.
+    /// Number of idempotency records held, expired ones included (steps and
+    /// outbox records not counted).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().records.len()
     }
 
-    /// Whether the store holds no record.
+    /// Whether the store holds no idempotency record.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().records.is_empty()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, IdempotencyRecord>> {
-        // A panic while holding the lock cannot leave a half-written map: every
-        // critical section is a single insert or remove.
-        self.records
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // A panic while holding the lock cannot leave half-written tables: every
+        // critical section checks first, then inserts or removes.
+        self.tables
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl IdempotencyStore for MemoryStore {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
-        let mut records = self.lock();
-        if let Some(existing) = records.get(&record.key) {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
+        let mut tables = self.lock();
+        if let Some(existing) = tables.records.get(&record.key) {
             if !existing.can_be_taken_over(now_ms) {
                 return Err(StoreError::Exists {
                     existing: Some(Box::new(existing.clone())),
                 });
             }
         }
-        records.insert(record.key.clone(), record.clone());
-        Ok(())
+        Ok(tables
+            .records
+            .insert(record.key.clone(), record.clone())
+            .is_some())
     }
 
-    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
-        let mut records = self.lock();
-        match records.get(&record.key) {
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        let mut tables = self.lock();
+        match tables.records.get(&record.key) {
             Some(current) if current.owner == record.owner => {
-                records.insert(record.key.clone(), record.clone());
+                tables.records.insert(record.key.clone(), record.clone());
+                for message in outbox {
+                    tables.outbox.insert(message.key.clone(), message.clone());
+                }
                 Ok(())
             }
             _ => Err(StoreError::NotOwner),
@@ -64,10 +81,10 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        let mut records = self.lock();
-        match records.get(key) {
+        let mut tables = self.lock();
+        match tables.records.get(key) {
             Some(current) if current.owner == owner => {
-                records.remove(key);
+                tables.records.remove(key);
                 Ok(())
             }
             _ => Err(StoreError::NotOwner),
@@ -75,6 +92,41 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        Ok(self.lock().get(key).cloned())
+        Ok(self.lock().records.get(key).cloned())
+    }
+
+    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
+        self.lock()
+            .steps
+            .entry(step.key.clone())
+            .or_insert_with(|| step.clone());
+        Ok(())
+    }
+
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        Ok(self.lock().steps.get(key).cloned())
+    }
+
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        Ok(self.lock().outbox.get(key).cloned())
+    }
+
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        if let Some(record) = self.lock().outbox.get_mut(key) {
+            record.delivered = true;
+        }
+        Ok(())
+    }
+
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut pending: Vec<_> = self
+            .lock()
+            .outbox
+            .values()
+            .filter(|r| !r.delivered)
+            .cloned()
+            .collect();
+        pending.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(pending)
     }
 }

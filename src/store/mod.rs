@@ -29,6 +29,43 @@ pub enum StoreError {
     Backend(BoxError),
 }
 
+impl From<StoreError> for crate::IdempotencyError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Backend(source) => Self::Store(source),
+            other => Self::Store(Box::new(other)),
+        }
+    }
+}
+
+/// A completed step of a handler, journaled so that a retry replays it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// `{idempotency key}#step#{position}`.
+    pub key: String,
+    /// The step's name, checked on replay.
+    pub name: String,
+    /// The step's result as JSON.
+    pub data: String,
+    /// Epoch seconds, the same TTL as the invocation's record.
+    pub expiration: i64,
+}
+
+/// An external effect staged by a handler, committed with its completed record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRecord {
+    /// `{idempotency key}#outbox#{index}`.
+    pub key: String,
+    /// The key the receiver dedupes on, stable across retries.
+    pub derived_key: String,
+    /// The [`OutboxMessage`](crate::OutboxMessage) as JSON.
+    pub message: String,
+    /// Whether a dispatcher has delivered it.
+    pub delivered: bool,
+    /// Epoch seconds, the same TTL as the invocation's record.
+    pub expiration: i64,
+}
+
 /// An async store of idempotency records with conditional writes.
 ///
 /// Implementations must make [`reserve`](Self::reserve) atomic: of two concurrent
@@ -36,18 +73,21 @@ pub enum StoreError {
 pub trait IdempotencyStore: Send + Sync + 'static {
     /// Writes an `INPROGRESS` record if the key is absent, expired, or in progress
     /// past its in-progress expiry (all judged at `now_ms`); otherwise fails with
-    /// [`StoreError::Exists`] carrying the live record.
+    /// [`StoreError::Exists`] carrying the live record. Returns whether it replaced
+    /// an earlier record: then this is a retry, and steps may be journaled.
     fn reserve(
         &self,
         record: &IdempotencyRecord,
         now_ms: i64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Replaces the record with its completed form if `record.owner` still owns it;
-    /// otherwise [`StoreError::NotOwner`].
+    /// Replaces the record with `record` if `record.owner` still owns it, and writes
+    /// the `outbox` records in the same atomic write; otherwise
+    /// [`StoreError::NotOwner`] and nothing is written.
     fn complete(
         &self,
         record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Deletes the record if `owner` still owns it; otherwise [`StoreError::NotOwner`].
@@ -63,9 +103,36 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
 
+    /// Journals a completed step. The first entry at a position wins: a late
+    /// writer's entry is dropped without error.
+    fn put_step(&self, step: &StepRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads a journaled step.
+    fn get_step(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<StepRecord>, StoreError>> + Send;
+
+    /// Reads an outbox record.
+    fn get_outbox(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<OutboxRecord>, StoreError>> + Send;
+
+    /// Marks an outbox record delivered.
+    fn mark_delivered(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every outbox record not yet delivered (for the operator's sweep).
+    fn pending_outbox(&self) -> impl Future<Output = Result<Vec<OutboxRecord>, StoreError>> + Send;
+
     /// The size this record would have as stored, to refuse oversized responses
     /// before writing them.
     fn item_size(&self, record: &IdempotencyRecord) -> usize {
         record.approximate_size()
+    }
+
+    /// The size an outbox record would have as stored (DynamoDB's 4 MB transaction limit).
+    fn outbox_size(&self, record: &OutboxRecord) -> usize {
+        record.key.len() + record.derived_key.len() + record.message.len() + 64
     }
 }

@@ -2,12 +2,15 @@
 //! their APIs return to the events Lambda would deliver.
 #![allow(dead_code)]
 
-use super::localstack::endpoint;
+use super::localstack::{client, create_table, endpoint};
 use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use aws_sdk_dynamodb::types::{StreamSpecification, StreamViewType};
 use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, Record as StreamRecord};
+use aws_sdk_dynamodbstreams::types::{ShardIteratorType, StreamStatus};
 use aws_sdk_sqs::types::Message;
 use serde_json::{json, Map, Value};
+use std::time::{Duration, Instant};
 
 pub fn sqs() -> aws_sdk_sqs::Client {
     let config = aws_sdk_sqs::config::Builder::new()
@@ -108,5 +111,111 @@ fn attribute(value: &StreamValue) -> Value {
         }
         StreamValue::L(l) => json!({ "L": l.iter().map(attribute).collect::<Vec<_>>() }),
         other => panic!("attribute type not used in these tests: {other:?}"),
+    }
+}
+
+/// A table (key `id`, TTL on `expiration`) with a NEW_IMAGE stream, ready to
+/// capture writes.
+pub struct Stream {
+    pub table: String,
+    pub arn: String,
+    shard: String,
+}
+
+impl Stream {
+    pub async fn create(table: &str) -> Self {
+        create_table(&client(), table, "id", None, "expiration").await;
+        let spec = StreamSpecification::builder()
+            .stream_enabled(true)
+            .stream_view_type(StreamViewType::NewImage)
+            .build()
+            .expect("stream spec");
+        let updated = client()
+            .update_table()
+            .table_name(table)
+            .stream_specification(spec)
+            .send()
+            .await
+            .expect("enable stream");
+        let arn = updated
+            .table_description()
+            .and_then(|t| t.latest_stream_arn())
+            .expect("stream arn")
+            .to_owned();
+
+        // The stream captures writes once it is enabled and lists a shard.
+        let started = Instant::now();
+        let shard = loop {
+            let described = streams()
+                .describe_stream()
+                .stream_arn(&arn)
+                .send()
+                .await
+                .expect("describe stream");
+            let description = described.stream_description();
+            let enabled =
+                description.and_then(|d| d.stream_status()) == Some(&StreamStatus::Enabled);
+            let shard = description
+                .and_then(|d| d.shards().first())
+                .and_then(|s| s.shard_id());
+            if let (true, Some(shard)) = (enabled, shard) {
+                break shard.to_owned();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "stream not enabled"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
+        };
+        Self {
+            table: table.to_owned(),
+            arn,
+            shard,
+        }
+    }
+
+    /// Reads the shard from its start until `done` holds for what was read.
+    pub async fn read_until(&self, done: impl Fn(&[StreamRecord]) -> bool) -> Vec<StreamRecord> {
+        let streams = streams();
+        let started = Instant::now();
+        // The shard iterator is refused until the stream's backing shard is active.
+        let mut iterator = loop {
+            let result = streams
+                .get_shard_iterator()
+                .stream_arn(&self.arn)
+                .shard_id(&self.shard)
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await;
+            match result {
+                Ok(output) => break output.shard_iterator().map(str::to_owned),
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no shard iterator: {e:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
+        };
+        let mut records = Vec::new();
+        while !done(&records) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "stream condition not met after {} records",
+                records.len()
+            );
+            let Some(current) = iterator else { break };
+            let page = streams
+                .get_records()
+                .shard_iterator(current)
+                .send()
+                .await
+                .expect("get records");
+            records.extend(page.records().iter().cloned());
+            iterator = page.next_shard_iterator().map(str::to_owned);
+            if !done(&records) {
+                tokio::time::sleep(Duration::from_millis(200)).await; // polling interval
+            }
+        }
+        records
     }
 }

@@ -3,8 +3,9 @@
 
 pub mod events;
 pub mod localstack;
+pub mod payments;
 
-use lambda_idempotency::store::StoreError;
+use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
 use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
 use lambda_runtime::Context;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -78,13 +79,17 @@ impl<S> CountingStore<S> {
 }
 
 impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
         self.hit("reserve")?;
         self.inner.reserve(record, now_ms).await
     }
-    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
         self.hit("complete")?;
-        self.inner.complete(record).await
+        self.inner.complete(record, outbox).await
     }
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
         self.hit("release")?;
@@ -94,7 +99,30 @@ impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
         self.hit("get")?;
         self.inner.get(key).await
     }
+    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
+        self.hit("put_step")?;
+        self.inner.put_step(step).await
+    }
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        self.hit("get_step")?;
+        self.inner.get_step(key).await
+    }
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        self.hit("get_outbox")?;
+        self.inner.get_outbox(key).await
+    }
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        self.hit("mark_delivered")?;
+        self.inner.mark_delivered(key).await
+    }
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.hit("pending_outbox")?;
+        self.inner.pending_outbox().await
+    }
     fn item_size(&self, record: &IdempotencyRecord) -> usize {
         self.inner.item_size(record)
+    }
+    fn outbox_size(&self, record: &OutboxRecord) -> usize {
+        self.inner.outbox_size(record)
     }
 }
