@@ -18,7 +18,7 @@ async fn index(record: EventRecord) -> Result<String, Error> {
 async fn main() -> Result<(), Error> {
     // No key expression: each record's eventID, stable across re-reads of the shard.
     let idempotency = Idempotency::new(
-        common::store_from_env().await?,
+        common::store_from_env(&common::init().await)?,
         IdempotencyConfig::default(),
     );
     let batch = idempotency.stream_batch("index", index);

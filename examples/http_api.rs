@@ -27,7 +27,7 @@ async fn create_order(request: ApiGatewayV2httpRequest) -> Result<ApiGatewayV2ht
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let idempotency = Idempotency::new(
-        common::store_from_env().await?,
+        common::store_from_env(&common::init().await)?,
         IdempotencyConfig::default(),
     );
     let http = idempotency.http("create_order", create_order);

@@ -20,7 +20,7 @@ async fn main() -> Result<(), Error> {
     let config = IdempotencyConfig::builder()
         .key_expression("powertools_json(powertools_base64(kinesis.data)).reading_id")
         .build()?;
-    let batch = Idempotency::new(common::store_from_env().await?, config)
+    let batch = Idempotency::new(common::store_from_env(&common::init().await)?, config)
         .stream_batch("readings", store_reading);
     lambda_runtime::run(service_fn(|event: LambdaEvent<KinesisEvent>| {
         batch.process_kinesis(event)

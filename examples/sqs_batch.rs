@@ -24,7 +24,7 @@ async fn main() -> Result<(), Error> {
         .key_expression("powertools_json(body).order_id")
         .strict(true)
         .build()?;
-    let batch = Idempotency::new(common::store_from_env().await?, config)
+    let batch = Idempotency::new(common::store_from_env(&common::init().await)?, config)
         .sqs_batch("ship", ship)
         .concurrency(8);
     lambda_runtime::run(service_fn(|event: LambdaEvent<SqsEvent>| {

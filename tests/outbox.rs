@@ -583,3 +583,72 @@ async fn an_outbox_over_the_transaction_limits_is_refused_and_nothing_is_written
 async fn effects_outside_an_idempotent_handler_are_a_typed_error() {
     assert!(matches!(effects(), Err(IdempotencyError::NoEffects)));
 }
+
+/// A user-defined sink that records what it receives.
+#[derive(Clone, Default)]
+struct Audit(Arc<Mutex<Vec<(Value, String)>>>);
+
+impl lambda_idempotency::Sink for Audit {
+    fn deliver<'a>(
+        &'a self,
+        payload: &'a Value,
+        derived_key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        self.0
+            .lock()
+            .expect("lock")
+            .push((payload.clone(), derived_key.to_owned()));
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+#[tokio::test]
+async fn a_custom_sink_gets_messages_after_commit_and_never_those_of_a_failed_handler() {
+    let audit = Audit::default();
+    let store = lambda_idempotency::MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config())
+        .with_dispatcher(Dispatcher::new().with_sink("audit", audit.clone()));
+    let handler = idempotency.function("audit", |order: Value| async move {
+        let key = effects()?.outbox().push(OutboxMessage::Custom {
+            sink: "audit".into(),
+            payload: order.clone(),
+        });
+        if order["fail"] == json!(true) {
+            return Err(Error::Handler(std::io::Error::other("declined")));
+        }
+        Ok::<_, Failure>(json!(key))
+    });
+
+    let failed = handler
+        .call(json!({ "order_id": "a-1", "fail": true }), None)
+        .await;
+    assert!(matches!(failed, Err(Error::Handler(Error::Handler(_)))));
+    assert!(
+        audit.0.lock().expect("lock").is_empty(),
+        "a failed handler's messages are dropped"
+    );
+
+    let key = handler
+        .call(json!({ "order_id": "a-2" }), None)
+        .await
+        .expect("committed");
+    handler
+        .call(json!({ "order_id": "a-2" }), None)
+        .await
+        .expect("replayed");
+    let delivered = audit.0.lock().expect("lock").clone();
+    assert_eq!(
+        delivered,
+        vec![(
+            json!({ "order_id": "a-2" }),
+            key.as_str().unwrap_or_default().to_owned()
+        )]
+    );
+    let relay = idempotency.relay(Dispatcher::new().with_sink("audit", audit.clone()));
+    assert_eq!(
+        relay.sweep().await.expect("sweep").delivered,
+        0,
+        "marked delivered after dispatch"
+    );
+}
