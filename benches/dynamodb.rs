@@ -9,7 +9,9 @@
 mod localstack;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use lambda_idempotency::{DynamoDbStore, Error, Idempotency, IdempotencyConfig};
+use lambda_idempotency::{
+    effects, Dispatcher, DynamoDbStore, Error, Idempotency, IdempotencyConfig, OutboxMessage, Sink,
+};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,6 +36,36 @@ fn config(cache: bool) -> IdempotencyConfig {
 
 async fn ok(order: Value) -> Result<Value, std::io::Error> {
     Ok(json!({"order_id": order["order_id"], "status": "charged"}))
+}
+
+/// One step, then three outbox messages to a sink that accepts everything.
+async fn with_effects(order: Value) -> Result<Value, Error<std::io::Error>> {
+    let effects = effects()?;
+    let charge = effects
+        .step("charge", |key| async move {
+            Ok::<_, std::io::Error>(json!(key))
+        })
+        .await?;
+    for _ in 0..3 {
+        effects.outbox().push(OutboxMessage::Custom {
+            sink: "null".into(),
+            payload: order.clone(),
+        });
+    }
+    Ok(charge)
+}
+
+struct NullSink;
+
+impl Sink for NullSink {
+    fn deliver<'a>(
+        &'a self,
+        _: &'a Value,
+        _: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 async fn fails(_: Value) -> Result<Value, std::io::Error> {
@@ -83,6 +115,12 @@ fn benches(c: &mut Criterion) {
             .block_on(cached_fn.call(replayed.clone(), None))
             .is_ok()
     });
+    let effects_fn = Idempotency::new(plain.store().clone(), config(false))
+        .with_dispatcher(Dispatcher::new().with_sink("null", NullSink))
+        .function("effects", with_effects);
+    count("first_execution_step_and_3_outbox_messages", &|| {
+        runtime.block_on(effects_fn.call(order(), None)).is_ok()
+    });
     count("handler_error", &|| {
         matches!(
             runtime.block_on(failing_fn.call(order(), None)),
@@ -95,6 +133,13 @@ fn benches(c: &mut Criterion) {
     group.bench_function("first_execution", |b| {
         b.to_async(&runtime)
             .iter_batched(order, |o| ok_fn.call(o, None), BatchSize::SmallInput)
+    });
+    group.bench_function("first_execution_step_and_3_outbox_messages", |b| {
+        b.to_async(&runtime).iter_batched(
+            order,
+            |o| effects_fn.call(o, None),
+            BatchSize::SmallInput,
+        )
     });
     group.bench_function("replay", |b| {
         b.to_async(&runtime)

@@ -293,5 +293,11 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(client_request_token(&a), a);
         assert_eq!(client_request_token("a_b!c"), "abc");
+        let (name, value) =
+            idempotency_key_header(&a).expect("a derived key is a valid header value");
+        assert_eq!(
+            (name.as_str(), value.to_str().ok()),
+            ("idempotency-key", Some(a.as_str()))
+        );
     }
 }
