@@ -17,7 +17,9 @@ use std::sync::Arc;
 use support::localstack::{
     client, create_table, default_table, recorded_client, table_name, Requests,
 };
-use support::{context, now_ms, Counter};
+use support::{
+    context, counting_service, idempotency_error, invoke, key_for, now_ms, spawn_call, Counter,
+};
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
 
@@ -35,42 +37,6 @@ async fn recorded_store(test: &str) -> (DynamoDbStore, Requests, String) {
     let table = default_table(test).await;
     let (client, requests) = recorded_client();
     (DynamoDbStore::new(client, &table), requests, table)
-}
-
-fn counting_service(
-    idempotency: &Idempotency<DynamoDbStore>,
-    runs: &Counter,
-) -> impl Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static {
-    let runs = runs.clone();
-    idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
-        let run = runs.hit();
-        async move { Ok::<_, BoxError>(json!({"order": event.payload["order_id"], "run": run})) }
-    }))
-}
-
-async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxError>
-where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
-{
-    service
-        .ready()
-        .await?
-        .call(LambdaEvent::new(payload, context(60_000)))
-        .await
-}
-
-fn idempotency_error(err: &BoxError) -> &IdempotencyError {
-    err.downcast_ref::<IdempotencyError>()
-        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
-}
-
-fn key_for(prefix: &str, order_id: &str) -> String {
-    use sha2::Digest;
-    let hash: String = sha2::Sha256::digest(format!("\"{order_id}\""))
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{prefix}#{hash}")
 }
 
 async fn scan(table: &str) -> Vec<Item> {
@@ -323,21 +289,6 @@ async fn fifty_concurrent_calls_run_the_handler_once() {
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(scan(&table).await.len(), 1);
-}
-
-fn spawn_call<Svc>(service: &Svc, payload: Value) -> tokio::task::JoinHandle<Result<Value, String>>
-where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static,
-    Svc::Future: Send + 'static,
-{
-    let mut service = service.clone();
-    tokio::spawn(async move {
-        let future = match service.ready().await {
-            Ok(ready) => ready.call(LambdaEvent::new(payload, context(60_000))),
-            Err(e) => return Err(e.to_string()),
-        };
-        future.await.map_err(|e| e.to_string())
-    })
 }
 
 #[tokio::test]

@@ -9,7 +9,10 @@ use lambda_idempotency::{
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use support::{context, now_ms, Counter, CountingStore};
+use support::{
+    context, counting_service, idempotency_error, invoke, key_for, now_ms, spawn_call, Counter,
+    CountingStore,
+};
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
 
@@ -19,34 +22,6 @@ fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
     IdempotencyConfig::builder()
         .key_expression("order_id")
         .key_prefix("test")
-}
-
-/// A wrapped handler that counts its runs and echoes the order id.
-fn counting_service<S: IdempotencyStore>(
-    idempotency: &Idempotency<S>,
-    runs: &Counter,
-) -> impl Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone {
-    let runs = runs.clone();
-    idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
-        let run = runs.hit();
-        async move { Ok::<_, BoxError>(json!({"order": event.payload["order_id"], "run": run})) }
-    }))
-}
-
-async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxError>
-where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
-{
-    service
-        .ready()
-        .await?
-        .call(LambdaEvent::new(payload, context(60_000)))
-        .await
-}
-
-fn idempotency_error(err: &BoxError) -> &IdempotencyError {
-    err.downcast_ref::<IdempotencyError>()
-        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
 }
 
 #[tokio::test]
@@ -84,7 +59,7 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
     .expect("run");
 
     // The key material is the string "o-2"; its canonical JSON is "\"o-2\"".
-    let key = format!("test#{}", sha256_hex(br#""o-2""#));
+    let key = key_for("test", "o-2");
     let record = store
         .get(&key)
         .await
@@ -101,14 +76,6 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
         one_hour <= 2,
         "expiration about an hour from now, off by {one_hour}s"
     );
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[tokio::test]
@@ -484,7 +451,7 @@ async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
     );
 
     // The key is held only until the failed invocation's deadline...
-    let key = format!("test#{}", sha256_hex(br#""sc""#));
+    let key = key_for("test", "sc");
     let held = store
         .inner
         .get(&key)
@@ -670,10 +637,7 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
 
 /// The one key in `store` created for order id `order_id` (the "work" function's scope).
 async fn only_key(store: &MemoryStore, order_id: &str) -> String {
-    let key = format!(
-        "test.work#{}",
-        sha256_hex(format!("\"{order_id}\"").as_bytes())
-    );
+    let key = key_for("test.work", order_id);
     assert!(
         store.get(&key).await.expect("get").is_some(),
         "no record under {key}"
@@ -708,7 +672,7 @@ async fn an_expired_completed_record_counts_as_absent() {
     invoke(&mut service, json!({"order_id": "old"}))
         .await
         .expect("first");
-    let key = format!("test#{}", sha256_hex(br#""old""#));
+    let key = key_for("test", "old");
 
     // As DynamoDB leaves it: TTL passed, item not yet deleted.
     let mut stale = store.get(&key).await.expect("get").expect("record");
@@ -862,14 +826,7 @@ async fn the_replay_hook_sees_the_replayed_response_and_its_record() {
         .await
         .expect("replay");
     let seen = seen.lock().expect("lock").clone();
-    assert_eq!(
-        seen,
-        vec![(
-            first,
-            format!("test#{}", sha256_hex(br#""h""#)),
-            Status::Completed
-        )]
-    );
+    assert_eq!(seen, vec![(first, key_for("test", "h"), Status::Completed)]);
 }
 
 #[tokio::test]
@@ -985,20 +942,4 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(store.calls.get(), before);
-}
-
-/// Invokes a clone of `service` on its own task, as `run_concurrent` does.
-fn spawn_call<Svc>(service: &Svc, payload: Value) -> tokio::task::JoinHandle<Result<Value, String>>
-where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static,
-    Svc::Future: Send + 'static,
-{
-    let mut service = service.clone();
-    tokio::spawn(async move {
-        let future = match service.ready().await {
-            Ok(ready) => ready.call(LambdaEvent::new(payload, context(60_000))),
-            Err(e) => return Err(e.to_string()),
-        };
-        future.await.map_err(|e| e.to_string())
-    })
 }

@@ -135,6 +135,28 @@ impl Ledger {
         })
     }
 
+    /// Lambda's part of one invocation: the event from the received messages in,
+    /// the reported failures out, with the handler's own failures of this batch.
+    async fn run<F>(
+        &self,
+        batch: &SqsBatch<F, DynamoDbStore>,
+        queue: &Queue,
+        messages: &[Message],
+    ) -> (BTreeSet<String>, BTreeSet<String>)
+    where
+        F: Fn(SqsMessage) -> std::future::Ready<Result<Value, String>>,
+    {
+        self.failed_now.lock().expect("lock").clear();
+        let event = LambdaEvent::new(sqs_event(&queue.arn, messages), context(60_000));
+        let response = batch.process(event).await.expect("batch processed");
+        let reported = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.clone())
+            .collect();
+        (reported, self.failed_now.lock().expect("lock").clone())
+    }
+
     fn counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for order in self.effects.lock().expect("lock").iter() {
@@ -205,25 +227,8 @@ async fn duplicate_sends_crashes_and_failures_give_one_effect_per_order() {
                     .is_some_and(|n| n != "1")
             })
             .count();
-        ledger.failed_now.lock().expect("lock").clear();
-
-        let response = batch
-            .process(LambdaEvent::new(
-                sqs_event(&queue.arn, &messages),
-                context(60_000),
-            ))
-            .await
-            .expect("batch processed");
-        let reported: BTreeSet<String> = response
-            .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.clone())
-            .collect();
-        assert_eq!(
-            reported,
-            *ledger.failed_now.lock().expect("lock"),
-            "reported exactly the failed messages"
-        );
+        let (reported, failed_now) = ledger.run(&batch, &queue, &messages).await;
+        assert_eq!(reported, failed_now, "reported exactly the failed messages");
         reported_total += reported.len();
 
         if !crashed {
@@ -298,21 +303,8 @@ async fn a_failed_fifo_message_holds_back_the_rest_of_its_group() {
         if messages.is_empty() {
             continue;
         }
-        ledger.failed_now.lock().expect("lock").clear();
         let before = ledger.effects.lock().expect("lock").len();
-        let response = batch
-            .process(LambdaEvent::new(
-                sqs_event(&queue.arn, &messages),
-                context(60_000),
-            ))
-            .await
-            .expect("batch processed");
-        let reported: BTreeSet<String> = response
-            .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.clone())
-            .collect();
-        let failed_now = ledger.failed_now.lock().expect("lock").clone();
+        let (reported, failed_now) = ledger.run(&batch, &queue, &messages).await;
         assert!(reported.is_superset(&failed_now));
         // Everything else reported was held back, unrun: it comes after a failure in its group.
         skipped += reported.len() - failed_now.len();

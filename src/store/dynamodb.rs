@@ -166,35 +166,20 @@ impl DynamoDbStore {
 
     fn parse_item(&self, item: &Item) -> Result<IdempotencyRecord, StoreError> {
         let n = &self.names;
-        let malformed = |what: &str| {
-            StoreError::Backend(
-                format!("malformed idempotency item in {}: {what}", self.table).into(),
-            )
-        };
-        let string = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-        let number = |name: &str| -> Result<Option<i64>, StoreError> {
-            match item.get(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_n()
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .map(Some)
-                    .ok_or_else(|| malformed(name)),
-            }
-        };
+        let optional = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
+        let status = self.string(item, &n.status)?;
         Ok(IdempotencyRecord {
-            key: string(&n.key).ok_or_else(|| malformed(&n.key))?,
-            status: string(&n.status)
-                .as_deref()
-                .and_then(Status::parse)
-                .ok_or_else(|| malformed(&n.status))?,
-            expiration: number(&n.expiration)?.ok_or_else(|| malformed(&n.expiration))?,
-            in_progress_expiration: number(&n.in_progress_expiration)?,
-            data: string(&n.data),
-            validation: string(&n.validation),
+            key: self.string(item, &n.key)?,
+            status: Status::parse(&status).ok_or_else(|| self.malformed(&n.status))?,
+            expiration: self.number(item, &n.expiration)?,
+            in_progress_expiration: match item.get(&n.in_progress_expiration) {
+                Some(_) => Some(self.number(item, &n.in_progress_expiration)?),
+                None => None,
+            },
+            data: optional(&n.data),
+            validation: optional(&n.validation),
             // Records written by other tools (e.g. Powertools) have no owner token.
-            owner: string(&n.owner).unwrap_or_default(),
+            owner: optional(&n.owner).unwrap_or_default(),
             is_error: item
                 .get(&n.error)
                 .and_then(|v| v.as_bool().ok())
@@ -312,16 +297,10 @@ impl IdempotencyStore for DynamoDbStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.primary_key(key)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| StoreError::Backend(e.into()))?;
-        output.item().map(|item| self.parse_item(item)).transpose()
+        self.get_item(key)
+            .await?
+            .map(|item| self.parse_item(&item))
+            .transpose()
     }
 
     async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {

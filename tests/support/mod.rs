@@ -6,11 +6,13 @@ pub mod localstack;
 pub mod payments;
 
 use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
-use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
-use lambda_runtime::Context;
+use lambda_idempotency::{Idempotency, IdempotencyError, IdempotencyRecord, IdempotencyStore};
+use lambda_runtime::{service_fn, Context, LambdaEvent};
+use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tower::{Service, ServiceExt};
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -25,6 +27,66 @@ pub fn context(ms_from_now: i64) -> Context {
     ctx.deadline = (now_ms() + ms_from_now) as u64;
     ctx.request_id = format!("req-{}", now_ms());
     ctx
+}
+
+pub type BoxError = lambda_runtime::Error;
+
+/// A wrapped handler that counts its runs and echoes the order id.
+pub fn counting_service<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    runs: &Counter,
+) -> impl Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static {
+    let runs = runs.clone();
+    idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
+        let run = runs.hit();
+        async move { Ok::<_, BoxError>(json!({"order": event.payload["order_id"], "run": run})) }
+    }))
+}
+
+/// One invocation with a minute left before the deadline.
+pub async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxError>
+where
+    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
+{
+    service
+        .ready()
+        .await?
+        .call(LambdaEvent::new(payload, context(60_000)))
+        .await
+}
+
+/// Invokes a clone of `service` on its own task, as `run_concurrent` does.
+pub fn spawn_call<Svc>(
+    service: &Svc,
+    payload: Value,
+) -> tokio::task::JoinHandle<Result<Value, String>>
+where
+    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static,
+    Svc::Future: Send + 'static,
+{
+    let mut service = service.clone();
+    tokio::spawn(async move {
+        let future = match service.ready().await {
+            Ok(ready) => ready.call(LambdaEvent::new(payload, context(60_000))),
+            Err(e) => return Err(e.to_string()),
+        };
+        future.await.map_err(|e| e.to_string())
+    })
+}
+
+pub fn idempotency_error(err: &BoxError) -> &IdempotencyError {
+    err.downcast_ref::<IdempotencyError>()
+        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
+}
+
+/// The key the engine stores for a string key material `order_id` under `prefix`.
+pub fn key_for(prefix: &str, order_id: &str) -> String {
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(format!("\"{order_id}\""))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{prefix}#{hash}")
 }
 
 /// Counts handler executions.
