@@ -445,14 +445,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
             effects.take_staged()
         };
         let outbox = outbox_records(&record, staged)?;
-        if let Some(limit) = transaction_limit(store, size, &outbox) {
+        if let Err(err) = check_transaction(store, &record.key, size, &outbox) {
             self.release(&record, effects).await;
-            return Err(IdempotencyError::OutboxTooLarge {
-                key: record.key,
-                items: outbox.len() + 1,
-                bytes: size + outbox.iter().map(|r| store.outbox_size(r)).sum::<usize>(),
-                limit,
-            });
+            return Err(err);
         }
         match store.complete(&record, &outbox).await {
             Ok(()) => self.remember(&record),
@@ -566,27 +561,35 @@ fn outbox_records(
         .collect()
 }
 
-/// Which DynamoDB transaction limit the record plus its outbox would exceed.
-fn transaction_limit<S: IdempotencyStore>(
+/// Refuses a record plus outbox that would exceed a DynamoDB transaction limit.
+fn check_transaction<S: IdempotencyStore>(
     store: &S,
+    key: &str,
     record_size: usize,
     outbox: &[OutboxRecord],
-) -> Option<&'static str> {
+) -> Result<(), IdempotencyError> {
     const MAX_ITEMS: usize = 100;
     const MAX_BYTES: usize = 4 * 1024 * 1024;
     if outbox.is_empty() {
-        return None;
+        return Ok(());
     }
     let sizes: Vec<usize> = outbox.iter().map(|r| store.outbox_size(r)).collect();
-    if outbox.len() + 1 > MAX_ITEMS {
-        Some("100 items per transaction")
+    let bytes = record_size + sizes.iter().sum::<usize>();
+    let limit = if outbox.len() + 1 > MAX_ITEMS {
+        "100 items per transaction"
     } else if sizes.iter().any(|&size| size > MAX_ITEM_BYTES) {
-        Some("400 KB per item")
-    } else if record_size + sizes.iter().sum::<usize>() > MAX_BYTES {
-        Some("4 MB per transaction")
+        "400 KB per item"
+    } else if bytes > MAX_BYTES {
+        "4 MB per transaction"
     } else {
-        None
-    }
+        return Ok(());
+    };
+    Err(IdempotencyError::OutboxTooLarge {
+        key: key.to_owned(),
+        items: outbox.len() + 1,
+        bytes,
+        limit,
+    })
 }
 
 fn check_payload(

@@ -33,9 +33,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|_| invalid(ctx, "a base64 string", text))?;
+                let bytes = decode_base64(text, ctx)?;
                 let decoded = String::from_utf8(bytes)
                     .map_err(|_| invalid(ctx, "base64 of UTF-8 text", text))?;
                 Ok(Rcvar::new(Variable::String(decoded)))
@@ -48,9 +46,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(text)
-                    .map_err(|_| invalid(ctx, "a base64 string", text))?;
+                let bytes = decode_base64(text, ctx)?;
                 let mut decoded = String::new();
                 flate2::read::GzDecoder::new(bytes.as_slice())
                     .read_to_string(&mut decoded)
@@ -67,6 +63,12 @@ fn first_string(args: &[Rcvar]) -> &str {
     args.first()
         .and_then(|a| a.as_string())
         .map_or("", String::as_str)
+}
+
+fn decode_base64(text: &str, ctx: &Context<'_>) -> Result<Vec<u8>, JmespathError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| invalid(ctx, "a base64 string", text))
 }
 
 fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
