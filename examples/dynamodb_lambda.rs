@@ -49,5 +49,5 @@ async fn main() -> Result<(), Error> {
         .build()?;
     let idempotency = Idempotency::new(store, config);
 
-    lambda_runtime::run(idempotency.wrap(service_fn(handle))).await
+    lambda_runtime::run(idempotency.wrap(service_fn(handle))?).await
 }

@@ -105,5 +105,5 @@ async fn main() -> Result<(), Error> {
     let idempotency = Idempotency::new(common::store_from_env(&sdk)?, config)
         .with_dispatcher(Dispatcher::new().with_sqs(aws_sdk_sqs::Client::new(&sdk)));
     let handler = service_fn(move |event| place_order(event, shop.clone()));
-    lambda_runtime::run(idempotency.wrap(handler)).await
+    lambda_runtime::run(idempotency.wrap(handler)?).await
 }

@@ -57,7 +57,7 @@ async fn main() -> Result<(), Error> {
         let hold = hold.clone();
         service_fn(move |e| charge(e, hold.clone()))
     };
-    let mut service = idempotency.wrap(handler);
+    let mut service = idempotency.wrap(handler)?;
 
     println!("1. first execution of order A-1");
     let first = service

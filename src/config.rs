@@ -27,6 +27,15 @@ pub enum ConfigError {
     /// A setting is out of range.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// A second, different handler was wrapped with a key prefix another handler
+    /// already has: the two would share every record, and one would replay the
+    /// other's responses. Name them apart with `wrap_as`, or give each its own
+    /// `key_prefix`.
+    #[error("key prefix {prefix:?} is already used by another wrapped handler; name each handler with `wrap_as(name, ..)` or give it its own `key_prefix`")]
+    SharedKeyPrefix {
+        /// The prefix both handlers would use.
+        prefix: String,
+    },
 }
 
 type KeyClosure = dyn Fn(&dyn Any) -> Option<Result<Value, String>> + Send + Sync;
@@ -206,8 +215,9 @@ impl IdempotencyConfigBuilder {
         self
     }
 
-    /// The key prefix, in place of `{function name}.{handler name}`. Set it so that
-    /// renaming the handler does not change its keys.
+    /// The key prefix, in place of the function's name (`AWS_LAMBDA_FUNCTION_NAME`,
+    /// or `local`). Set it to keep keys when the function is renamed, or to share
+    /// records between functions on purpose.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.key_prefix = Some(prefix.into());
         self

@@ -46,18 +46,37 @@ pub fn effects() -> Result<Effects, IdempotencyError> {
         .map_err(|_| IdempotencyError::NoEffects)
 }
 
-/// Steps and outbox of one idempotent invocation; see [`effects`].
+/// Steps and outbox of one invocation; see [`effects`].
+///
+/// When the invocation is protected, steps are journaled under its execution and
+/// its outbox is committed with the response. When it runs unprotected
+/// (idempotency disabled, or no key material in lenient mode), steps run
+/// directly with keys unique to the invocation, and the outbox is delivered after
+/// the handler succeeds, if a dispatcher is set.
 #[derive(Clone)]
 pub struct Effects {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Effects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Effects")
+            .field("scope", &self.inner.scope)
+            .field("journaled", &self.inner.journal.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
-    key: String,
-    journal: Arc<dyn Journal>,
-    /// Only a retry (the reservation replaced an earlier record) can find journaled
-    /// steps; a first execution skips the reads.
-    retry: bool,
+    /// The invocation's idempotency key; `None` when unprotected.
+    key: Option<String>,
+    /// What derived keys, journal entries and outbox records hang off:
+    /// `{key}#{execution}`, or `unprotected#{invocation id}`.
+    scope: String,
+    /// `None` when unprotected: steps are not journaled.
+    journal: Option<Arc<dyn Journal>>,
+    /// Only a resumed execution can find journaled steps; a new one skips the reads.
+    resumed: bool,
     expiration: i64,
     state: Mutex<State>,
 }
@@ -66,24 +85,46 @@ struct Inner {
 struct State {
     position: usize,
     occurrences: HashMap<String, usize>,
-    journaled: usize,
+    /// Whether a step's closure was called: its effect may have happened, so the
+    /// execution must be resumable (its record kept) even if nothing was journaled.
+    attempted: bool,
     staged: Vec<(String, OutboxMessage)>,
 }
 
 impl Effects {
-    pub(crate) fn new<S: IdempotencyStore>(
+    /// The effects of a protected invocation: attempt of execution `execution`
+    /// of `key`, `resumed` when an earlier attempt of that execution ran.
+    pub(crate) fn journaled<S: IdempotencyStore>(
         idempotency: &Idempotency<S>,
         key: &str,
-        retry: bool,
+        execution: &str,
+        resumed: bool,
         expiration: i64,
     ) -> Self {
-        let inner = Inner {
-            key: key.to_owned(),
-            journal: Arc::new(idempotency.clone()),
-            retry,
+        Self::with(Inner {
+            key: Some(key.to_owned()),
+            scope: format!("{key}#{execution}"),
+            journal: Some(Arc::new(idempotency.clone())),
+            resumed,
             expiration,
             state: Mutex::default(),
-        };
+        })
+    }
+
+    /// The effects of an unprotected invocation, identified by `invocation` (the
+    /// Lambda request id, or a random token).
+    pub(crate) fn unprotected(invocation: &str) -> Self {
+        Self::with(Inner {
+            key: None,
+            scope: format!("unprotected#{invocation}"),
+            journal: None,
+            resumed: false,
+            expiration: 0,
+            state: Mutex::default(),
+        })
+    }
+
+    fn with(inner: Inner) -> Self {
         Self {
             inner: Arc::new(inner),
         }
@@ -94,21 +135,22 @@ impl Effects {
         CURRENT.scope(self.clone(), future).await
     }
 
-    /// The invocation's idempotency key.
-    pub fn idempotency_key(&self) -> &str {
-        &self.inner.key
+    /// The invocation's idempotency key; `None` when it runs unprotected.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.inner.key.as_deref()
     }
 
-    /// Runs `f` once per invocation at this point of the handler, passing it a key
-    /// derived from the invocation's key, the step's name and how many steps of
-    /// that name came before: the same on every retry. Send it with the call
-    /// (an `Idempotency-Key` header, a `ClientRequestToken`) so the receiver
+    /// Runs `f` once per execution at this point of the handler, passing it a key
+    /// derived from the execution, the step's name and how many steps of that name
+    /// came before: the same on every retry of the execution. Send it with the
+    /// call (an `Idempotency-Key` header, a `ClientRequestToken`) so the receiver
     /// dedupes a call re-issued after a crash.
     ///
     /// The result is journaled before the handler goes on; a retry gets it back
     /// without calling `f`. A failed step is not journaled. A retry that calls a
     /// different step at a journaled position gets
-    /// [`IdempotencyError::NonDeterministic`].
+    /// [`IdempotencyError::NonDeterministic`]. Unprotected, `f` runs every time,
+    /// with a key unique to the invocation.
     pub async fn step<T, E, F, Fut>(&self, name: &str, f: F) -> Result<T, Error<E>>
     where
         F: FnOnce(String) -> Fut,
@@ -120,41 +162,27 @@ impl Effects {
             let position = state.position;
             state.position += 1;
             let occurrence = state.occurrences.entry(name.to_owned()).or_default();
-            let derived = derive_key(&self.inner.key, name, *occurrence);
+            let derived = derive_key(&self.inner.scope, name, *occurrence);
             *occurrence += 1;
             (position, derived)
         };
-        let journal_key = format!("{}#step#{position}", self.inner.key);
+        let Some(journal) = &self.inner.journal else {
+            return f(derived).await.map_err(Error::Handler);
+        };
+        let journal_key = format!("{}#step#{position}", self.inner.scope);
 
-        if self.inner.retry {
-            let journaled = self
-                .inner
-                .journal
+        if self.inner.resumed {
+            let journaled = journal
                 .get_step(&journal_key)
                 .await
                 .map_err(IdempotencyError::from)?;
             if let Some(step) = journaled {
-                if step.name != name {
-                    return Err(IdempotencyError::NonDeterministic {
-                        key: self.inner.key.clone(),
-                        position,
-                        journaled: step.name,
-                        called: name.to_owned(),
-                    }
-                    .into());
-                }
                 tracing::info!(step = name, position, "replaying a journaled step");
-                self.state().journaled += 1;
-                return serde_json::from_str(&step.data).map_err(|source| {
-                    IdempotencyError::Serialization {
-                        key: journal_key,
-                        source,
-                    }
-                    .into()
-                });
+                return self.replay_step(step, name, position);
             }
         }
 
+        self.state().attempted = true;
         let result = f(derived).await.map_err(Error::Handler)?;
         let data =
             serde_json::to_string(&result).map_err(|source| IdempotencyError::Serialization {
@@ -167,13 +195,48 @@ impl Effects {
             data,
             expiration: self.inner.expiration,
         };
-        self.inner
-            .journal
+        match journal
             .put_step(&step)
             .await
-            .map_err(IdempotencyError::from)?;
-        self.state().journaled += 1;
-        Ok(result)
+            .map_err(IdempotencyError::from)?
+        {
+            None => Ok(result),
+            // A late attempt of this execution journaled first: go on with its result,
+            // so the response and the journal agree.
+            Some(first) => {
+                tracing::warn!(
+                    step = name,
+                    position,
+                    "step journaled first by another attempt; using its result"
+                );
+                self.replay_step(first, name, position)
+            }
+        }
+    }
+
+    fn replay_step<T: DeserializeOwned, E>(
+        &self,
+        step: StepRecord,
+        name: &str,
+        position: usize,
+    ) -> Result<T, Error<E>> {
+        if step.name != name {
+            return Err(IdempotencyError::NonDeterministic {
+                key: self.inner.key.clone().unwrap_or_default(),
+                position,
+                journaled: step.name,
+                called: name.to_owned(),
+            }
+            .into());
+        }
+        serde_json::from_str(&step.data).map_err(|_| {
+            IdempotencyError::MalformedRecord {
+                key: step.key,
+                attribute: "data".into(),
+                problem: "does not hold the step's result as JSON".into(),
+            }
+            .into()
+        })
     }
 
     /// The invocation's outbox: messages delivered after the response is committed.
@@ -181,14 +244,24 @@ impl Effects {
         Outbox { effects: self }
     }
 
-    /// Whether any step is journaled (then releasing must keep the journal).
-    pub(crate) fn journaled_any(&self) -> bool {
-        self.state().journaled > 0
+    /// Whether a step's closure was called in this attempt.
+    pub(crate) fn attempted_any(&self) -> bool {
+        self.state().attempted
     }
 
-    /// The staged messages with their derived keys, emptying the outbox.
-    pub(crate) fn take_staged(&self) -> Vec<(String, OutboxMessage)> {
+    /// The staged messages as outbox records of this execution, emptying the outbox.
+    pub(crate) fn take_staged(&self) -> Vec<(String, String, OutboxMessage)> {
         std::mem::take(&mut self.state().staged)
+            .into_iter()
+            .enumerate()
+            .map(|(index, (derived, message))| {
+                (
+                    format!("{}#outbox#{index}", self.inner.scope),
+                    derived,
+                    message,
+                )
+            })
+            .collect()
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -215,20 +288,20 @@ impl Outbox<'_> {
             ..
         } = &mut message
         {
-            *group = Some(hash_value(&json!(self.effects.inner.key)));
+            *group = Some(hash_value(&json!(self.effects.inner.scope)));
         }
         let mut state = self.effects.state();
-        let key = derive_key(&self.effects.inner.key, "outbox", state.staged.len());
+        let key = derive_key(&self.effects.inner.scope, "outbox", state.staged.len());
         state.staged.push((key.clone(), message));
         key
     }
 }
 
-/// SHA-256 over (invocation key, name, occurrence), hex: 64 characters of
+/// SHA-256 over (execution scope, name, occurrence), hex: 64 characters of
 /// `[0-9a-f]`, valid as an `Idempotency-Key` header and as the `ClientRequestToken`
 /// of AWS APIs (at most 64 characters).
-fn derive_key(key: &str, name: &str, occurrence: usize) -> String {
-    hash_value(&json!([key, name, occurrence]))
+fn derive_key(scope: &str, name: &str, occurrence: usize) -> String {
+    hash_value(&json!([scope, name, occurrence]))
 }
 
 /// The `Idempotency-Key` header for an outgoing HTTP request.
@@ -264,7 +337,10 @@ trait Journal: Send + Sync {
         &'a self,
         key: &'a str,
     ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
-    fn put_step<'a>(&'a self, step: &'a StepRecord) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
 }
 
 impl<S: IdempotencyStore> Journal for Idempotency<S> {
@@ -274,7 +350,10 @@ impl<S: IdempotencyStore> Journal for Idempotency<S> {
     ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
         Box::pin(self.store().get_step(key))
     }
-    fn put_step<'a>(&'a self, step: &'a StepRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
         Box::pin(self.store().put_step(step))
     }
 }

@@ -91,6 +91,19 @@ pub enum IdempotencyError {
         /// Which limit was exceeded.
         limit: &'static str,
     },
+    /// The store holds an item under the key that is not a valid record (wrong
+    /// attribute type, missing attribute, unknown status, a completed record without
+    /// a JSON response). The handler has not run and the item was left as it is:
+    /// an operator deletes it (or fixes it) to let the key run again.
+    #[error("malformed idempotency record {key}: attribute {attribute:?} {problem}; the handler did not run (delete or repair the item to let this key run again)")]
+    MalformedRecord {
+        /// The record's key.
+        key: String,
+        /// The attribute at fault.
+        attribute: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The store failed (network, throttling, permissions). When this happens while
     /// reserving, the handler has not run.
     #[error("idempotency store failure: {0}")]

@@ -8,11 +8,13 @@ use crate::key::{hash_value, is_missing, JsonPath};
 use crate::outbox::{deliver_and_mark, Dispatcher, OutboxMessage};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, OutboxRecord, StoreError};
+use crate::ConfigError;
 use lru::LruCache;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use std::any::Any;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +39,7 @@ use tracing::{field, Instrument};
 /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let config = IdempotencyConfig::builder().key_expression("order_id").build()?;
 /// let idempotency = Idempotency::new(MemoryStore::new(), config);
-/// let service = idempotency.wrap(service_fn(handler));
+/// let service = idempotency.wrap(service_fn(handler))?;
 /// // In a Lambda binary: lambda_runtime::run(service).await
 /// # let _ = service;
 /// # Ok(()) }
@@ -68,9 +70,26 @@ struct Inner<S> {
     cache: Option<Mutex<LruCache<String, IdempotencyRecord>>>,
     function_name: String,
     dispatcher: OnceLock<Dispatcher>,
+    /// Key prefixes taken by wrapped handlers and layers.
+    claims: Mutex<HashMap<String, Claimant>>,
 }
 
 static DISABLED_LOGGED: AtomicBool = AtomicBool::new(false);
+static IMPLAUSIBLE_DEADLINE_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// A Lambda deadline further ahead than this is not one (Lambda's longest timeout
+/// is 15 minutes): it is taken for a mistake, like a deadline in the past.
+const MAX_DEADLINE_AHEAD_MS: i64 = 24 * 3600 * 1000;
+/// A deadline this recent still counts as now (clock skew, time spent getting here).
+const DEADLINE_GRACE_MS: i64 = 1000;
+
+/// Who holds a key prefix: a wrapped handler type, or one layer (whose services'
+/// types are not known when it is made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claimant {
+    Handler(TypeId),
+    Layer(u64),
+}
 
 /// What an invocation brings besides its event: its key prefix and deadline.
 pub(crate) struct Call<'a> {
@@ -131,6 +150,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 cache,
                 function_name,
                 dispatcher: OnceLock::new(),
+                claims: Mutex::default(),
             }),
         }
     }
@@ -156,25 +176,43 @@ impl<S: IdempotencyStore> Idempotency<S> {
         &self.inner.config
     }
 
-    /// The key prefix for a handler: the configured prefix, or
-    /// `{AWS_LAMBDA_FUNCTION_NAME}.{handler}`.
-    pub(crate) fn scope_for(&self, handler: &str) -> String {
-        match &self.inner.config.key_prefix {
-            Some(prefix) => prefix.clone(),
-            None => format!("{}.{handler}", self.inner.function_name),
+    /// The key prefix of handlers wrapped without a name: the configured prefix,
+    /// or the function's name (`AWS_LAMBDA_FUNCTION_NAME`, `local` outside Lambda).
+    /// Never anything derived from the code, which a refactoring or a compiler
+    /// upgrade would change.
+    pub(crate) fn default_scope(&self) -> &str {
+        self.inner
+            .config
+            .key_prefix
+            .as_deref()
+            .unwrap_or(&self.inner.function_name)
+    }
+
+    /// Takes the default key prefix for `claimant`. Wrapping the same handler type
+    /// again is fine (clones, tests); a second, different handler (or a second
+    /// layer) would share every key with the first, so it is refused.
+    pub(crate) fn claim_default_scope(&self, claimant: Claimant) -> Result<String, ConfigError> {
+        let scope = self.default_scope().to_owned();
+        let mut claims = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match claims.get(&scope) {
+            Some(first) if *first != claimant => {
+                Err(ConfigError::SharedKeyPrefix { prefix: scope })
+            }
+            _ => {
+                claims.insert(scope.clone(), claimant);
+                Ok(scope)
+            }
         }
     }
 
     /// The key prefix for a named function: always includes the name, so two
     /// functions given the same payload get distinct keys.
     pub(crate) fn function_scope(&self, name: &str) -> String {
-        let base = self
-            .inner
-            .config
-            .key_prefix
-            .as_deref()
-            .unwrap_or(&self.inner.function_name);
-        format!("{base}.{name}")
+        format!("{}.{name}", self.default_scope())
     }
 
     /// Runs `handler(event)` at most once per key and returns its response, or the
@@ -194,10 +232,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
     {
         let config = &self.inner.config;
         if config.disabled {
-            return handler(event)
-                .await
-                .map(Executed::ran)
-                .map_err(Error::Handler);
+            return self.run_unprotected(event, handler).await;
         }
 
         // 1. Key and validation hash, from the event as JSON.
@@ -220,10 +255,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 expression = config.key.describe(),
                 "no idempotency key material in the event; running the handler without idempotency"
             );
-            return handler(event)
-                .await
-                .map(Executed::ran)
-                .map_err(Error::Handler);
+            return self.run_unprotected(event, handler).await;
         }
         let key = format!("{}#{}", call.scope, hash_value(&material));
         let validation = validation_fields.as_ref().map(hash_value);
@@ -245,21 +277,19 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 }
 
                 // 3. Reserve. A live record comes back with the refusal (one request).
-                let in_progress_until = call
-                    .deadline_ms
-                    .unwrap_or(now + duration_ms(config.in_progress_timeout));
-                let reservation = IdempotencyRecord {
+                let mut reservation = IdempotencyRecord {
                     key: key.clone(),
                     status: Status::InProgress,
                     expiration: expiration_s(now, config),
-                    in_progress_expiration: Some(in_progress_until),
+                    in_progress_expiration: Some(self.reservation_deadline(call.deadline_ms, now)),
                     data: None,
                     validation: validation.clone(),
                     owner: owner_token(),
                     is_error: false,
+                    execution: owner_token(),
                 };
-                let retry = match self.reserve(&reservation, now).await? {
-                    Reserved::Ours { retry } => retry,
+                let resumed = match self.reserve(&mut reservation).await? {
+                    Reserved::Ours { resumed } => resumed,
                     Reserved::Completed(existing) => {
                         return self
                             .replay(existing, validation.as_deref())
@@ -271,19 +301,26 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 };
 
                 // 4. Run the handler, then complete or release. Its steps and outbox
-                // hang off the invocation's key.
-                let effects = Effects::new(self, &key, retry, reservation.expiration);
+                // hang off the execution.
+                let effects = Effects::journaled(
+                    self,
+                    &key,
+                    &reservation.execution,
+                    resumed,
+                    reservation.expiration,
+                );
                 // Called inside the scope: a handler may reach its effects before its first await.
                 match effects.scope(async move { handler(event).await }).await {
                     Ok(response) => {
                         let data = match serde_json::to_string(&response) {
                             Ok(data) => data,
                             Err(source) => {
-                                self.release(&reservation, &effects).await;
+                                self.release(&reservation, &effects, resumed).await;
                                 return Err(IdempotencyError::Serialization { key, source }.into());
                             }
                         };
-                        self.complete(reservation, data, false, &effects).await?;
+                        self.complete(reservation, data, false, &effects, resumed)
+                            .await?;
                         Ok(Executed::ran(response))
                     }
                     Err(err) => {
@@ -292,9 +329,10 @@ impl<S: IdempotencyStore> Idempotency<S> {
                                 let data = serde_json::to_string(permanent).map_err(|source| {
                                     IdempotencyError::Serialization { key, source }
                                 })?;
-                                self.complete(reservation, data, true, &effects).await?;
+                                self.complete(reservation, data, true, &effects, resumed)
+                                    .await?;
                             }
-                            None => self.release(&reservation, &effects).await,
+                            None => self.release(&reservation, &effects, resumed).await,
                         }
                         Err(Error::Handler(err))
                     }
@@ -332,40 +370,124 @@ impl<S: IdempotencyStore> Idempotency<S> {
         Ok((material, validation))
     }
 
-    /// Reserves the key, or finds the completed record to replay. Errors: in
-    /// progress, or the store failed.
-    async fn reserve(
+    /// Runs the handler without a record: idempotency is disabled, or the event has
+    /// no key material. Its steps run directly, with keys unique to this call, and
+    /// its outbox is delivered once it succeeds (if a dispatcher is set).
+    async fn run_unprotected<T, R, E, F, Fut>(
         &self,
-        record: &IdempotencyRecord,
-        now: i64,
-    ) -> Result<Reserved, IdempotencyError> {
-        // A second attempt only when the record that refused us has expired by our
-        // clock (it expired between the store's check and ours).
-        for _ in 0..2 {
-            let existing = match self.inner.store.reserve(record, now).await {
-                Ok(retry) => return Ok(Reserved::Ours { retry }),
+        event: T,
+        handler: F,
+    ) -> Result<Executed<R>, Error<E>>
+    where
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+    {
+        let effects = Effects::unprotected(&owner_token());
+        let response = effects
+            .scope(async move { handler(event).await })
+            .await
+            .map_err(Error::Handler)?;
+        let staged = effects.take_staged();
+        match (self.inner.dispatcher.get(), staged.is_empty()) {
+            (_, true) => {}
+            (Some(dispatcher), false) => {
+                for (_, derived_key, message) in &staged {
+                    if let Err(err) = dispatcher.deliver(message, derived_key).await {
+                        tracing::error!(derived_key, error = %err, "outbox message of an unprotected call not delivered; it is lost");
+                    }
+                }
+            }
+            (None, false) => tracing::error!(
+                messages = staged.len(),
+                "an unprotected call staged outbox messages but no dispatcher is set; they are lost"
+            ),
+        }
+        Ok(Executed::ran(response))
+    }
+
+    /// How long the reservation holds: until the Lambda deadline, or for the
+    /// in-progress timeout when there is no deadline or it cannot be one (in the
+    /// past: `Context::default()` has 0; not epoch milliseconds: some emulators).
+    /// A reservation born expired would let a duplicate take over at once.
+    fn reservation_deadline(&self, deadline_ms: Option<i64>, now: i64) -> i64 {
+        let fallback = now + duration_ms(self.inner.config.in_progress_timeout);
+        match deadline_ms {
+            None => fallback,
+            Some(deadline)
+                if (now - DEADLINE_GRACE_MS..=now + MAX_DEADLINE_AHEAD_MS).contains(&deadline) =>
+            {
+                deadline
+            }
+            Some(deadline) => {
+                if !IMPLAUSIBLE_DEADLINE_LOGGED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        deadline,
+                        now,
+                        "the Lambda deadline is not a plausible epoch-millisecond time in the next day; reservations last in_progress_timeout instead (logged once)"
+                    );
+                }
+                fallback
+            }
+        }
+    }
+
+    /// Reserves the key, or finds the completed record to replay. Errors: in
+    /// progress, a different payload, a malformed record, or the store failed.
+    ///
+    /// `record` starts as a new execution; when the table holds an abandoned
+    /// attempt (crashed, timed out, or released after a step), the reservation
+    /// resumes that attempt's execution, so its journaled steps replay.
+    async fn reserve(&self, record: &mut IdempotencyRecord) -> Result<Reserved, IdempotencyError> {
+        let store = &self.inner.store;
+        let mut resumed = false;
+        // Bounded: each further attempt follows a change seen in the table.
+        for _ in 0..3 {
+            let existing = match store.reserve(record, now_ms()).await {
+                Ok(()) => return Ok(Reserved::Ours { resumed }),
                 Err(StoreError::Exists {
                     existing: Some(existing),
                 }) => *existing,
-                Err(StoreError::Exists { existing: None }) => {
-                    match self.inner.store.get(&record.key).await? {
-                        Some(existing) => existing,
-                        None => continue,
-                    }
+                Err(StoreError::Exists { existing: None }) => match store.get(&record.key).await? {
+                    Some(existing) => existing,
+                    None => continue,
+                },
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not reserve the key");
+                    return Err(err.into());
                 }
-                Err(err) => return Err(err.into()),
             };
-            if existing.can_be_taken_over(now_ms()) {
+            if existing.owner == record.owner {
+                // Our own write: it was applied, its response lost, the request retried.
+                return Ok(Reserved::Ours { resumed });
+            }
+            // A fresh clock: the record may have expired since the store judged it.
+            let now = now_ms();
+            if existing.is_expired(now) {
+                if resumed {
+                    record.execution = owner_token();
+                    record.expiration = expiration_s(now, &self.inner.config);
+                    resumed = false;
+                }
                 continue;
             }
-            if existing.status == Status::InProgress {
-                // Validate first: a different payload is refused even while in flight.
-                check_payload(&existing, record.validation.as_deref())?;
-                return Err(IdempotencyError::AlreadyInProgress {
-                    key: record.key.clone(),
-                });
+            // A different payload is refused even while in flight, and never resumes
+            // another payload's execution.
+            check_payload(&existing, record.validation.as_deref())?;
+            match existing.status {
+                Status::Completed => return Ok(Reserved::Completed(existing)),
+                Status::InProgress if existing.is_abandoned(now) => {
+                    if !existing.execution.is_empty() {
+                        record.execution = existing.execution;
+                        record.expiration = existing.expiration;
+                        resumed = true;
+                    }
+                }
+                Status::InProgress => {
+                    return Err(IdempotencyError::AlreadyInProgress {
+                        key: record.key.clone(),
+                    })
+                }
             }
-            return Ok(Reserved::Completed(existing));
         }
         Err(IdempotencyError::AlreadyInProgress {
             key: record.key.clone(),
@@ -380,36 +502,38 @@ impl<S: IdempotencyStore> Idempotency<S> {
     ) -> Result<R, Error<E>> {
         check_payload(&record, validation)?;
         let key = &record.key;
-        let data = record.data.as_deref().unwrap_or("null");
+        let malformed = |problem: &str| IdempotencyError::MalformedRecord {
+            key: key.clone(),
+            attribute: "data".into(),
+            problem: problem.into(),
+        };
+        let data = record
+            .data
+            .as_deref()
+            .ok_or_else(|| malformed("is missing from a completed record"))?;
+        let value: Value =
+            serde_json::from_str(data).map_err(|_| malformed("does not hold JSON"))?;
         tracing::Span::current().record("replayed", true);
         tracing::info!(
             "replaying the stored {}",
             if record.is_error { "error" } else { "response" }
         );
         if let Some(hook) = &self.inner.config.on_replay {
-            let value: Value =
-                serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
-                    key: key.clone(),
-                    source,
-                })?;
             hook(&value, &record);
         }
-        self.remember(&record);
         if record.is_error {
-            let err: PermanentError =
-                serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
-                    key: key.clone(),
-                    source,
-                })?;
+            let err: PermanentError = serde_json::from_value(value)
+                .map_err(|_| malformed("does not hold a stored permanent error"))?;
+            self.remember(&record);
             return Err(Error::Replayed(err));
         }
-        serde_json::from_str(data).map_err(|source| {
-            IdempotencyError::Serialization {
+        let response =
+            serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
                 key: key.clone(),
                 source,
-            }
-            .into()
-        })
+            })?;
+        self.remember(&record);
+        Ok(response)
     }
 
     /// Stores the response under our reservation, with the outbox messages the
@@ -420,6 +544,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         data: String,
         is_error: bool,
         effects: &Effects,
+        resumed: bool,
     ) -> Result<(), IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
@@ -431,7 +556,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         let store = &self.inner.store;
         let size = store.item_size(&record);
         if size > MAX_ITEM_BYTES {
-            self.release(&record, effects).await;
+            self.release(&record, effects, resumed).await;
             return Err(IdempotencyError::ResponseTooLarge {
                 key: record.key,
                 size,
@@ -446,7 +571,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         };
         let outbox = outbox_records(&record, staged)?;
         if let Err(err) = check_transaction(store, &record.key, size, &outbox) {
-            self.release(&record, effects).await;
+            self.release(&record, effects, resumed).await;
             return Err(err);
         }
         match store.complete(&record, &outbox).await {
@@ -457,8 +582,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 );
                 return Err(IdempotencyError::LostOwnership { key: record.key });
             }
-            // The reservation stays until its in-progress expiry, then a retry takes over.
-            Err(err) => return Err(err.into()),
+            // The reservation stays until its in-progress expiry, then a retry resumes it.
+            Err(err) => {
+                tracing::warn!(error = %err, "could not store the response; the reservation expires at its deadline");
+                return Err(err.into());
+            }
         }
         if let Some(dispatcher) = self.inner.dispatcher.get() {
             for message in &outbox {
@@ -474,11 +602,12 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// not returned: the caller is already returning a more important error, and
     /// an unreleased reservation expires at its in-progress expiry.
     ///
-    /// With journaled steps the record stays, open to takeover at once, so the
-    /// retry knows to replay the journal.
-    async fn release(&self, reservation: &IdempotencyRecord, effects: &Effects) {
+    /// When the execution may have journaled steps (a step was attempted now, or
+    /// this attempt resumed an earlier one) the record stays, open to takeover at
+    /// once, so the retry resumes the execution and replays its journal.
+    async fn release(&self, reservation: &IdempotencyRecord, effects: &Effects, resumed: bool) {
         let store = &self.inner.store;
-        let result = if effects.journaled_any() {
+        let result = if resumed || effects.attempted_any() {
             let open = IdempotencyRecord {
                 status: Status::InProgress,
                 in_progress_expiration: Some(0),
@@ -527,23 +656,22 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
 /// Whether the reservation was ours, or a completed record is to be replayed.
 enum Reserved {
-    /// Ours; `retry` when it replaced an earlier record (steps may be journaled).
+    /// Ours; `resumed` when it continues an earlier attempt's execution (steps
+    /// may be journaled).
     Ours {
-        retry: bool,
+        resumed: bool,
     },
     Completed(IdempotencyRecord),
 }
 
-/// The staged messages as records under the invocation's key.
+/// The staged messages as records with the completed record's expiry.
 fn outbox_records(
     record: &IdempotencyRecord,
-    staged: Vec<(String, OutboxMessage)>,
+    staged: Vec<(String, String, OutboxMessage)>,
 ) -> Result<Vec<OutboxRecord>, IdempotencyError> {
     staged
         .into_iter()
-        .enumerate()
-        .map(|(index, (derived_key, message))| {
-            let key = format!("{}#outbox#{index}", record.key);
+        .map(|(key, derived_key, message)| {
             let message = serde_json::to_string(&message).map_err(|source| {
                 IdempotencyError::Serialization {
                     key: key.clone(),
@@ -628,7 +756,7 @@ fn expiration_s(now_ms: i64, config: &IdempotencyConfig) -> i64 {
     (now_ms + duration_ms(config.expires_after)).div_euclid(1000)
 }
 
-/// A token unique to one reservation. `RandomState` is seeded from the OS's
+/// A token unique to one reservation (and to one execution). `RandomState` is seeded from the OS's
 /// randomness per process, which with a counter and the clock is enough for a
 /// fencing token (it must be unique, not secret); no `rand` dependency needed.
 fn owner_token() -> String {

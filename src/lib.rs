@@ -15,11 +15,11 @@
 //! let idempotency = Idempotency::new(MemoryStore::new(), config);
 //! let mut service = idempotency.wrap(service_fn(|event: LambdaEvent<Value>| async move {
 //!     Ok::<_, Error>(json!({ "order": event.payload["order_id"], "status": "charged" }))
-//! }));
+//! }))?;
 //!
 //! let event = json!({ "order_id": "o-1" });
-//! let mut context = lambda_runtime::Context::default();
-//! context.deadline = 4_102_444_800_000; // the Lambda deadline, epoch ms
+//! // Lambda sets the deadline; without one the in-progress timeout applies.
+//! let context = lambda_runtime::Context::default();
 //! let first = service.ready().await?.call(LambdaEvent::new(event.clone(), context.clone())).await?;
 //! let replay = service.ready().await?.call(LambdaEvent::new(event, context)).await?;
 //! assert_eq!(first, replay);

@@ -47,6 +47,12 @@ pub struct IdempotencyRecord {
     pub owner: String,
     /// Whether `data` holds a stored [`PermanentError`](crate::PermanentError) rather than a response.
     pub is_error: bool,
+    /// The execution this record belongs to: every attempt of one execution
+    /// (a first run and the retries that resume it) carries the same id, and so
+    /// do its journaled steps and outbox messages. A new execution of the key
+    /// (after expiry, or after a completed record) gets a new id. Empty in
+    /// records written by other tools.
+    pub execution: String,
 }
 
 impl IdempotencyRecord {
@@ -57,11 +63,26 @@ impl IdempotencyRecord {
         self.expiration < now_ms.div_euclid(1000)
     }
 
-    /// Whether another invocation may take this record over right now.
-    pub fn can_be_taken_over(&self, now_ms: i64) -> bool {
+    /// Whether this is an unfinished attempt whose in-progress expiry has passed:
+    /// a retry may resume its execution.
+    pub fn is_abandoned(&self, now_ms: i64) -> bool {
+        self.status == Status::InProgress
+            && self.in_progress_expiration.is_some_and(|at| at < now_ms)
+    }
+
+    /// Whether a store may replace this record with `new` at `now_ms`: the store's
+    /// reservation condition, the same for every store.
+    ///
+    /// - an expired record counts as absent;
+    /// - an unfinished attempt whose in-progress expiry has passed may be taken over
+    ///   only by a reservation that resumes *its* execution (same `execution`), so
+    ///   the journal follows the execution; records without an execution id (other
+    ///   tools) may be taken over by any reservation;
+    /// - a live completed record, or a live reservation, may not be replaced.
+    pub fn may_be_replaced_by(&self, new: &IdempotencyRecord, now_ms: i64) -> bool {
         self.is_expired(now_ms)
-            || (self.status == Status::InProgress
-                && self.in_progress_expiration.is_some_and(|at| at < now_ms))
+            || (self.is_abandoned(now_ms)
+                && (self.execution.is_empty() || self.execution == new.execution))
     }
 
     /// A conservative estimate of the record's DynamoDB item size: attribute names
@@ -74,6 +95,7 @@ impl IdempotencyRecord {
             + self.data.as_ref().map_or(0, String::len)
             + self.validation.as_ref().map_or(0, String::len)
             + self.owner.len()
+            + self.execution.len()
     }
 }
 

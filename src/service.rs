@@ -1,27 +1,63 @@
 //! Lambda integration: a `tower` [`Service`] and [`Layer`] over `lambda_runtime`
 //! handlers, and [`IdempotentFunction`] for any async function.
 
+use crate::config::ConfigError;
 use crate::error::Error;
-use crate::idempotency::{Call, CallKey, Idempotency};
+use crate::idempotency::{Call, CallKey, Claimant, Idempotency};
 use crate::store::IdempotencyStore;
 use lambda_runtime::{Context, LambdaEvent};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::any::TypeId;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use tower::{Layer, Service};
 
 impl<S: IdempotencyStore> Idempotency<S> {
     /// Wraps a Lambda handler service (e.g. `lambda_runtime::service_fn(handler)`)
-    /// into one that runs it at most once per idempotency key. The key prefix is the
-    /// configured one, or `{function name}.{handler name}`: for `service_fn(handle)`
-    /// the path of `handle`; for a closure, the function that defines it. Set
-    /// [`key_prefix`](crate::IdempotencyConfigBuilder::key_prefix) to keep keys
-    /// stable across refactoring.
-    pub fn wrap<Svc>(&self, service: Svc) -> IdempotentService<Svc, S> {
-        let scope = self.scope_for(&handler_name(std::any::type_name::<Svc>()));
+    /// into one that runs it at most once per idempotency key.
+    ///
+    /// The key prefix is the configured [`key_prefix`](crate::IdempotencyConfigBuilder::key_prefix),
+    /// or the function's name (`AWS_LAMBDA_FUNCTION_NAME`; `local` outside Lambda):
+    /// never the handler's Rust path, which a rename or a compiler upgrade changes.
+    /// A second, different handler wrapped by the same `Idempotency` would share
+    /// that prefix and replay the first one's responses, so it is refused with
+    /// [`ConfigError::SharedKeyPrefix`]: name handlers apart with
+    /// [`wrap_as`](Self::wrap_as). Wrapping the same handler type again is fine.
+    pub fn wrap<Svc: 'static>(
+        &self,
+        service: Svc,
+    ) -> Result<IdempotentService<Svc, S>, ConfigError> {
+        let scope = self.claim_default_scope(Claimant::Handler(TypeId::of::<Svc>()))?;
+        Ok(self.service(scope, service))
+    }
+
+    /// Wraps a handler under the key prefix `{prefix}.{name}`, for several handlers
+    /// in one function. `name` is the handler's identity: keep it when renaming the
+    /// code; two handlers given the same name share their records.
+    ///
+    /// ```
+    /// use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+    /// use lambda_runtime::{service_fn, Error, LambdaEvent};
+    /// use serde_json::{json, Value};
+    ///
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default());
+    /// let create = idempotency.wrap_as("create", service_fn(|e: LambdaEvent<Value>| async move {
+    ///     Ok::<_, Error>(json!({ "created": e.payload["id"] }))
+    /// }));
+    /// let cancel = idempotency.wrap_as("cancel", service_fn(|e: LambdaEvent<Value>| async move {
+    ///     Ok::<_, Error>(json!({ "cancelled": e.payload["id"] }))
+    /// }));
+    /// # let _ = (create, cancel);
+    /// ```
+    pub fn wrap_as<Svc>(&self, name: &str, service: Svc) -> IdempotentService<Svc, S> {
+        self.service(self.function_scope(name), service)
+    }
+
+    fn service<Svc>(&self, scope: String, service: Svc) -> IdempotentService<Svc, S> {
         IdempotentService {
             inner: service,
             idempotency: self.clone(),
@@ -29,11 +65,17 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
-    /// The same as [`wrap`](Self::wrap), as a `tower` layer for `ServiceBuilder`.
-    pub fn layer(&self) -> IdempotencyLayer<S> {
-        IdempotencyLayer {
+    /// The same as [`wrap`](Self::wrap), as a `tower` layer for `ServiceBuilder`:
+    /// the layer takes the default key prefix (refused if a handler or another
+    /// layer has it), and every service it wraps uses that prefix.
+    pub fn layer(&self) -> Result<IdempotencyLayer<S>, ConfigError> {
+        static LAYERS: AtomicU64 = AtomicU64::new(0);
+        let claimant = Claimant::Layer(LAYERS.fetch_add(1, Ordering::Relaxed));
+        let scope = self.claim_default_scope(claimant)?;
+        Ok(IdempotencyLayer {
             idempotency: self.clone(),
-        }
+            scope: scope.into(),
+        })
     }
 
     /// Makes an async function idempotent, for work inside a handler. `name` goes
@@ -62,29 +104,25 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 }
 
-/// A readable handler name from a service's type name: `ServiceFn<app::handle>`
-/// gives `app::handle`, `ServiceFn<app::main::{{closure}}>` gives `app::main`.
-fn handler_name(type_name: &str) -> String {
-    let inner = match (type_name.find('<'), type_name.strip_suffix('>')) {
-        (Some(start), Some(without_end)) => &without_end[start + 1..],
-        _ => type_name,
-    };
-    inner
-        .split("::")
-        .filter(|segment| *segment != "{{closure}}")
-        .collect::<Vec<_>>()
-        .join("::")
-}
-
 /// A `tower::Layer` that makes the services it wraps idempotent.
 pub struct IdempotencyLayer<S> {
     idempotency: Idempotency<S>,
+    scope: Arc<str>,
+}
+
+impl<S> std::fmt::Debug for IdempotencyLayer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Clone for IdempotencyLayer<S> {
     fn clone(&self) -> Self {
         Self {
             idempotency: self.idempotency.clone(),
+            scope: Arc::clone(&self.scope),
         }
     }
 }
@@ -93,7 +131,11 @@ impl<S: IdempotencyStore, Svc> Layer<Svc> for IdempotencyLayer<S> {
     type Service = IdempotentService<Svc, S>;
 
     fn layer(&self, inner: Svc) -> Self::Service {
-        self.idempotency.wrap(inner)
+        IdempotentService {
+            inner,
+            idempotency: self.idempotency.clone(),
+            scope: Arc::clone(&self.scope),
+        }
     }
 }
 
@@ -207,23 +249,5 @@ where
         };
         let executed = self.idempotency.execute(call, payload, &self.f).await?;
         Ok(executed.response)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::handler_name;
-
-    #[test]
-    fn handler_names_come_from_the_wrapped_function() {
-        assert_eq!(
-            handler_name("tower::util::service_fn::ServiceFn<app::handle>"),
-            "app::handle"
-        );
-        assert_eq!(
-            handler_name("tower::util::service_fn::ServiceFn<app::main::{{closure}}::{{closure}}>"),
-            "app::main"
-        );
-        assert_eq!(handler_name("app::OrderService"), "app::OrderService");
     }
 }

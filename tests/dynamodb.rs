@@ -18,7 +18,8 @@ use support::localstack::{
     client, create_table, default_table, recorded_client, table_name, Requests,
 };
 use support::{
-    context, counting_service, idempotency_error, invoke, key_for, now_ms, spawn_call, Counter,
+    context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
+    spawn_call, Counter,
 };
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
@@ -109,9 +110,12 @@ async fn requests_per_invocation_first_two_replay_one_cached_zero_error_two() {
     assert_eq!(cached_replay, first);
     assert_eq!(runs.get(), 1);
 
-    let failing = cached.wrap(service_fn(|_: LambdaEvent<Value>| async {
-        Err::<Value, BoxError>(std::io::Error::other("downstream timeout").into())
-    }));
+    let failing = cached.wrap_as(
+        "failing",
+        service_fn(|_: LambdaEvent<Value>| async {
+            Err::<Value, BoxError>(std::io::Error::other("downstream timeout").into())
+        }),
+    );
     let err = invoke(&mut failing.clone(), json!({"order_id": "n-2"}))
         .await
         .expect_err("handler error");
@@ -134,14 +138,16 @@ async fn items_follow_the_powertools_schema() {
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let mut service = {
         let (entered, gate) = (entered.clone(), gate.clone());
-        idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
-            let (entered, gate) = (entered.clone(), gate.clone());
-            async move {
-                entered.notify_one();
-                gate.notified().await;
-                Ok::<_, BoxError>(json!({"paid": event.payload["amount"]}))
-            }
-        }))
+        idempotency
+            .wrap(service_fn(move |event: LambdaEvent<Value>| {
+                let (entered, gate) = (entered.clone(), gate.clone());
+                async move {
+                    entered.notify_one();
+                    gate.notified().await;
+                    Ok::<_, BoxError>(json!({"paid": event.payload["amount"]}))
+                }
+            }))
+            .expect("one handler per key prefix")
     };
     let ctx = context(30_000);
     let deadline = ctx.deadline as i64;
@@ -239,14 +245,16 @@ async fn fifty_concurrent_calls_run_the_handler_once() {
     let runs = Counter::default();
     let service = {
         let (gate, runs) = (gate.clone(), runs.clone());
-        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-            runs.hit();
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                Ok::<_, BoxError>(json!({"shipped": true}))
-            }
-        }))
+        idempotency
+            .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                let gate = gate.clone();
+                async move {
+                    gate.notified().await;
+                    Ok::<_, BoxError>(json!({"shipped": true}))
+                }
+            }))
+            .expect("one handler per key prefix")
     };
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -316,19 +324,23 @@ async fn a_timed_out_reservation_is_taken_over_and_the_late_owner_cannot_write_o
     };
 
     for (order_id, late_fails) in [("t-complete", false), ("t-release", true)] {
-        // The first call's deadline has passed: it timed out, as far as anyone knows.
+        // The first call's deadline passes while it runs: it timed out, as far as
+        // anyone knows.
         let late = tokio::spawn({
             let (work, event) = (
                 work.clone(),
                 json!({"order_id": order_id, "fail": late_fails}),
             );
-            async move { work.call(event, Some(&context(-1_000))).await }
+            async move { work.call(event, Some(&context(300))).await }
         });
         entered.notified().await;
-        let winner = work
-            .call(json!({"order_id": order_id}), Some(&context(60_000)))
-            .await
-            .expect("takeover");
+        let fresh = context(60_000);
+        let winner = poll(
+            || work.call(json!({"order_id": order_id}), Some(&fresh)),
+            in_progress,
+        )
+        .await
+        .expect("takeover");
         let key = key_for("orders.work", order_id);
         let item_of = |items: Vec<Item>| {
             items
@@ -408,6 +420,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         owner: "lease_owner".into(),
         error: "is_error".into(),
         step: "step_name".into(),
+        execution: "run".into(),
         derived_key: "effect_key".into(),
     };
     let layout = KeyLayout::Composite {
@@ -449,9 +462,12 @@ async fn a_composite_key_table_with_custom_attribute_names() {
     );
     assert_eq!(runs.get(), 1);
 
-    let declined = idempotency.wrap(service_fn(|_: LambdaEvent<Value>| async {
-        Err::<Value, BoxError>(PermanentError::new("card declined").into())
-    }));
+    let declined = idempotency.wrap_as(
+        "declined",
+        service_fn(|_: LambdaEvent<Value>| async {
+            Err::<Value, BoxError>(PermanentError::new("card declined").into())
+        }),
+    );
     for _ in 0..2 {
         let err = invoke(
             &mut declined.clone(),
@@ -469,7 +485,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
     let mut items = scan(&table).await;
     items.sort_by_key(|item| s(item, "sk").to_owned());
     assert_eq!(items.len(), 2);
-    let mut expected = [key_for("orders", "k-1"), key_for("orders", "k-2")];
+    let mut expected = [key_for("orders", "k-1"), key_for("orders.declined", "k-2")];
     expected.sort();
     for (item, key) in items.iter().zip(&expected) {
         assert_eq!(s(item, "pk"), "idempotency#orders");
@@ -481,6 +497,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
             "response",
             "payload_hash",
             "lease_owner",
+            "run",
         ] {
             assert!(item.contains_key(name), "{name} missing from {item:?}");
         }
@@ -493,7 +510,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
     }
     let error_item = items
         .iter()
-        .find(|item| s(item, "sk") == key_for("orders", "k-2"))
+        .find(|item| s(item, "sk") == key_for("orders.declined", "k-2"))
         .expect("error record");
     assert_eq!(
         error_item.get("is_error"),
@@ -508,11 +525,13 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
-        idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
-            runs.hit();
-            let kib = event.payload["kib"].as_u64().unwrap_or(0) as usize;
-            async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(kib * 1024)})) }
-        }))
+        idempotency
+            .wrap(service_fn(move |event: LambdaEvent<Value>| {
+                runs.hit();
+                let kib = event.payload["kib"].as_u64().unwrap_or(0) as usize;
+                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(kib * 1024)})) }
+            }))
+            .expect("one handler per key prefix")
     };
 
     let fits = invoke(&mut service, json!({"order_id": "z-1", "kib": 390}))
@@ -560,7 +579,16 @@ async fn a_store_failure_is_a_typed_error_carrying_the_sdk_error_and_the_handler
     let IdempotencyError::Store(source) = idempotency_error(&err) else {
         panic!("{err}")
     };
-    let sdk = source
+    // The text names the operation and DynamoDB's error code and message.
+    let text = err.to_string();
+    assert!(
+        text.contains("DynamoDB PutItem (reserve) failed: ResourceNotFoundException: ")
+            && text.len()
+                > "DynamoDB PutItem (reserve) failed: ResourceNotFoundException: ".len() + 40,
+        "{text}"
+    );
+    let sdk = std::error::Error::source(source.as_ref())
+        .expect("the SDK error as the source")
         .downcast_ref::<aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError>>()
         .expect("the SDK error");
     assert!(

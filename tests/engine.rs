@@ -10,8 +10,8 @@ use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::{
-    context, counting_service, idempotency_error, invoke, key_for, now_ms, spawn_call, Counter,
-    CountingStore,
+    context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
+    spawn_call, Counter, CountingStore,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -87,17 +87,19 @@ async fn a_duplicate_while_in_progress_gets_already_in_progress() {
     let runs = Counter::default();
     let service = {
         let (release, runs) = (release.clone(), runs.clone());
-        idempotency.wrap(service_fn(move |_event: LambdaEvent<Value>| {
-            runs.hit();
-            let (release, entered) = (release.clone(), entered_tx.lock().expect("lock").take());
-            async move {
-                if let Some(tx) = entered {
-                    let _ = tx.send(());
+        idempotency
+            .wrap(service_fn(move |_event: LambdaEvent<Value>| {
+                runs.hit();
+                let (release, entered) = (release.clone(), entered_tx.lock().expect("lock").take());
+                async move {
+                    if let Some(tx) = entered {
+                        let _ = tx.send(());
+                    }
+                    release.notified().await;
+                    Ok::<_, BoxError>(json!("done"))
                 }
-                release.notified().await;
-                Ok::<_, BoxError>(json!("done"))
-            }
-        }))
+            }))
+            .expect("one handler per key prefix")
     };
 
     // Spawn the service's own (boxed, Send) future, as lambda_runtime::run_concurrent does.
@@ -200,16 +202,18 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
-        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-            let run = runs.hit();
-            async move {
-                if run == 1 {
-                    Err::<Value, BoxError>(std::io::Error::other("card network down").into())
-                } else {
-                    Ok(json!({"run": run}))
+        idempotency
+            .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                let run = runs.hit();
+                async move {
+                    if run == 1 {
+                        Err::<Value, BoxError>(std::io::Error::other("card network down").into())
+                    } else {
+                        Ok(json!({"run": run}))
+                    }
                 }
-            }
-        }))
+            }))
+            .expect("one handler per key prefix")
     };
 
     let err = invoke(&mut service, json!({"order_id": "o-5"}))
@@ -244,16 +248,18 @@ async fn permanent_errors_replay_only_when_enabled() {
         let runs = Counter::default();
         let mut service = {
             let runs = runs.clone();
-            idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                async move {
-                    Err::<Value, BoxError>(
-                        PermanentError::new("card declined")
-                            .with_details(json!({"code": 51}))
-                            .into(),
-                    )
-                }
-            }))
+            idempotency
+                .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                    runs.hit();
+                    async move {
+                        Err::<Value, BoxError>(
+                            PermanentError::new("card declined")
+                                .with_details(json!({"code": 51}))
+                                .into(),
+                        )
+                    }
+                }))
+                .expect("one handler per key prefix")
         };
         let first = invoke(&mut service, json!({"order_id": "o-6"}))
             .await
@@ -359,11 +365,13 @@ async fn falsy_responses_replay_exactly_as_stored() {
         let runs = Counter::default();
         let mut service = {
             let (runs, response) = (runs.clone(), response.clone());
-            idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                let response = response.clone();
-                async move { Ok::<_, BoxError>(response) }
-            }))
+            idempotency
+                .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                    runs.hit();
+                    let response = response.clone();
+                    async move { Ok::<_, BoxError>(response) }
+                }))
+                .expect("one handler per key prefix")
         };
         assert_eq!(
             invoke(&mut service, json!({"order_id": "f"}))
@@ -388,10 +396,12 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
-        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-            runs.hit();
-            async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
-        }))
+        idempotency
+            .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
+            }))
+            .expect("one handler per key prefix")
     };
     let err = invoke(&mut service, json!({"order_id": "big"}))
         .await
@@ -574,8 +584,8 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let runs = Counter::default();
-    // The first call's Lambda deadline is already past, as if it had timed out:
-    // its reservation is open to takeover while its handler is still running.
+    // The first call's Lambda deadline passes while its handler still runs, as if
+    // it had timed out: its reservation is open to takeover.
     let work = {
         let (entered, gate, runs) = (entered.clone(), gate.clone(), runs.clone());
         Arc::new(idempotency.function("work", move |outcome: Value| {
@@ -599,14 +609,18 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
         let event = json!({"order_id": late_outcome, "fail": fail});
         let late = tokio::spawn({
             let (work, event) = (work.clone(), event.clone());
-            async move { work.call(event, Some(&context(-1_000))).await }
+            async move { work.call(event, Some(&context(100))).await }
         });
         entered.notified().await;
 
-        let taken_over = work
-            .call(json!({"order_id": late_outcome}), Some(&context(60_000)))
-            .await
-            .expect("takeover");
+        let fresh = context(60_000);
+
+        let taken_over = poll(
+            || work.call(json!({"order_id": late_outcome}), Some(&fresh)),
+            in_progress,
+        )
+        .await
+        .expect("takeover");
         let winner = store
             .get(&only_key(&store, late_outcome).await)
             .await
@@ -713,10 +727,12 @@ async fn a_typed_closure_selects_the_key_material() {
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
-        idempotency.wrap(service_fn(move |event: LambdaEvent<Order>| {
-            let run = runs.hit();
-            async move { Ok::<_, BoxError>(json!({"id": event.payload.id, "run": run})) }
-        }))
+        idempotency
+            .wrap(service_fn(move |event: LambdaEvent<Order>| {
+                let run = runs.hit();
+                async move { Ok::<_, BoxError>(json!({"id": event.payload.id, "run": run})) }
+            }))
+            .expect("one handler per key prefix")
     };
     let order = |id, note: &str| Order {
         id,
@@ -868,7 +884,7 @@ async fn the_layer_wraps_a_handler_in_a_service_builder() {
     let mut service = {
         let runs = runs.clone();
         tower::ServiceBuilder::new()
-            .layer(idempotency.layer())
+            .layer(idempotency.layer().expect("the key prefix is free"))
             .service(service_fn(move |e: LambdaEvent<Value>| {
                 runs.hit();
                 async move { Ok::<_, BoxError>(e.payload) }
@@ -897,14 +913,16 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
     let runs = Counter::default();
     let service = {
         let (gate, runs) = (gate.clone(), runs.clone());
-        idempotency.wrap(service_fn(move |_: LambdaEvent<Value>| {
-            runs.hit();
-            let gate = gate.clone();
-            async move {
-                gate.notified().await;
-                Ok::<_, BoxError>(json!({"charged": true}))
-            }
-        }))
+        idempotency
+            .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                let gate = gate.clone();
+                async move {
+                    gate.notified().await;
+                    Ok::<_, BoxError>(json!({"charged": true}))
+                }
+            }))
+            .expect("one handler per key prefix")
     };
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use support::events::{dynamodb_event, sqs, Stream};
 use support::localstack::{client, default_table, recorded_client, table_name, Requests};
 use support::payments::{post, Payments};
-use support::{context, Counter};
+use support::{context, in_progress, poll, Counter};
 use tokio::sync::Notify;
 
 type Failure = Error<std::io::Error>;
@@ -120,7 +120,7 @@ async fn a_retry_after_a_crash_replays_the_journaled_charge_or_reissues_it_with_
         let order = json!({ "order_id": format!("o-{}", crash.after_journal), "amount": 25 });
         let first = tokio::spawn({
             let (place_order, order) = (place_order.clone(), order.clone());
-            async move { place_order.call(order, Some(&context(-1_000))).await }
+            async move { place_order.call(order, Some(&context(300))).await }
         });
         if crash.after_journal {
             entered.notified().await;
@@ -131,12 +131,20 @@ async fn a_retry_after_a_crash_replays_the_journaled_charge_or_reissues_it_with_
         assert!(first.await.expect_err("crashed").is_cancelled());
         let before_retry = requests.take();
 
-        let retried = place_order
-            .call(order, Some(&context(60_000)))
-            .await
-            .expect("retry completes");
+        // Refused while the crashed attempt's deadline holds, then it resumes.
+        let fresh = context(60_000);
+        let retried = poll(
+            || place_order.call(order.clone(), Some(&fresh)),
+            in_progress,
+        )
+        .await
+        .expect("retry completes");
         let key = retried["key"].as_str().expect("derived key").to_owned();
-        let retry_requests = requests.take();
+        let mut retry_requests = requests.take();
+        // Drop the refusals while the reservation was still valid.
+        let resumed_at = retry_requests.len() - if crash.after_journal { 4 } else { 5 };
+        let refusals: Vec<_> = retry_requests.drain(..resumed_at).collect();
+        assert!(refusals.iter().all(|r| r == "PutItem"), "{refusals:?}");
         if crash.after_journal {
             assert_eq!(
                 payments.requests_with_key(&key),
@@ -150,8 +158,8 @@ async fn a_retry_after_a_crash_replays_the_journaled_charge_or_reissues_it_with_
             );
             assert_eq!(
                 retry_requests,
-                ["PutItem", "GetItem", "PutItem"],
-                "take over, read the journal, complete"
+                ["PutItem", "PutItem", "GetItem", "PutItem"],
+                "refused (another execution id), resume the execution, read the journal, complete"
             );
         } else {
             assert_eq!(
@@ -166,8 +174,8 @@ async fn a_retry_after_a_crash_replays_the_journaled_charge_or_reissues_it_with_
             );
             assert_eq!(
                 retry_requests,
-                ["PutItem", "GetItem", "PutItem", "PutItem"],
-                "take over, journal miss, journal, complete"
+                ["PutItem", "PutItem", "GetItem", "PutItem", "PutItem"],
+                "refused, resume, journal miss, journal, complete"
             );
         }
     }

@@ -1,8 +1,8 @@
 use super::{IdempotencyStore, OutboxRecord, StepRecord, StoreError};
 use crate::record::{IdempotencyRecord, Status};
-use aws_sdk_dynamodb::error::{BoxError, SdkError};
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
 };
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
@@ -33,6 +33,8 @@ pub struct AttributeNames {
     pub step: String,
     /// An outbox message's derived idempotency key. Default `derived_key`.
     pub derived_key: String,
+    /// The execution a record, step or message belongs to. Default `execution`.
+    pub execution: String,
 }
 
 impl Default for AttributeNames {
@@ -48,6 +50,7 @@ impl Default for AttributeNames {
             error: "error".into(),
             step: "step".into(),
             derived_key: "derived_key".into(),
+            execution: "execution".into(),
         }
     }
 }
@@ -161,61 +164,157 @@ impl DynamoDbStore {
         if record.is_error {
             item.insert(n.error.clone(), AttributeValue::Bool(true));
         }
+        if !record.execution.is_empty() {
+            item.insert(
+                n.execution.clone(),
+                AttributeValue::S(record.execution.clone()),
+            );
+        }
         item
     }
 
-    fn parse_item(&self, item: &Item) -> Result<IdempotencyRecord, StoreError> {
+    /// Reads a stored record strictly: a wrong type or a missing attribute is a
+    /// [`StoreError::Malformed`] naming the key and the attribute, never a guess.
+    fn parse_item(&self, key: &str, item: &Item) -> Result<IdempotencyRecord, StoreError> {
         let n = &self.names;
-        let optional = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-        let status = self.string(item, &n.status)?;
+        let read = Attributes { key, item };
+        let status = read.string(&n.status)?;
+        let status = Status::parse(&status).ok_or_else(|| {
+            read.malformed(
+                &n.status,
+                format!("is {status:?}, not INPROGRESS or COMPLETED"),
+            )
+        })?;
+        let data = read.optional_string(&n.data)?;
+        if status == Status::Completed && data.is_none() {
+            return Err(read.malformed(&n.data, "is missing from a completed record".into()));
+        }
         Ok(IdempotencyRecord {
-            key: self.string(item, &n.key)?,
-            status: Status::parse(&status).ok_or_else(|| self.malformed(&n.status))?,
-            expiration: self.number(item, &n.expiration)?,
-            in_progress_expiration: match item.get(&n.in_progress_expiration) {
-                Some(_) => Some(self.number(item, &n.in_progress_expiration)?),
-                None => None,
+            key: read.string(&n.key)?,
+            status,
+            expiration: read.number(&n.expiration)?,
+            in_progress_expiration: read.optional_number(&n.in_progress_expiration)?,
+            data,
+            validation: read.optional_string(&n.validation)?,
+            // Records written by other tools (e.g. Powertools) have no owner token
+            // and no execution id.
+            owner: read.optional_string(&n.owner)?.unwrap_or_default(),
+            is_error: match item.get(&n.error) {
+                None => false,
+                Some(AttributeValue::Bool(b)) => *b,
+                Some(_) => return Err(read.malformed(&n.error, "is not a boolean".into())),
             },
-            data: optional(&n.data),
-            validation: optional(&n.validation),
-            // Records written by other tools (e.g. Powertools) have no owner token.
-            owner: optional(&n.owner).unwrap_or_default(),
-            is_error: item
-                .get(&n.error)
-                .and_then(|v| v.as_bool().ok())
-                .copied()
-                .unwrap_or(false),
+            execution: read.optional_string(&n.execution)?.unwrap_or_default(),
         })
     }
 }
 
-/// Turns an SDK error into a store error, keeping the conditional failure apart.
+/// Typed reads of one stored item, naming the item's key in every error.
+struct Attributes<'a> {
+    key: &'a str,
+    item: &'a Item,
+}
+
+impl Attributes<'_> {
+    fn malformed(&self, attribute: &str, problem: String) -> StoreError {
+        StoreError::Malformed {
+            key: self.key.to_owned(),
+            attribute: attribute.to_owned(),
+            problem,
+        }
+    }
+
+    fn optional_string(&self, name: &str) -> Result<Option<String>, StoreError> {
+        match self.item.get(name) {
+            None => Ok(None),
+            Some(AttributeValue::S(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.malformed(name, "is not a string".into())),
+        }
+    }
+
+    fn optional_number(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        match self.item.get(name) {
+            None => Ok(None),
+            Some(AttributeValue::N(n)) => n
+                .parse()
+                .map(Some)
+                .map_err(|_| self.malformed(name, format!("is {n}, not an integer"))),
+            Some(_) => Err(self.malformed(name, "is not a number".into())),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<String, StoreError> {
+        self.optional_string(name)?
+            .ok_or_else(|| self.malformed(name, "is missing".into()))
+    }
+
+    fn number(&self, name: &str) -> Result<i64, StoreError> {
+        self.optional_number(name)?
+            .ok_or_else(|| self.malformed(name, "is missing".into()))
+    }
+}
+
+/// A failed DynamoDB request, with the service's error code and message in its
+/// text (the SDK's own `Display` says only "service error").
+#[derive(Debug, thiserror::Error)]
+#[error("DynamoDB {operation} failed: {detail}")]
+struct DynamoDbError {
+    operation: &'static str,
+    detail: String,
+    #[source]
+    source: aws_sdk_dynamodb::error::BoxError,
+}
+
+fn backend<E, R>(operation: &'static str, err: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let detail = match (err.code(), err.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(&err).to_string(),
+    };
+    StoreError::Backend(Box::new(DynamoDbError {
+        operation,
+        detail,
+        source: err.into(),
+    }))
+}
+
+/// Turns an SDK error into a store error, keeping the conditional failure apart:
+/// `Ok(old item)` when the condition failed (the item, when DynamoDB returned it).
 fn classify<E, R>(
+    operation: &'static str,
     err: SdkError<E, R>,
     conditional_failure: impl FnOnce(&E) -> Option<Option<&Item>>,
 ) -> Result<Option<Item>, StoreError>
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     if let Some(old) = err.as_service_error().and_then(conditional_failure) {
         return Ok(old.cloned());
     }
-    Err(StoreError::Backend(BoxError::from(err)))
+    Err(backend(operation, err))
 }
 
 impl IdempotencyStore for DynamoDbStore {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
         let n = &self.names;
         let result = self
             .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(self.to_item(record)))
+            // IdempotencyRecord::may_be_replaced_by, as a condition.
             .condition_expression(
-                "attribute_not_exists(#id) OR #exp < :now OR (#status = :inprogress AND #ipexp < :now_ms)",
+                "attribute_not_exists(#id) OR #exp < :now OR (#status = :inprogress AND #ipexp < :now_ms \
+                 AND (attribute_not_exists(#exec) OR #exec = :exec))",
             )
             .expression_attribute_names("#id", &n.key)
+            .expression_attribute_names("#exec", &n.execution)
+            .expression_attribute_values(":exec", AttributeValue::S(record.execution.clone()))
             .expression_attribute_names("#exp", &n.expiration)
             .expression_attribute_names("#status", &n.status)
             .expression_attribute_names("#ipexp", &n.in_progress_expiration)
@@ -223,14 +322,12 @@ impl IdempotencyStore for DynamoDbStore {
             .expression_attribute_values(":now_ms", AttributeValue::N(now_ms.to_string()))
             .expression_attribute_values(":inprogress", AttributeValue::S(Status::InProgress.as_str().into()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            // On success the replaced item, if any, comes back: then this is a retry.
-            .return_values(ReturnValue::AllOld)
             .send()
             .await;
         match result {
-            Ok(output) => Ok(output.attributes().is_some_and(|old| !old.is_empty())),
+            Ok(_) => Ok(()),
             Err(err) => {
-                let old = classify(err, |e| {
+                let old = classify("PutItem (reserve)", err, |e| {
                     e.is_conditional_check_failed_exception().then(|| match e {
                         aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => c.item(),
                         _ => None,
@@ -238,7 +335,7 @@ impl IdempotencyStore for DynamoDbStore {
                 })?;
                 let existing = old
                     .as_ref()
-                    .map(|item| self.parse_item(item).map(Box::new))
+                    .map(|item| self.parse_item(&record.key, item).map(Box::new))
                     .transpose()?;
                 Err(StoreError::Exists { existing })
             }
@@ -266,7 +363,7 @@ impl IdempotencyStore for DynamoDbStore {
         match result {
             Ok(_) => Ok(()),
             Err(err) => {
-                classify(err, |e| {
+                classify("PutItem (complete)", err, |e| {
                     e.is_conditional_check_failed_exception().then_some(None)
                 })?;
                 Err(StoreError::NotOwner)
@@ -283,15 +380,23 @@ impl IdempotencyStore for DynamoDbStore {
             .condition_expression("#owner = :owner")
             .expression_attribute_names("#owner", &self.names.owner)
             .expression_attribute_values(":owner", AttributeValue::S(owner.to_owned()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match result {
             Ok(_) => Ok(()),
             Err(err) => {
-                classify(err, |e| {
-                    e.is_conditional_check_failed_exception().then_some(None)
+                let old = classify("DeleteItem (release)", err, |e| {
+                    match e {
+                    aws_sdk_dynamodb::operation::delete_item::DeleteItemError::ConditionalCheckFailedException(c) => Some(c.item()),
+                    _ => None,
+                }
                 })?;
-                Err(StoreError::NotOwner)
+                // No item: already deleted (a retried delete whose first response was lost).
+                match old {
+                    Some(item) if !item.is_empty() => Err(StoreError::NotOwner),
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -299,11 +404,11 @@ impl IdempotencyStore for DynamoDbStore {
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.get_item(key)
             .await?
-            .map(|item| self.parse_item(&item))
+            .map(|item| self.parse_item(key, &item))
             .transpose()
     }
 
-    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
         let n = &self.names;
         let mut item = self.primary_key(&step.key);
         item.insert(n.status.clone(), AttributeValue::S(STEP.into()));
@@ -320,34 +425,39 @@ impl IdempotencyStore for DynamoDbStore {
             .set_item(Some(item))
             .condition_expression("attribute_not_exists(#id)")
             .expression_attribute_names("#id", &n.key)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
-            // Journaled already (by an invocation that lost its reservation): first wins.
-            Err(err) => classify(err, |e| {
-                e.is_conditional_check_failed_exception().then_some(None)
-            })
-            .map(|_| ()),
+            Ok(_) => Ok(None),
+            // Journaled already: by a late attempt of this execution, or by this very
+            // write when its first response was lost. The first entry wins.
+            Err(err) => {
+                let old = classify("PutItem (journal step)", err, |e| {
+                    match e {
+                    aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(c) => Some(c.item()),
+                    _ => None,
+                }
+                })?;
+                let journaled = match old {
+                    Some(item) => self.parse_step(&step.key, &item)?,
+                    None => return Ok(None),
+                };
+                Ok((&journaled != step).then_some(journaled))
+            }
         }
     }
 
     async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        let Some(item) = self.get_item(key).await? else {
-            return Ok(None);
-        };
-        let n = &self.names;
-        Ok(Some(StepRecord {
-            key: key.to_owned(),
-            name: self.string(&item, &n.step)?,
-            data: self.string(&item, &n.data)?,
-            expiration: self.number(&item, &n.expiration)?,
-        }))
+        match self.get_item(key).await? {
+            Some(item) => self.parse_step(key, &item).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
         match self.get_item(key).await? {
-            Some(item) => self.parse_outbox(&item).map(Some),
+            Some(item) => self.parse_outbox(key, &item).map(Some),
             None => Ok(None),
         }
     }
@@ -364,7 +474,7 @@ impl IdempotencyStore for DynamoDbStore {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| StoreError::Backend(e.into()))
+            .map_err(|e| backend("UpdateItem (mark delivered)", e))
     }
 
     async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
@@ -382,10 +492,11 @@ impl IdempotencyStore for DynamoDbStore {
                 .set_exclusive_start_key(start)
                 .send()
                 .await
-                .map_err(|e| StoreError::Backend(e.into()))?;
+                .map_err(|e| backend("Scan (pending outbox)", e))?;
             for item in page.items() {
                 if self.is_own(item) {
-                    pending.push(self.parse_outbox(item)?);
+                    let key = Attributes { key: "", item }.string(&self.names.key)?;
+                    pending.push(self.parse_outbox(&key, item)?);
                 }
             }
             match page.last_evaluated_key() {
@@ -468,7 +579,7 @@ impl DynamoDbStore {
                 if lost {
                     Err(StoreError::NotOwner)
                 } else {
-                    Err(StoreError::Backend(err.into()))
+                    Err(backend("TransactWriteItems (complete with outbox)", err))
                 }
             }
         }
@@ -491,14 +602,26 @@ impl DynamoDbStore {
         item
     }
 
-    fn parse_outbox(&self, item: &Item) -> Result<OutboxRecord, StoreError> {
+    fn parse_outbox(&self, key: &str, item: &Item) -> Result<OutboxRecord, StoreError> {
         let n = &self.names;
+        let read = Attributes { key, item };
         Ok(OutboxRecord {
-            key: self.string(item, &n.key)?,
-            derived_key: self.string(item, &n.derived_key)?,
-            message: self.string(item, &n.data)?,
-            delivered: self.string(item, &n.status)? == DELIVERED,
-            expiration: self.number(item, &n.expiration)?,
+            key: key.to_owned(),
+            derived_key: read.string(&n.derived_key)?,
+            message: read.string(&n.data)?,
+            delivered: read.string(&n.status)? == DELIVERED,
+            expiration: read.number(&n.expiration)?,
+        })
+    }
+
+    fn parse_step(&self, key: &str, item: &Item) -> Result<StepRecord, StoreError> {
+        let n = &self.names;
+        let read = Attributes { key, item };
+        Ok(StepRecord {
+            key: key.to_owned(),
+            name: read.string(&n.step)?,
+            data: read.string(&n.data)?,
+            expiration: read.number(&n.expiration)?,
         })
     }
 
@@ -522,25 +645,7 @@ impl DynamoDbStore {
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| StoreError::Backend(e.into()))?;
+            .map_err(|e| backend("GetItem", e))?;
         Ok(output.item().cloned())
-    }
-
-    fn malformed(&self, what: &str) -> StoreError {
-        StoreError::Backend(format!("malformed idempotency item in {}: {what}", self.table).into())
-    }
-
-    fn string(&self, item: &Item, name: &str) -> Result<String, StoreError> {
-        item.get(name)
-            .and_then(|v| v.as_s().ok())
-            .cloned()
-            .ok_or_else(|| self.malformed(name))
-    }
-
-    fn number(&self, item: &Item, name: &str) -> Result<i64, StoreError> {
-        item.get(name)
-            .and_then(|v| v.as_n().ok())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| self.malformed(name))
     }
 }

@@ -47,19 +47,17 @@ impl MemoryStore {
 }
 
 impl IdempotencyStore for MemoryStore {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
         let mut tables = self.lock();
         if let Some(existing) = tables.records.get(&record.key) {
-            if !existing.can_be_taken_over(now_ms) {
+            if !existing.may_be_replaced_by(record, now_ms) {
                 return Err(StoreError::Exists {
                     existing: Some(Box::new(existing.clone())),
                 });
             }
         }
-        Ok(tables
-            .records
-            .insert(record.key.clone(), record.clone())
-            .is_some())
+        tables.records.insert(record.key.clone(), record.clone());
+        Ok(())
     }
 
     async fn complete(
@@ -83,11 +81,11 @@ impl IdempotencyStore for MemoryStore {
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
         let mut tables = self.lock();
         match tables.records.get(key) {
-            Some(current) if current.owner == owner => {
+            Some(current) if current.owner != owner => Err(StoreError::NotOwner),
+            _ => {
                 tables.records.remove(key);
                 Ok(())
             }
-            _ => Err(StoreError::NotOwner),
         }
     }
 
@@ -95,12 +93,13 @@ impl IdempotencyStore for MemoryStore {
         Ok(self.lock().records.get(key).cloned())
     }
 
-    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
-        self.lock()
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        let mut tables = self.lock();
+        let journaled = tables
             .steps
             .entry(step.key.clone())
             .or_insert_with(|| step.clone());
-        Ok(())
+        Ok((journaled != step).then(|| journaled.clone()))
     }
 
     async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {

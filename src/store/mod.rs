@@ -21,9 +21,21 @@ pub enum StoreError {
         /// The record that blocked the reservation.
         existing: Option<Box<IdempotencyRecord>>,
     },
-    /// The record is no longer owned by the caller's token (or is gone).
+    /// The record is owned by another reservation's token.
     #[error("the record is not owned by this invocation")]
     NotOwner,
+    /// The store holds an item under this key that is not a valid record (written
+    /// by something else, or edited by hand): a wrong attribute type, a missing
+    /// attribute, an unknown status.
+    #[error("malformed idempotency record {key}: attribute {attribute:?} {problem}")]
+    Malformed {
+        /// The item's key.
+        key: String,
+        /// The attribute at fault.
+        attribute: String,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// Anything else: network, throttling, permissions, a malformed stored item.
     #[error(transparent)]
     Backend(BoxError),
@@ -33,6 +45,15 @@ impl From<StoreError> for crate::IdempotencyError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::Backend(source) => Self::Store(source),
+            StoreError::Malformed {
+                key,
+                attribute,
+                problem,
+            } => Self::MalformedRecord {
+                key,
+                attribute,
+                problem,
+            },
             other => Self::Store(Box::new(other)),
         }
     }
@@ -41,7 +62,7 @@ impl From<StoreError> for crate::IdempotencyError {
 /// A completed step of a handler, journaled so that a retry replays it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepRecord {
-    /// `{idempotency key}#step#{position}`.
+    /// `{idempotency key}#{execution}#step#{position}`: a journal belongs to one execution.
     pub key: String,
     /// The step's name, checked on replay.
     pub name: String,
@@ -54,7 +75,7 @@ pub struct StepRecord {
 /// An external effect staged by a handler, committed with its completed record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRecord {
-    /// `{idempotency key}#outbox#{index}`.
+    /// `{idempotency key}#{execution}#outbox#{index}`.
     pub key: String,
     /// The key the receiver dedupes on, stable across retries.
     pub derived_key: String,
@@ -68,18 +89,21 @@ pub struct OutboxRecord {
 
 /// An async store of idempotency records with conditional writes.
 ///
+/// Every write is conditional and safe to repeat: a store (or its SDK) may retry a
+/// write whose response was lost, and the engine recognises its own owner token
+/// wherever it comes back.
+///
 /// Implementations must make [`reserve`](Self::reserve) atomic: of two concurrent
-/// reservations of the same absent key, exactly one succeeds.
+/// reservations of the same key, at most one succeeds.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Writes an `INPROGRESS` record if the key is absent, expired, or in progress
-    /// past its in-progress expiry (all judged at `now_ms`); otherwise fails with
-    /// [`StoreError::Exists`] carrying the live record. Returns whether it replaced
-    /// an earlier record: then this is a retry, and steps may be journaled.
+    /// Writes the `INPROGRESS` `record` if the key is absent or the stored record
+    /// [`may_be_replaced_by`](IdempotencyRecord::may_be_replaced_by) it at `now_ms`;
+    /// otherwise fails with [`StoreError::Exists`] carrying the stored record.
     fn reserve(
         &self,
         record: &IdempotencyRecord,
         now_ms: i64,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Replaces the record with `record` if `record.owner` still owns it, and writes
     /// the `outbox` records in the same atomic write; otherwise
@@ -90,7 +114,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         outbox: &[OutboxRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Deletes the record if `owner` still owns it; otherwise [`StoreError::NotOwner`].
+    /// Deletes the record if `owner` still owns it; a record already gone is not an
+    /// error (a repeated delete). Another owner's record: [`StoreError::NotOwner`].
     fn release(
         &self,
         key: &str,
@@ -103,9 +128,13 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
     ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
 
-    /// Journals a completed step. The first entry at a position wins: a late
-    /// writer's entry is dropped without error.
-    fn put_step(&self, step: &StepRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Journals a completed step unless an entry exists under its key. The first
+    /// entry wins: returns it when it was not this one (a late attempt of the same
+    /// execution journaled first), so the caller goes on with the journaled result.
+    fn put_step(
+        &self,
+        step: &StepRecord,
+    ) -> impl Future<Output = Result<Option<StepRecord>, StoreError>> + Send;
 
     /// Reads a journaled step.
     fn get_step(

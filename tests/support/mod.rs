@@ -41,6 +41,7 @@ pub fn counting_service<S: IdempotencyStore>(
         let run = runs.hit();
         async move { Ok::<_, BoxError>(json!({"order": event.payload["order_id"], "run": run})) }
     }))
+        .expect("one handler per key prefix")
 }
 
 /// One invocation with a minute left before the deadline.
@@ -141,7 +142,7 @@ impl<S> CountingStore<S> {
 }
 
 impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<bool, StoreError> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
         self.hit("reserve")?;
         self.inner.reserve(record, now_ms).await
     }
@@ -161,7 +162,7 @@ impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
         self.hit("get")?;
         self.inner.get(key).await
     }
-    async fn put_step(&self, step: &StepRecord) -> Result<(), StoreError> {
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
         self.hit("put_step")?;
         self.inner.put_step(step).await
     }
@@ -187,4 +188,31 @@ impl<S: IdempotencyStore> IdempotencyStore for CountingStore<S> {
     fn outbox_size(&self, record: &OutboxRecord) -> usize {
         self.inner.outbox_size(record)
     }
+}
+
+/// Runs `attempt` until `again` says its result is final, polling every 20 ms
+/// for at most 10 s: for a reservation whose deadline has to pass.
+pub async fn poll<R, F, Fut>(mut attempt: F, again: impl Fn(&R) -> bool) -> R
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let result = attempt().await;
+        if !again(&result) || tokio::time::Instant::now() > give_up {
+            return result;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a wrapped function's call was refused as already in progress.
+pub fn in_progress<R, E>(result: &Result<R, lambda_idempotency::Error<E>>) -> bool {
+    matches!(
+        result,
+        Err(lambda_idempotency::Error::Idempotency(
+            IdempotencyError::AlreadyInProgress { .. }
+        ))
+    )
 }
