@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use support::events::{dynamodb_event, sqs, Stream};
 use support::localstack::{client, default_table, recorded_client, table_name, Requests};
 use support::payments::{post, Payments};
-use support::{context, in_progress, poll, Counter};
+use support::{context, in_progress, poll, Audit, Counter};
 use tokio::sync::Notify;
 
 type Failure = Error<std::io::Error>;
@@ -590,25 +590,6 @@ async fn an_outbox_over_the_transaction_limits_is_refused_and_nothing_is_written
 #[tokio::test]
 async fn effects_outside_an_idempotent_handler_are_a_typed_error() {
     assert!(matches!(effects(), Err(IdempotencyError::NoEffects)));
-}
-
-/// A user-defined sink that records what it receives.
-#[derive(Clone, Default)]
-struct Audit(Arc<Mutex<Vec<(Value, String)>>>);
-
-impl lambda_idempotency::Sink for Audit {
-    fn deliver<'a>(
-        &'a self,
-        payload: &'a Value,
-        derived_key: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
-    {
-        self.0
-            .lock()
-            .expect("lock")
-            .push((payload.clone(), derived_key.to_owned()));
-        Box::pin(std::future::ready(Ok(())))
-    }
 }
 
 #[tokio::test]

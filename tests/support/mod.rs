@@ -216,3 +216,28 @@ pub fn in_progress<R, E>(result: &Result<R, lambda_idempotency::Error<E>>) -> bo
         ))
     )
 }
+
+/// A user-defined outbox sink that records what it receives: (payload, derived key).
+#[derive(Clone, Default)]
+pub struct Audit(pub Arc<std::sync::Mutex<Vec<(Value, String)>>>);
+
+impl Audit {
+    pub fn delivered(&self) -> Vec<(Value, String)> {
+        self.0.lock().expect("lock").clone()
+    }
+}
+
+impl lambda_idempotency::Sink for Audit {
+    fn deliver<'a>(
+        &'a self,
+        payload: &'a Value,
+        derived_key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
+    {
+        self.0
+            .lock()
+            .expect("lock")
+            .push((payload.clone(), derived_key.to_owned()));
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

@@ -1,0 +1,696 @@
+//! The cases nobody tries by hand: retries of retries, expiry, deadlines that are
+//! not deadlines, records written by something else, writes retried after their
+//! response was lost. Each test reproduces a defect found in review.
+
+mod support;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
+use lambda_idempotency::{
+    effects, ConfigError, Dispatcher, Error, Idempotency, IdempotencyConfig, IdempotencyError,
+    IdempotencyRecord, IdempotencyStore, MemoryStore, OutboxMessage, Status,
+};
+use lambda_runtime::{service_fn, Context, LambdaEvent};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::localstack::{client, default_table};
+use support::{context, in_progress, invoke, key_for, now_ms, poll, Audit, Counter};
+use tokio::sync::Notify;
+
+type Failure = Error<std::io::Error>;
+type Outcome = Result<Value, Error<Failure>>;
+
+fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
+    IdempotencyConfig::builder()
+        .key_expression("order_id")
+        .key_prefix("test")
+}
+
+/// An order handler whose `plan` field scripts what this attempt does around its
+/// one "charge" step; `charges` counts the calls that reached the payment API.
+async fn scripted(event: Value, charges: Counter) -> Result<Value, Failure> {
+    let fx = effects()?;
+    match event["plan"].as_str() {
+        Some("fail-before-step") => return Err(Error::Handler(std::io::Error::other("early"))),
+        Some("other-step-first") => {
+            fx.step("refund", |_| async {
+                Ok::<_, std::io::Error>(json!("refund"))
+            })
+            .await?;
+        }
+        _ => {}
+    }
+    let charge: Value = fx
+        .step("charge", |key| async move {
+            Ok::<_, std::io::Error>(json!({ "charge": charges.hit(), "key": key }))
+        })
+        .await?;
+    if event["plan"] == "fail-after-step" {
+        return Err(Error::Handler(std::io::Error::other("after the charge")));
+    }
+    Ok(json!({ "order": event["order_id"], "charge": charge }))
+}
+
+fn order(id: &str, plan: &str) -> Value {
+    json!({ "order_id": id, "plan": plan })
+}
+
+#[tokio::test]
+async fn a_retry_that_fails_before_its_first_step_keeps_the_journal() {
+    for second_attempt in ["fail-before-step", "other-step-first"] {
+        let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+        let charges = Counter::default();
+        let place = {
+            let charges = charges.clone();
+            idempotency.function("order", move |event: Value| {
+                scripted(event, charges.clone())
+            })
+        };
+
+        let first: Outcome = place.call(order("j-1", "fail-after-step"), None).await;
+        assert!(
+            matches!(first, Err(Error::Handler(Error::Handler(_)))),
+            "{first:?}"
+        );
+        let second: Outcome = place.call(order("j-1", second_attempt), None).await;
+        match (second_attempt, &second) {
+            ("fail-before-step", Err(Error::Handler(Error::Handler(_)))) => {}
+            (
+                "other-step-first",
+                Err(Error::Handler(Error::Idempotency(IdempotencyError::NonDeterministic {
+                    ..
+                }))),
+            ) => {}
+            _ => panic!("{second_attempt}: {second:?}"),
+        }
+        let third = place
+            .call(order("j-1", "ok"), None)
+            .await
+            .expect("third attempt completes");
+
+        assert_eq!(charges.get(), 1, "{second_attempt}: the charge ran once");
+        assert_eq!(
+            third["charge"]["charge"], 1,
+            "the journaled charge is in the response"
+        );
+        let replay = place.call(order("j-1", "ok"), None).await.expect("replay");
+        assert_eq!(replay, third);
+    }
+}
+
+#[tokio::test]
+async fn a_new_execution_after_expiry_runs_its_steps_afresh() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let charges = Counter::default();
+    let place = {
+        let charges = charges.clone();
+        idempotency.function("order", move |event: Value| {
+            scripted(event, charges.clone())
+        })
+    };
+    let first = place.call(order("x-1", "ok"), None).await.expect("first");
+
+    // As DynamoDB leaves it: TTL passed, item not yet deleted.
+    let key = key_for("test.order", "x-1");
+    let mut stale = store.get(&key).await.expect("get").expect("record");
+    stale.expiration = now_ms() / 1000 - 60;
+    stale.owner = "previous".into();
+    // Reserving "a day later" lets the store replace the live record with the stale one.
+    let _ = store
+        .reserve(&stale, now_ms() + 86_400_000)
+        .await
+        .expect("overwrite with a stale record");
+
+    let again = place
+        .call(order("x-1", "ok"), None)
+        .await
+        .expect("runs again");
+    assert_eq!(charges.get(), 2, "a new execution charges again");
+    assert_eq!(again["charge"]["charge"], 2);
+    assert_ne!(
+        again["charge"]["key"], first["charge"]["key"],
+        "a new execution derives new keys"
+    );
+}
+
+#[tokio::test]
+async fn steps_and_the_outbox_work_unprotected_when_disabled_or_the_key_is_missing() {
+    let unprotected = [
+        ("disabled", config().disabled(true)),
+        ("no key", config().key_expression("missing_field")),
+    ];
+    for (case, builder) in unprotected {
+        let store = MemoryStore::new();
+        let audit = Audit::default();
+        let idempotency = Idempotency::new(store.clone(), builder.build().expect("config"))
+            .with_dispatcher(Dispatcher::new().with_sink("audit", audit.clone()));
+        let charges = Counter::default();
+        let place = {
+            let charges = charges.clone();
+            idempotency.function("order", move |event: Value| {
+                let charges = charges.clone();
+                async move {
+                    let fx = effects()?;
+                    assert_eq!(fx.idempotency_key(), None);
+                    let charge: Value = fx
+                        .step("charge", |key| async move {
+                            Ok::<_, std::io::Error>(json!({ "charge": charges.hit(), "key": key }))
+                        })
+                        .await?;
+                    let message = fx.outbox().push(OutboxMessage::Custom {
+                        sink: "audit".into(),
+                        payload: event,
+                    });
+                    Ok::<_, Failure>(json!({ "charge": charge, "message": message }))
+                }
+            })
+        };
+
+        let first = place.call(order("u-1", "ok"), None).await.expect(case);
+        let second = place.call(order("u-1", "ok"), None).await.expect(case);
+
+        assert_eq!(charges.get(), 2, "{case}: every call runs its steps");
+        assert_ne!(
+            first["charge"]["key"], second["charge"]["key"],
+            "{case}: keys unique per call"
+        );
+        assert_eq!(
+            audit.delivered(),
+            vec![
+                (
+                    order("u-1", "ok"),
+                    first["message"].as_str().unwrap_or_default().to_owned()
+                ),
+                (
+                    order("u-1", "ok"),
+                    second["message"].as_str().unwrap_or_default().to_owned()
+                ),
+            ],
+            "{case}: messages delivered after each call, with their keys"
+        );
+        assert!(store.is_empty(), "{case}: nothing stored");
+    }
+}
+
+async fn created(_: LambdaEvent<Value>) -> Result<Value, lambda_runtime::Error> {
+    Ok(json!("created"))
+}
+
+#[tokio::test]
+async fn two_handlers_never_share_a_key_prefix_unless_named_alike() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(
+        store.clone(),
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .build()
+            .expect("config"),
+    );
+    let mut create = idempotency
+        .wrap(service_fn(created))
+        .expect("the first handler");
+    // The same handler again (a clone, a test) keeps the prefix.
+    idempotency
+        .wrap(service_fn(created))
+        .expect("the same handler");
+    let refused = idempotency
+        .wrap(service_fn(|_: LambdaEvent<Value>| async {
+            Ok::<_, lambda_runtime::Error>(json!("cancelled"))
+        }))
+        .map(|_| ())
+        .expect_err("a second handler under the same prefix");
+    assert!(
+        matches!(&refused, ConfigError::SharedKeyPrefix { prefix } if prefix == "local"),
+        "{refused}"
+    );
+    assert!(matches!(
+        idempotency.layer(),
+        Err(ConfigError::SharedKeyPrefix { .. })
+    ));
+
+    let mut cancel = idempotency.wrap_as(
+        "cancel",
+        service_fn(|_: LambdaEvent<Value>| async {
+            Ok::<_, lambda_runtime::Error>(json!("cancelled"))
+        }),
+    );
+    let event = json!({ "order_id": "p-1" });
+    assert_eq!(
+        invoke(&mut create, event.clone()).await.expect("create"),
+        json!("created")
+    );
+    assert_eq!(
+        invoke(&mut cancel, event).await.expect("cancel"),
+        json!("cancelled")
+    );
+    // The default prefix is the function's name (`local` outside Lambda), never the code's path.
+    for prefix in ["local", "local.cancel"] {
+        assert!(
+            store
+                .get(&key_for(prefix, "p-1"))
+                .await
+                .expect("get")
+                .is_some(),
+            "{prefix}"
+        );
+    }
+}
+
+/// A handler that waits at a gate the first time it runs.
+fn gated(
+    idempotency: &Idempotency<impl IdempotencyStore>,
+    entered: &Arc<Notify>,
+    gate: &Arc<Notify>,
+) -> lambda_idempotency::IdempotentFunction<
+    impl Fn(Value) -> futures_util::future::BoxFuture<'static, Result<Value, std::io::Error>> + Clone,
+    impl IdempotencyStore,
+> {
+    let (entered, gate, runs) = (entered.clone(), gate.clone(), Counter::default());
+    let gated = idempotency.clone();
+    gated.function(
+        "slow",
+        move |event: Value| -> futures_util::future::BoxFuture<'static, _> {
+            let run = runs.hit();
+            let (entered, gate) = (entered.clone(), gate.clone());
+            Box::pin(async move {
+                if run == 1 {
+                    entered.notify_one();
+                    gate.notified().await;
+                }
+                Ok(json!({ "order": event["order_id"], "run": run }))
+            })
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_deadline_in_the_past_or_not_in_epoch_ms_falls_back_to_the_in_progress_timeout() {
+    for (case, deadline) in [("Context::default()", 0u64), ("cargo-lambda", 600_000)] {
+        let store = MemoryStore::new();
+        let idempotency = Idempotency::new(
+            store.clone(),
+            config()
+                .in_progress_timeout(Duration::from_secs(60))
+                .build()
+                .expect("config"),
+        );
+        let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let slow = Arc::new(gated(&idempotency, &entered, &gate));
+        let mut ctx = Context::default();
+        ctx.deadline = deadline;
+        let first = tokio::spawn({
+            let (slow, ctx) = (slow.clone(), ctx.clone());
+            async move { slow.call(json!({ "order_id": case }), Some(&ctx)).await }
+        });
+        entered.notified().await;
+
+        let duplicate = slow.call(json!({ "order_id": case }), Some(&ctx)).await;
+        assert!(
+            in_progress(&duplicate),
+            "{case}: a duplicate must wait, got {duplicate:?}"
+        );
+        let record = store
+            .get(&key_for("test.slow", case))
+            .await
+            .expect("get")
+            .expect("reservation");
+        let held_for = record.in_progress_expiration.unwrap_or_default() - now_ms();
+        assert!(
+            (55_000..=60_000).contains(&held_for),
+            "{case}: held for {held_for} ms"
+        );
+
+        gate.notify_one();
+        first
+            .await
+            .expect("join")
+            .expect("the first call completes");
+    }
+}
+
+#[tokio::test]
+async fn a_real_deadline_with_no_time_left_is_honoured() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let slow = Arc::new(gated(&idempotency, &entered, &gate));
+    let ctx = context(0);
+    let first = tokio::spawn({
+        let (slow, ctx) = (slow.clone(), ctx.clone());
+        async move { slow.call(json!({ "order_id": "now" }), Some(&ctx)).await }
+    });
+    entered.notified().await;
+    let record = store
+        .get(&key_for("test.slow", "now"))
+        .await
+        .expect("get")
+        .expect("reservation");
+    assert_eq!(record.in_progress_expiration, Some(ctx.deadline as i64));
+    gate.notify_one();
+    first.await.expect("join").expect("completes");
+}
+
+/// A store whose refusals reach the caller late (a slow network): by then the
+/// refusing record may have expired by the caller's clock.
+#[derive(Clone)]
+struct SlowRefusals(MemoryStore, Duration);
+
+impl IdempotencyStore for SlowRefusals {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+        let result = self.0.reserve(record, now_ms).await;
+        if result.is_err() {
+            tokio::time::sleep(self.1).await;
+        }
+        result
+    }
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        self.0.complete(record, outbox).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.0.release(key, owner).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        self.0.put_step(step).await
+    }
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        self.0.get_step(key).await
+    }
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        self.0.get_outbox(key).await
+    }
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        self.0.mark_delivered(key).await
+    }
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.0.pending_outbox().await
+    }
+}
+
+#[tokio::test]
+async fn a_reservation_refused_by_a_record_that_expired_meanwhile_is_retried_with_a_fresh_clock() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let slow = Arc::new(gated(&idempotency, &entered, &gate));
+    let first = tokio::spawn({
+        let slow = slow.clone();
+        async move {
+            slow.call(json!({ "order_id": "clock" }), Some(&context(150)))
+                .await
+        }
+    });
+    entered.notified().await;
+
+    // Refused while the first reservation holds; the refusal arrives after it expired.
+    let late_view = Idempotency::new(
+        SlowRefusals(store.clone(), Duration::from_millis(400)),
+        config().build().expect("config"),
+    );
+    let retry = late_view
+        .function("slow", |_: Value| async {
+            Ok::<_, std::io::Error>(json!("retry ran"))
+        })
+        .call(json!({ "order_id": "clock" }), Some(&context(60_000)))
+        .await
+        .expect("the expired reservation is taken over, not reported in progress");
+    assert_eq!(retry, json!("retry ran"));
+    gate.notify_one();
+    let late = first.await.expect("join");
+    assert!(
+        matches!(
+            late,
+            Err(Error::Idempotency(IdempotencyError::LostOwnership { .. }))
+        ),
+        "{late:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_completed_record_without_a_json_response_is_malformed_not_null() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let charges = Counter::default();
+    let place = {
+        let charges = charges.clone();
+        idempotency.function("order", move |event: Value| {
+            scripted(event, charges.clone())
+        })
+    };
+    place.call(order("m-1", "ok"), None).await.expect("first");
+    let key = key_for("test.order", "m-1");
+    let stored = store.get(&key).await.expect("get").expect("record");
+    for data in [None, Some("not json".to_owned())] {
+        let broken = IdempotencyRecord {
+            data: data.clone(),
+            ..stored.clone()
+        };
+        store.complete(&broken, &[]).await.expect("overwrite");
+        let replay: Outcome = place.call(order("m-1", "ok"), None).await;
+        match replay {
+            Err(Error::Idempotency(IdempotencyError::MalformedRecord {
+                key: k,
+                attribute,
+                ..
+            })) => {
+                assert_eq!(
+                    (k.as_str(), attribute.as_str()),
+                    (key.as_str(), "data"),
+                    "{data:?}"
+                );
+            }
+            other => panic!("{data:?}: {other:?}"),
+        }
+    }
+    assert_eq!(charges.get(), 1, "the handler never ran again");
+}
+
+/// A store that applies every reservation and then sends it again, as the SDK does
+/// when the first response is lost: the repeat finds our own record.
+#[derive(Clone)]
+struct LostResponses(MemoryStore);
+
+impl IdempotencyStore for LostResponses {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+        self.0.reserve(record, now_ms).await?;
+        self.0.reserve(record, now_ms).await
+    }
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        self.0.complete(record, outbox).await?;
+        self.0.complete(record, outbox).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.0.release(key, owner).await?;
+        self.0.release(key, owner).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        self.0.put_step(step).await?;
+        self.0.put_step(step).await
+    }
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        self.0.get_step(key).await
+    }
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        self.0.get_outbox(key).await
+    }
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        self.0.mark_delivered(key).await?;
+        self.0.mark_delivered(key).await
+    }
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.0.pending_outbox().await
+    }
+}
+
+#[tokio::test]
+async fn every_write_repeated_after_a_lost_response_is_recognised_as_ours() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(
+        LostResponses(store.clone()),
+        config().build().expect("config"),
+    );
+    let charges = Counter::default();
+    let place = {
+        let charges = charges.clone();
+        idempotency.function("order", move |event: Value| {
+            scripted(event, charges.clone())
+        })
+    };
+    // Reserve, journal, release (kept open), resume, complete: each written twice.
+    let failed: Outcome = place.call(order("r-1", "fail-after-step"), None).await;
+    assert!(
+        matches!(failed, Err(Error::Handler(Error::Handler(_)))),
+        "{failed:?}"
+    );
+    let done = place
+        .call(order("r-1", "ok"), None)
+        .await
+        .expect("resumes and completes");
+    assert_eq!((charges.get(), &done["charge"]["charge"]), (1, &json!(1)));
+    // A release by delete, written twice: the key is free again.
+    let early: Outcome = place.call(order("r-2", "fail-before-step"), None).await;
+    assert!(
+        matches!(early, Err(Error::Handler(Error::Handler(_)))),
+        "{early:?}"
+    );
+    assert_eq!(
+        store.get(&key_for("test.order", "r-2")).await.expect("get"),
+        None
+    );
+    let record = store
+        .get(&key_for("test.order", "r-1"))
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, Status::Completed);
+}
+
+/// A raw item in the default table layout.
+fn item(pairs: &[(&str, AttributeValue)]) -> HashMap<String, AttributeValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn items_written_by_something_else_are_typed_errors_that_never_run_the_handler() {
+    let table = default_table("malformed").await;
+    let idempotency = Idempotency::new(
+        lambda_idempotency::DynamoDbStore::new(client(), &table),
+        config().build().expect("config"),
+    );
+    let charges = Counter::default();
+    let place = {
+        let charges = charges.clone();
+        idempotency.function("order", move |event: Value| {
+            scripted(event, charges.clone())
+        })
+    };
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let n = |v: i64| AttributeValue::N(v.to_string());
+    let later = now_ms() / 1000 + 3600;
+    let cases: Vec<(&str, Vec<(&str, AttributeValue)>, &str)> = vec![
+        (
+            "status-number",
+            vec![("status", n(1)), ("expiration", n(later))],
+            "status",
+        ),
+        (
+            "status-unknown",
+            vec![("status", s("DONE")), ("expiration", n(later))],
+            "status",
+        ),
+        (
+            "no-expiration",
+            vec![("status", s("COMPLETED")), ("data", s("{}"))],
+            "expiration",
+        ),
+        (
+            "expiration-text",
+            vec![("status", s("INPROGRESS")), ("expiration", s("soon"))],
+            "expiration",
+        ),
+        (
+            "no-data",
+            vec![("status", s("COMPLETED")), ("expiration", n(later))],
+            "data",
+        ),
+        (
+            "data-not-json",
+            vec![
+                ("status", s("COMPLETED")),
+                ("expiration", n(later)),
+                ("data", s("{oops")),
+            ],
+            "data",
+        ),
+        (
+            "data-number",
+            vec![
+                ("status", s("COMPLETED")),
+                ("expiration", n(later)),
+                ("data", n(7)),
+            ],
+            "data",
+        ),
+        (
+            "owner-bool",
+            vec![
+                ("status", s("INPROGRESS")),
+                ("expiration", n(later)),
+                ("owner", AttributeValue::Bool(true)),
+            ],
+            "owner",
+        ),
+    ];
+    for (id, attributes, attribute) in cases {
+        let key = key_for("test.order", id);
+        let mut raw = item(&attributes);
+        raw.insert("id".into(), s(&key));
+        client()
+            .put_item()
+            .table_name(&table)
+            .set_item(Some(raw.clone()))
+            .send()
+            .await
+            .expect("put");
+
+        let outcome: Outcome = place.call(order(id, "ok"), None).await;
+        match &outcome {
+            Err(Error::Idempotency(IdempotencyError::MalformedRecord {
+                key: k,
+                attribute: a,
+                ..
+            })) => {
+                assert_eq!((k.as_str(), a.as_str()), (key.as_str(), attribute), "{id}");
+                let text = outcome.as_ref().map(|_| ()).expect_err("error").to_string();
+                assert!(
+                    text.contains(&key) && text.contains("delete or repair the item"),
+                    "{text}"
+                );
+            }
+            other => panic!("{id}: {other:?}"),
+        }
+        let after = client()
+            .get_item()
+            .table_name(&table)
+            .key("id", s(&key))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(after.item(), Some(&raw), "{id}: the item is left as it was");
+    }
+    assert_eq!(charges.get(), 0, "the handler never ran");
+
+    // The operator's recovery for an item that never expires: delete it.
+    let key = key_for("test.order", "no-expiration");
+    client()
+        .delete_item()
+        .table_name(&table)
+        .key("id", s(&key))
+        .send()
+        .await
+        .expect("delete");
+    place
+        .call(order("no-expiration", "ok"), None)
+        .await
+        .expect("runs once deleted");
+    assert_eq!(charges.get(), 1);
+}
