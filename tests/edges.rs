@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use support::localstack::{client, default_table};
-use support::{context, in_progress, invoke, key_for, now_ms, poll, Audit, Counter};
+use support::{context, in_progress, invoke, key_for, now_ms, Audit, Counter};
 use tokio::sync::Notify;
 
 type Failure = Error<std::io::Error>;
@@ -119,7 +119,7 @@ async fn a_new_execution_after_expiry_runs_its_steps_afresh() {
     stale.expiration = now_ms() / 1000 - 60;
     stale.owner = "previous".into();
     // Reserving "a day later" lets the store replace the live record with the stale one.
-    let _ = store
+    store
         .reserve(&stale, now_ms() + 86_400_000)
         .await
         .expect("overwrite with a stale record");
@@ -586,7 +586,9 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
     let s = |v: &str| AttributeValue::S(v.to_owned());
     let n = |v: i64| AttributeValue::N(v.to_string());
     let later = now_ms() / 1000 + 3600;
-    let cases: Vec<(&str, Vec<(&str, AttributeValue)>, &str)> = vec![
+    // (order id, the item's attributes besides its key, the attribute at fault)
+    type Case<'a> = (&'a str, Vec<(&'a str, AttributeValue)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "status-number",
             vec![("status", n(1)), ("expiration", n(later))],
