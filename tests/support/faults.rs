@@ -1,0 +1,199 @@
+//! A store wrapper that fails, crashes or pauses an invocation at a chosen store
+//! call, for the crash-at-every-phase matrix.
+#![allow(dead_code)]
+
+use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
+use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// A store call (or the external effect a step makes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Reserve,
+    GetStep,
+    PutStep,
+    /// The step's external call has been made, its result not yet journaled.
+    Effect,
+    /// Completing, and releasing while keeping the journal (both write the record).
+    Complete,
+    /// Releasing by delete.
+    Release,
+    MarkDelivered,
+}
+
+/// What happens at the chosen call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The call fails with a store error; the invocation goes on handling it.
+    Fail,
+    /// The process dies before the call reaches the store.
+    CrashBefore,
+    /// The call is applied, then the process dies before seeing the response.
+    CrashAfter,
+    /// The call is applied, then the invocation stalls (past its deadline) until
+    /// the test resumes it: a late attempt.
+    PauseAfter,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub op: Op,
+    /// 1-based: the nth call of `op` since the plan was set.
+    pub nth: usize,
+    pub mode: Mode,
+}
+
+#[derive(Default)]
+struct Plan {
+    faults: Vec<Fault>,
+    seen: Vec<(Op, usize)>,
+}
+
+/// Shared between the store wrapper, the handler (for [`Op::Effect`]) and the test.
+#[derive(Clone, Default)]
+pub struct Faults {
+    plan: Arc<Mutex<Plan>>,
+    /// Notified when an invocation crashes: the test drops its future.
+    pub crashed: Arc<Notify>,
+    /// Notified when an invocation pauses; the test resumes it with `resume`.
+    pub paused: Arc<Notify>,
+    resume: Arc<Notify>,
+}
+
+impl Faults {
+    pub fn set(&self, faults: &[Fault]) {
+        let mut plan = self.plan.lock().expect("plan");
+        plan.faults = faults.to_vec();
+        plan.seen.clear();
+    }
+
+    /// Lets a paused invocation go on.
+    pub fn resume(&self) {
+        self.resume.notify_one();
+    }
+
+    /// The mode due at this call of `op`, if any (each fault fires once).
+    fn due(&self, op: Op) -> Option<Mode> {
+        let mut plan = self.plan.lock().expect("plan");
+        let count = match plan.seen.iter_mut().find(|(o, _)| *o == op) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                plan.seen.push((op, 1));
+                1
+            }
+        };
+        let index = plan
+            .faults
+            .iter()
+            .position(|f| f.op == op && f.nth == count)?;
+        Some(plan.faults.remove(index).mode)
+    }
+
+    /// Runs `call` under the plan for `op`.
+    pub async fn around<T>(
+        &self,
+        op: Op,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match self.due(op) {
+            None => call.await,
+            Some(Mode::Fail) => Err(StoreError::Backend(
+                format!("injected failure at {op:?}").into(),
+            )),
+            Some(Mode::CrashBefore) => self.crash().await,
+            Some(Mode::CrashAfter) => {
+                let _ = call.await;
+                self.crash().await
+            }
+            Some(Mode::PauseAfter) => {
+                let result = call.await;
+                self.paused.notify_one();
+                self.resume.notified().await;
+                result
+            }
+        }
+    }
+
+    /// The external effect of a step has happened: crash here if planned.
+    pub async fn after_effect(&self) {
+        if let Some(mode) = self.due(Op::Effect) {
+            match mode {
+                Mode::PauseAfter => {
+                    self.paused.notify_one();
+                    self.resume.notified().await;
+                }
+                _ => self.crash().await,
+            }
+        }
+    }
+
+    /// Never returns: the test drops the invocation, as a killed process would.
+    async fn crash<T>(&self) -> T {
+        self.crashed.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// `inner` with faults injected where the plan says.
+#[derive(Clone)]
+pub struct FaultStore<S> {
+    pub inner: S,
+    pub faults: Faults,
+}
+
+impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
+    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+        self.faults
+            .around(Op::Reserve, self.inner.reserve(record, now_ms))
+            .await
+    }
+    async fn complete(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        self.faults
+            .around(Op::Complete, self.inner.complete(record, outbox))
+            .await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.faults
+            .around(Op::Release, self.inner.release(key, owner))
+            .await
+    }
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+        self.faults
+            .around(Op::PutStep, self.inner.put_step(step))
+            .await
+    }
+    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
+        self.faults
+            .around(Op::GetStep, self.inner.get_step(key))
+            .await
+    }
+    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        self.inner.get_outbox(key).await
+    }
+    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+        self.faults
+            .around(Op::MarkDelivered, self.inner.mark_delivered(key))
+            .await
+    }
+    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        self.inner.pending_outbox().await
+    }
+    fn item_size(&self, record: &IdempotencyRecord) -> usize {
+        self.inner.item_size(record)
+    }
+    fn outbox_size(&self, record: &OutboxRecord) -> usize {
+        self.inner.outbox_size(record)
+    }
+}
