@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 use std::io::Read as _;
 use std::sync::LazyLock;
 
+mod number;
+
 /// The JMESPath runtime: the standard functions plus the three Powertools ones, so
 /// expressions written for Powertools work unchanged.
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
@@ -21,9 +23,10 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
+                // serde_json's parser stops at 128 levels, so the conversion is bounded.
                 let value: Value =
                     serde_json::from_str(text).map_err(|_| invalid(ctx, "a JSON string", text))?;
-                to_variable(&value, ctx)
+                Ok(to_variable(&value))
             }),
         )),
     );
@@ -83,10 +86,23 @@ fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
     )
 }
 
-fn to_variable(value: &Value, ctx: &Context<'_>) -> Result<Rcvar, JmespathError> {
-    Variable::try_from(value)
-        .map(Rcvar::new)
-        .map_err(|e| JmespathError::from_ctx(ctx, ErrorReason::Parse(e.to_string())))
+/// `value` as a JMESPath variable. Not `Variable::try_from` nor `search(&Value)`:
+/// without jmespath's nightly-only `specialized` feature both go through serde, and
+/// with serde_json's `arbitrary_precision` a number serializes as a private
+/// one-field object, so numbers would turn into objects. Recursive.
+fn to_variable(value: &Value) -> Rcvar {
+    Rcvar::new(match value {
+        Value::Null => Variable::Null,
+        Value::Bool(b) => Variable::Bool(*b),
+        Value::Number(n) => Variable::Number(n.clone()),
+        Value::String(s) => Variable::String(s.clone()),
+        Value::Array(items) => Variable::Array(items.iter().map(to_variable).collect()),
+        Value::Object(map) => Variable::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), to_variable(v)))
+                .collect(),
+        ),
+    })
 }
 
 /// A compiled JMESPath expression.
@@ -115,7 +131,9 @@ impl JsonPath {
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
-        let found = self.0.search(data).map_err(|e| e.to_string())?;
+        let mut ctx = Context::new(self.0.as_str(), &RUNTIME);
+        let found = jmespath::interpret(&to_variable(data), self.0.as_ast(), &mut ctx)
+            .map_err(|e| e.to_string())?;
         serde_json::to_value(&*found).map_err(|e| e.to_string())
     }
 }
@@ -196,12 +214,20 @@ pub(crate) fn canonical_json(value: &Value) -> String {
                 }
                 out.push(']');
             }
+            Value::Number(n) => out.push_str(&canonical_number(n)),
             scalar => out.push_str(&scalar.to_string()),
         }
     }
     let mut out = String::new();
     write(value, &mut out);
     out
+}
+
+/// The number's exact canonical text (see [`number`]). serde_json only holds
+/// valid JSON numbers, so the fallback to its own text never runs in practice.
+fn canonical_number(n: &serde_json::Number) -> String {
+    let text = n.to_string();
+    number::canonical_number(&text).unwrap_or(text)
 }
 
 /// Lowercase hex SHA-256 of `data`.
@@ -282,6 +308,99 @@ mod tests {
             hash_value(&a),
             hash_value(&json!({"a": {"c": "é", "d": [1, {"x": 1, "y": 2}]}, "b": 1}))
         );
+    }
+
+    fn key_of(json: &str) -> String {
+        hash_value(&serde_json::from_str(json).expect("valid JSON"))
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_beyond_64_bits_and_f64_precision_give_different_keys() {
+        for (a, b) in [
+            ("18446752753646647040", "18446752753646647041"),
+            ("12345678901234567890123", "12345678901234567890124"),
+            ("-9223372036854775809", "-9223372036854775810"),
+            ("0.30000000000000000001", "0.30000000000000000002"),
+            ("1.0000000000000000000000001", "1"),
+            ("1e400", "1e401"),
+            ("1e-400", "0"),
+        ] {
+            assert_ne!(key_of(a), key_of(b), "{a} vs {b}");
+            let (a, b) = (format!("{{\"n\":[{a}]}}"), format!("{{\"n\":[{b}]}}"));
+            assert_ne!(key_of(&a), key_of(&b), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_inside_embedded_json_stay_exact() {
+        let path = JsonPath::compile("powertools_json(body).n").expect("valid");
+        let key = |n: &str| {
+            let event = json!({ "body": format!("{{\"n\":{n}}}") });
+            hash_value(&path.search(&event).expect("search"))
+        };
+        assert_ne!(key("18446752753646647040"), key("18446752753646647041"));
+        assert_ne!(key("0.12345678901234567890"), key("0.12345678901234567891"));
+    }
+
+    #[test]
+    fn numerically_equal_numbers_give_one_key() {
+        for same in [
+            &[
+                "1", "1.0", "1e0", "10e-1", "0.1e1", "1.000", "1E+0", "100e-2",
+            ][..],
+            &["0", "-0", "0.0", "-0.0", "0e5", "-0e-5", "0.000e10"],
+            &["-12.5", "-125e-1", "-1.25E1", "-0.0125e3"],
+            &["18446752753646647040", "1.844675275364664704e19"],
+            &["123456789", "1.23456789e8", "123456789.000"],
+        ] {
+            let keys: Vec<_> = same.iter().map(|n| key_of(n)).collect();
+            assert!(keys.iter().all(|k| *k == keys[0]), "{same:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_are_written_with_all_their_digits() {
+        for (text, canonical) in [
+            ("18446752753646647040", "18446752753646647040"),
+            ("0.12345678901234567890", "0.1234567890123456789"),
+            ("1e400", "1e400"),
+            ("-1.5e-400", "-1.5e-400"),
+        ] {
+            let value: Value = serde_json::from_str(text).expect("valid JSON");
+            assert_eq!(canonical_json(&value), canonical, "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_integers_and_decimals_keep_their_keys() {
+        for (text, canonical) in [
+            ("7", "7"),
+            ("-3", "-3"),
+            ("1.5", "1.5"),
+            ("0.001", "0.001"),
+            ("1.0", "1"),
+            ("-0.0", "0"),
+            ("18446744073709551615", "18446744073709551615"),
+            ("-9223372036854775808", "-9223372036854775808"),
+            ("1e21", "1e21"),
+            ("0.0000001", "1e-7"),
+        ] {
+            let value: Value = serde_json::from_str(text).expect("valid JSON");
+            assert_eq!(canonical_json(&value), canonical, "{text}");
+        }
+    }
+
+    #[test]
+    #[cfg(not(feature = "exact-numbers"))]
+    fn without_exact_numbers_an_out_of_range_number_is_a_search_error() {
+        let path = JsonPath::compile("powertools_json(body)").expect("valid");
+        let err = path
+            .search(&json!({"body": "[1e400]"}))
+            .expect_err("f64 overflow");
+        assert!(err.contains("JSON string"), "{err}");
     }
 
     #[test]
