@@ -6,6 +6,7 @@ use jmespath::functions::{ArgumentType, CustomFunction, Signature};
 use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::cell::Cell;
 use std::io::Read as _;
 use std::sync::LazyLock;
 
@@ -50,16 +51,100 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
                 let bytes = decode_base64(text, ctx)?;
-                let mut decoded = String::new();
-                flate2::read::GzDecoder::new(bytes.as_slice())
-                    .read_to_string(&mut decoded)
-                    .map_err(|_| invalid(ctx, "base64 of gzipped UTF-8 text", text))?;
-                Ok(Rcvar::new(Variable::String(decoded)))
+                let limit = MAX_INFLATED_BYTES.get();
+                match inflate(&bytes, limit) {
+                    Ok(decoded) => Ok(Rcvar::new(Variable::String(decoded))),
+                    Err(Inflate::TooLarge) => Err(fail(ctx, inflated_too_large(limit))),
+                    Err(Inflate::Invalid) => {
+                        Err(invalid(ctx, "base64 of gzipped UTF-8 text", text))
+                    }
+                }
             }),
         )),
     );
     runtime
 });
+
+/// Default bound on the text `powertools_base64_gzip` may inflate: 6 MiB, Lambda's
+/// limit for a synchronous payload. Gzip compresses up to about 1000:1, so without
+/// a bound a 339 KiB event inflated to 256 MiB (20 s, 800 MB of memory); nothing
+/// an idempotency key needs comes near 6 MiB (a CloudWatch Logs batch, the usual
+/// gzipped payload, is at most 1 MiB inflated).
+pub(crate) const DEFAULT_MAX_INFLATED_BYTES: usize = 6 * 1024 * 1024;
+
+thread_local! {
+    /// The inflation bound of the search running on this thread. The JMESPath
+    /// runtime is a global static and its functions only get their arguments and a
+    /// `Context` without user data, so the bound of the expression being evaluated
+    /// reaches `powertools_base64_gzip` through here: [`JsonPath::search`] sets it
+    /// around a search, which is synchronous, so it cannot leak to another
+    /// expression on the same thread (a per-configuration runtime would need to be
+    /// leaked for the `'static` expressions).
+    static MAX_INFLATED_BYTES: Cell<usize> = const { Cell::new(DEFAULT_MAX_INFLATED_BYTES) };
+    /// Why the current search failed, when a Powertools function knows better than
+    /// the JMESPath error it has to return.
+    static FAILURE: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's inflation bound for one search; restores the previous one
+/// when dropped, also on unwinding.
+struct SearchScope {
+    previous: usize,
+}
+
+impl SearchScope {
+    fn enter(max_inflated_bytes: usize) -> Self {
+        FAILURE.set(None);
+        Self {
+            previous: MAX_INFLATED_BYTES.replace(max_inflated_bytes),
+        }
+    }
+
+    /// The failure a Powertools function recorded during the search, if any.
+    fn failure(&self) -> Option<String> {
+        FAILURE.take()
+    }
+}
+
+impl Drop for SearchScope {
+    fn drop(&mut self) {
+        MAX_INFLATED_BYTES.set(self.previous);
+    }
+}
+
+enum Inflate {
+    TooLarge,
+    Invalid,
+}
+
+/// Gunzips `bytes` into text of at most `limit` bytes. Reads one byte past the
+/// limit to tell "exactly at the limit" from "over it" without inflating more.
+fn inflate(bytes: &[u8], limit: usize) -> Result<String, Inflate> {
+    let mut out = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::GzDecoder::new(bytes)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|_| Inflate::Invalid)?;
+    if out.len() > limit {
+        return Err(Inflate::TooLarge);
+    }
+    String::from_utf8(out).map_err(|_| Inflate::Invalid)
+}
+
+fn inflated_too_large(limit: usize) -> String {
+    format!(
+        "powertools_base64_gzip: the data inflates to more than {limit} bytes, \
+         the limit set by IdempotencyConfigBuilder::max_inflated_bytes"
+    )
+}
+
+/// Records `reason` for [`JsonPath::search`] and returns the error JMESPath needs.
+fn fail(ctx: &Context<'_>, reason: String) -> JmespathError {
+    let err = JmespathError::from_ctx(ctx, ErrorReason::Parse(reason.clone()));
+    FAILURE.set(Some(reason));
+    err
+}
 
 /// The signature check has already run, so the first argument is a string.
 fn first_string(args: &[Rcvar]) -> &str {
@@ -107,11 +192,14 @@ fn to_variable(value: &Value) -> Rcvar {
 
 /// A compiled JMESPath expression.
 #[derive(Clone)]
-pub(crate) struct JsonPath(jmespath::Expression<'static>);
+pub(crate) struct JsonPath {
+    expression: jmespath::Expression<'static>,
+    max_inflated_bytes: usize,
+}
 
 impl std::fmt::Debug for JsonPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
+        f.write_str(self.expression.as_str())
     }
 }
 
@@ -123,17 +211,28 @@ impl JsonPath {
         if let Some(name) = unknown_function(compiled.as_ast()) {
             return Err(format!("unknown function {name}()"));
         }
-        Ok(Self(compiled))
+        Ok(Self {
+            expression: compiled,
+            max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
+        })
+    }
+
+    /// Bounds what `powertools_base64_gzip` may inflate during this expression's
+    /// searches.
+    pub(crate) fn with_max_inflated_bytes(mut self, limit: usize) -> Self {
+        self.max_inflated_bytes = limit;
+        self
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.expression.as_str()
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
-        let mut ctx = Context::new(self.0.as_str(), &RUNTIME);
-        let found = jmespath::interpret(&to_variable(data), self.0.as_ast(), &mut ctx)
-            .map_err(|e| e.to_string())?;
+        let scope = SearchScope::enter(self.max_inflated_bytes);
+        let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
+        let found = jmespath::interpret(&to_variable(data), self.expression.as_ast(), &mut ctx)
+            .map_err(|e| scope.failure().unwrap_or_else(|| e.to_string()))?;
         serde_json::to_value(&*found).map_err(|e| e.to_string())
     }
 }
@@ -279,6 +378,43 @@ mod tests {
             eval("powertools_base64_gzip(d)", json!({"d": zipped})),
             json!("hello")
         );
+    }
+
+    fn gzip_base64(data: &[u8]) -> String {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, data).expect("gzip");
+        base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"))
+    }
+
+    #[test]
+    fn gzip_inflation_stops_at_the_default_limit() {
+        let bomb = gzip_base64(&vec![b'a'; DEFAULT_MAX_INFLATED_BYTES + 1]);
+        let path = JsonPath::compile("powertools_base64_gzip(d)").expect("valid");
+        let err = path
+            .search(&json!({ "d": bomb }))
+            .expect_err("over the limit");
+        assert!(err.contains("6291456 bytes"), "{err}");
+        let fits = gzip_base64(&vec![b'a'; DEFAULT_MAX_INFLATED_BYTES]);
+        let found = path.search(&json!({ "d": fits })).expect("at the limit");
+        assert_eq!(
+            found.as_str().map(str::len),
+            Some(DEFAULT_MAX_INFLATED_BYTES)
+        );
+    }
+
+    #[test]
+    fn gzip_inflation_limit_is_per_expression() {
+        let data = json!({ "d": gzip_base64(&[b'a'; 100]) });
+        let small = JsonPath::compile("powertools_base64_gzip(d)")
+            .expect("valid")
+            .with_max_inflated_bytes(99);
+        let err = small.search(&data).expect_err("over the limit");
+        assert!(err.contains("99 bytes"), "{err}");
+        let exact = small.clone().with_max_inflated_bytes(100);
+        assert!(exact.search(&data).is_ok());
+        // The limit does not leak to the next search on the thread.
+        let default = JsonPath::compile("powertools_base64_gzip(d)").expect("valid");
+        assert!(default.search(&data).is_ok());
     }
 
     #[test]
