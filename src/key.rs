@@ -17,9 +17,9 @@ mod number;
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     let mut runtime = Runtime::new();
     runtime.register_builtin_functions();
-    let string_arg = || Signature::new(vec![ArgumentType::String], None);
+    let string_arg = || signature(POWERTOOLS_JSON).unwrap_or_else(|| Signature::new(vec![], None));
     runtime.register_function(
-        "powertools_json",
+        POWERTOOLS_JSON,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
@@ -32,7 +32,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
         )),
     );
     runtime.register_function(
-        "powertools_base64",
+        POWERTOOLS_BASE64,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
@@ -45,7 +45,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
         )),
     );
     runtime.register_function(
-        "powertools_base64_gzip",
+        POWERTOOLS_BASE64_GZIP,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
@@ -204,13 +204,19 @@ impl std::fmt::Debug for JsonPath {
 }
 
 impl JsonPath {
-    /// Compiles `expression`, rejecting syntax errors and calls to unknown functions
-    /// (which the jmespath crate only reports when a call is evaluated).
+    /// Compiles `expression`, rejecting syntax errors, expressions too long or too
+    /// deeply nested to evaluate safely, and function calls that can never work:
+    /// unknown functions, wrong argument counts, literal arguments of the wrong
+    /// type (the jmespath crate only reports these when a call is evaluated).
     pub(crate) fn compile(expression: &str) -> Result<Self, String> {
-        let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
-        if let Some(name) = unknown_function(compiled.as_ast()) {
-            return Err(format!("unknown function {name}()"));
+        if expression.len() > MAX_EXPRESSION_BYTES {
+            return Err(format!(
+                "the expression is {} bytes long, more than the {MAX_EXPRESSION_BYTES} bytes allowed",
+                expression.len()
+            ));
         }
+        let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
+        check_ast(compiled.as_ast())?;
         Ok(Self {
             expression: compiled,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
@@ -237,14 +243,37 @@ impl JsonPath {
     }
 }
 
-fn unknown_function(ast: &Ast) -> Option<String> {
-    let children: Vec<&Ast> = match ast {
-        Ast::Function { name, args, .. } => {
-            if RUNTIME.get_function(name).is_none() {
-                return Some(name.clone());
-            }
-            args.iter().collect()
+/// Longest expression accepted. The jmespath parser and interpreter recurse once or
+/// more per nesting level (parentheses, `!`, projections), so the length bounds
+/// their stack use before parsing: 255 nested parentheses or 511 `!` overflow a
+/// 2 MiB thread in a debug build, 127 and 255 do not. Key expressions are a few
+/// dozen bytes.
+const MAX_EXPRESSION_BYTES: usize = 256;
+/// Deepest expression tree accepted, which bounds the interpreter's recursion when
+/// the expression is evaluated (and when it is cloned or dropped).
+const MAX_EXPRESSION_DEPTH: usize = 64;
+
+/// Walks the tree with an explicit stack (a 10,000-segment `a.a.a...` is a tree
+/// 10,000 deep) and checks its depth and every function call.
+fn check_ast(root: &Ast) -> Result<(), String> {
+    let mut stack = vec![(root, 1usize)];
+    while let Some((ast, depth)) = stack.pop() {
+        if depth > MAX_EXPRESSION_DEPTH {
+            return Err(format!(
+                "the expression is nested more than {MAX_EXPRESSION_DEPTH} levels deep"
+            ));
         }
+        if let Ast::Function { name, args, .. } = ast {
+            check_call(name, args)?;
+        }
+        stack.extend(children(ast).into_iter().map(|child| (child, depth + 1)));
+    }
+    Ok(())
+}
+
+fn children(ast: &Ast) -> Vec<&Ast> {
+    match ast {
+        Ast::Function { args, .. } => args.iter().collect(),
         Ast::Comparison { lhs, rhs, .. }
         | Ast::Projection { lhs, rhs, .. }
         | Ast::And { lhs, rhs, .. }
@@ -263,12 +292,93 @@ fn unknown_function(ast: &Ast) -> Option<String> {
         | Ast::Field { .. }
         | Ast::Index { .. }
         | Ast::Literal { .. }
-        | Ast::Slice { .. } => {
-            vec![]
-        }
-    };
-    children.into_iter().find_map(unknown_function)
+        | Ast::Slice { .. } => vec![],
+    }
 }
+
+/// A call to `name` with `args` that can never succeed: unknown function, wrong
+/// argument count, or an argument whose type is known now (a literal, or `&expr`)
+/// and does not fit the signature.
+fn check_call(name: &str, args: &[Ast]) -> Result<(), String> {
+    let signature = signature(name).ok_or_else(|| format!("unknown function {name}()"))?;
+    let (fixed, variadic) = (signature.inputs.len(), signature.variadic.is_some());
+    if args.len() < fixed || (!variadic && args.len() > fixed) {
+        let expected = if variadic {
+            format!("at least {fixed}")
+        } else {
+            fixed.to_string()
+        };
+        return Err(format!(
+            "{name}() takes {expected} argument(s), given {}",
+            args.len()
+        ));
+    }
+    for (position, arg) in args.iter().enumerate() {
+        let expected = signature
+            .inputs
+            .get(position)
+            .or(signature.variadic.as_ref())
+            .unwrap_or(&ArgumentType::Any);
+        if let Some(given) = impossible_argument(arg, expected) {
+            return Err(format!(
+                "{name}() argument {} must be {expected}, given {given}",
+                position + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What `arg` is, when it can never be of type `expected`: a literal of another
+/// type, an `&expr` where a value is expected, or a value where `&expr` is.
+fn impossible_argument(arg: &Ast, expected: &ArgumentType) -> Option<String> {
+    match (arg, expected) {
+        (_, ArgumentType::Any) => None,
+        (Ast::Expref { .. }, ArgumentType::Expref) => None,
+        (Ast::Expref { .. }, _) => Some("an &expression".to_owned()),
+        (_, ArgumentType::Expref) => Some("a value (write &expression)".to_owned()),
+        (Ast::Literal { value, .. }, _) if !expected.is_valid(value) => {
+            Some(format!("the {} literal {value}", value.get_type()))
+        }
+        _ => None,
+    }
+}
+
+/// The signatures of jmespath 0.5's built-in functions, which it does not expose
+/// (`Runtime::get_function` gives a `dyn Function` without its signature), and of
+/// the Powertools ones. A test checks that this table and the runtime name the same
+/// functions.
+fn signature(name: &str) -> Option<Signature> {
+    use ArgumentType::{Any, Array, Bool, Expref, Null, Number, Object, String};
+    let typed = |t: ArgumentType| ArgumentType::TypedArray(Box::new(t));
+    let numbers_or_strings = || ArgumentType::Union(vec![typed(Number), typed(String)]);
+    let fixed = |inputs: Vec<ArgumentType>| Some(Signature::new(inputs, None));
+    match name {
+        "abs" | "ceil" | "floor" => fixed(vec![Number]),
+        "avg" | "sum" => fixed(vec![typed(Number)]),
+        "contains" => fixed(vec![ArgumentType::Union(vec![String, Array]), Any]),
+        "ends_with" | "starts_with" => fixed(vec![String, String]),
+        "join" => fixed(vec![String, typed(String)]),
+        "keys" | "values" => fixed(vec![Object]),
+        "length" => fixed(vec![ArgumentType::Union(vec![Array, Object, String])]),
+        "map" => fixed(vec![Expref, Array]),
+        "max" | "min" | "sort" => fixed(vec![numbers_or_strings()]),
+        "max_by" | "min_by" | "sort_by" => fixed(vec![Array, Expref]),
+        "merge" => Some(Signature::new(vec![Object], Some(Object))),
+        "not_null" => Some(Signature::new(vec![Any], Some(Any))),
+        "reverse" => fixed(vec![ArgumentType::Union(vec![Array, String])]),
+        "to_array" | "to_number" | "type" => fixed(vec![Any]),
+        "to_string" => fixed(vec![ArgumentType::Union(vec![
+            Object, Array, Bool, Number, String, Null,
+        ])]),
+        POWERTOOLS_JSON | POWERTOOLS_BASE64 | POWERTOOLS_BASE64_GZIP => fixed(vec![String]),
+        _ => None,
+    }
+}
+
+const POWERTOOLS_JSON: &str = "powertools_json";
+const POWERTOOLS_BASE64: &str = "powertools_base64";
+const POWERTOOLS_BASE64_GZIP: &str = "powertools_base64_gzip";
 
 /// Key material that cannot identify an event: `null`, `""`, `[]`, `{}`, or a list
 /// of nulls (what a multi-select gives when no field exists). `0` and `false` are fine.
@@ -431,6 +541,103 @@ mod tests {
         assert!(JsonPath::compile("body.[").is_err());
         let err = JsonPath::compile("a && powertools_jsn(body).id").expect_err("unknown function");
         assert!(err.contains("powertools_jsn"), "{err}");
+    }
+
+    #[test]
+    fn wrong_arity_and_literal_types_fail_compilation() {
+        for (expression, mentions) in [
+            ("length(@, @)", "length"),
+            ("powertools_json(`1`)", "powertools_json"),
+            ("abs('a')", "abs"),
+            ("a.powertools_base64()", "powertools_base64"),
+            ("not_null()", "not_null"),
+            ("sort_by(items, id)", "sort_by"),
+            ("length(&a)", "length"),
+            ("merge(`{}`, `[]`)", "merge"),
+        ] {
+            let err = JsonPath::compile(expression).expect_err(expression);
+            assert!(err.contains(mentions), "{expression}: {err}");
+        }
+        for expression in [
+            "length(@)",
+            "not_null(a, b, `1`, 'x')",
+            "merge(`{}`, a)",
+            "sort_by(items, &id)",
+            "contains('abc', 'b')",
+            "to_string(`1`)",
+            "powertools_json(powertools_base64_gzip(d)).id",
+        ] {
+            JsonPath::compile(expression).expect(expression);
+        }
+    }
+
+    #[test]
+    fn deep_expressions_fail_compilation_without_overflowing() {
+        let segments = vec!["a"; 10_000].join(".");
+        let err = JsonPath::compile(&segments).expect_err("too long");
+        assert!(err.contains("bytes"), "{err}");
+        let n = MAX_EXPRESSION_BYTES;
+        let half = (n - 1) / 2;
+        for shape in [
+            // The most nesting that fits in the length bound, for each recursive rule.
+            format!("{}a{}", "(".repeat(half), ")".repeat(half)),
+            format!("{}a", "!".repeat(n - 1)),
+            format!("{}a{}", "[".repeat(half), "]".repeat(half)),
+            format!("{}a{}", "{a:".repeat(n / 4 - 1), "}".repeat(n / 4 - 1)),
+            vec!["a[*]"; n / 5].join("."),
+            vec!["a"; n / 3].join("||"),
+            vec!["a"; n / 2].join("."),
+            vec!["a"; n / 2].join("|"),
+        ] {
+            assert!(shape.len() <= MAX_EXPRESSION_BYTES, "{}", shape.len());
+            // Parses or fails, without overflowing; a deep tree fails.
+            if let Err(err) = JsonPath::compile(&shape) {
+                assert!(!err.is_empty());
+            }
+        }
+        let deep = vec!["a"; MAX_EXPRESSION_DEPTH + 1].join(".");
+        let err = JsonPath::compile(&deep).expect_err("too deep");
+        assert!(err.contains("levels deep"), "{err}");
+        let ok = vec!["a"; 30].join(".");
+        JsonPath::compile(&ok).expect("30 segments");
+    }
+
+    #[test]
+    fn the_signature_table_names_the_runtime_functions() {
+        for name in [
+            "abs",
+            "avg",
+            "ceil",
+            "contains",
+            "ends_with",
+            "floor",
+            "join",
+            "keys",
+            "length",
+            "map",
+            "max",
+            "max_by",
+            "merge",
+            "min",
+            "min_by",
+            "not_null",
+            "reverse",
+            "sort",
+            "sort_by",
+            "starts_with",
+            "sum",
+            "to_array",
+            "to_number",
+            "to_string",
+            "type",
+            "values",
+            POWERTOOLS_JSON,
+            POWERTOOLS_BASE64,
+            POWERTOOLS_BASE64_GZIP,
+        ] {
+            assert!(signature(name).is_some(), "{name}");
+            assert!(RUNTIME.get_function(name).is_some(), "{name}");
+        }
     }
 
     #[test]
