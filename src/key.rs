@@ -174,7 +174,8 @@ fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
 /// `value` as a JMESPath variable. Not `Variable::try_from` nor `search(&Value)`:
 /// without jmespath's nightly-only `specialized` feature both go through serde, and
 /// with serde_json's `arbitrary_precision` a number serializes as a private
-/// one-field object, so numbers would turn into objects. Recursive.
+/// one-field object, so numbers would turn into objects. Recursive: callers bound
+/// the depth first ([`MAX_DATA_DEPTH`], serde_json's parser limit).
 fn to_variable(value: &Value) -> Rcvar {
     Rcvar::new(match value {
         Value::Null => Variable::Null,
@@ -235,6 +236,11 @@ impl JsonPath {
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
+        if depth_exceeds(data, MAX_DATA_DEPTH) {
+            return Err(format!(
+                "the event is nested more than {MAX_DATA_DEPTH} levels deep"
+            ));
+        }
         let scope = SearchScope::enter(self.max_inflated_bytes);
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
         let found = jmespath::interpret(&to_variable(data), self.expression.as_ast(), &mut ctx)
@@ -392,44 +398,78 @@ pub(crate) fn is_missing(value: &Value) -> bool {
     }
 }
 
-/// JSON with object keys sorted at every level and no whitespace, so that equal
-/// values hash equally whatever their field order. Hand-written because
-/// `serde_json` only sorts keys while its `preserve_order` feature is off, and any
-/// crate in a user's tree can turn that feature on.
+/// JSON with object keys sorted at every level, no whitespace and numbers in
+/// their canonical text (see [`number`]), so that equal values hash equally
+/// whatever their field order and spelling. Hand-written because `serde_json`
+/// only sorts keys while its `preserve_order` feature is off, and any crate in a
+/// user's tree can turn that feature on. Iterative, with an explicit stack: a
+/// `Value` built in code can be nested far deeper than the thread's stack allows
+/// recursion.
 pub(crate) fn canonical_json(value: &Value) -> String {
-    fn write(value: &Value, out: &mut String) {
-        match value {
-            Value::Object(map) => {
+    enum Work<'a> {
+        Value(&'a Value),
+        Key(&'a str),
+        Text(&'static str),
+    }
+    let mut out = String::new();
+    let mut stack = vec![Work::Value(value)];
+    while let Some(work) = stack.pop() {
+        match work {
+            Work::Text(text) => out.push_str(text),
+            Work::Key(key) => {
+                out.push_str(&Value::String(key.to_owned()).to_string());
+                out.push(':');
+            }
+            Work::Value(Value::Object(map)) => {
                 let mut entries: Vec<_> = map.iter().collect();
                 entries.sort_by(|a, b| a.0.cmp(b.0));
                 out.push('{');
-                for (i, (k, v)) in entries.into_iter().enumerate() {
+                stack.push(Work::Text("}"));
+                for (i, (k, v)) in entries.into_iter().enumerate().rev() {
+                    stack.push(Work::Value(v));
+                    stack.push(Work::Key(k));
                     if i > 0 {
-                        out.push(',');
+                        stack.push(Work::Text(","));
                     }
-                    out.push_str(&Value::String(k.clone()).to_string());
-                    out.push(':');
-                    write(v, out);
                 }
-                out.push('}');
             }
-            Value::Array(items) => {
+            Work::Value(Value::Array(items)) => {
                 out.push('[');
-                for (i, v) in items.iter().enumerate() {
+                stack.push(Work::Text("]"));
+                for (i, v) in items.iter().enumerate().rev() {
+                    stack.push(Work::Value(v));
                     if i > 0 {
-                        out.push(',');
+                        stack.push(Work::Text(","));
                     }
-                    write(v, out);
                 }
-                out.push(']');
             }
-            Value::Number(n) => out.push_str(&canonical_number(n)),
-            scalar => out.push_str(&scalar.to_string()),
+            Work::Value(Value::Number(n)) => out.push_str(&canonical_number(n)),
+            Work::Value(scalar) => out.push_str(&scalar.to_string()),
         }
     }
-    let mut out = String::new();
-    write(value, &mut out);
     out
+}
+
+/// Deepest data [`JsonPath::search`] evaluates; deeper data is an error. The
+/// conversion to JMESPath variables, the jmespath crate's comparisons and
+/// `to_string`, and dropping the variables all recurse once per level. Twice
+/// serde_json's parser limit (128), so any event Lambda parsed fits.
+const MAX_DATA_DEPTH: usize = 256;
+
+/// How deeply `value` nests, counted without recursion, stopping past `limit`.
+fn depth_exceeds(value: &Value, limit: usize) -> bool {
+    let mut stack = vec![(value, 1usize)];
+    while let Some((value, depth)) = stack.pop() {
+        if depth > limit {
+            return true;
+        }
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The number's exact canonical text (see [`number`]). serde_json only holds
@@ -638,6 +678,50 @@ mod tests {
             assert!(signature(name).is_some(), "{name}");
             assert!(RUNTIME.get_function(name).is_some(), "{name}");
         }
+    }
+
+    /// Drops `value` without recursion: serde_json's `Drop` recurses per level.
+    fn dismantle(value: Value) {
+        let mut stack = vec![value];
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.into_iter().map(|(_, v)| v)),
+                _ => {}
+            }
+        }
+    }
+
+    /// `[[[...1...]]]` (arrays) or `{"a":{"a":...}}` (objects), `depth` levels deep,
+    /// built in code: serde_json's parser would stop at 128.
+    fn nested(depth: usize, objects: bool) -> Value {
+        (0..depth).fold(json!(1), |inner, _| {
+            if objects {
+                // Not `json!`: it serializes an interpolated value, recursively.
+                Value::Object(std::iter::once(("a".to_owned(), inner)).collect())
+            } else {
+                Value::Array(vec![inner])
+            }
+        })
+    }
+
+    #[test]
+    fn deep_data_gives_a_key_or_a_search_error_without_overflowing() {
+        for objects in [false, true] {
+            let deep = nested(10_000, objects);
+            let text = canonical_json(&deep);
+            assert_eq!(text.len(), if objects { 60_001 } else { 20_001 });
+            assert_eq!(hash_value(&deep).len(), 64);
+            let err = JsonPath::compile("a").expect("valid").search(&deep);
+            let err = err.expect_err("too deep to search");
+            assert!(err.contains("levels deep"), "{err}");
+            dismantle(deep);
+        }
+        let fine = nested(MAX_DATA_DEPTH - 1, true);
+        JsonPath::compile("a")
+            .expect("valid")
+            .search(&fine)
+            .expect("shallow enough");
     }
 
     #[test]
