@@ -860,3 +860,172 @@ mod tests {
         }
     }
 }
+
+/// Properties of keys over generated JSON: spelling never matters, value always does.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// JSON values with short keys (so objects share some) and numbers of any size.
+    fn json_value() -> impl Strategy<Value = Value> {
+        // Without `exact-numbers`, f64 parsing is not correctly rounded, so respelled
+        // decimals may differ in the last bit: integers only.
+        #[cfg(feature = "exact-numbers")]
+        let number = (any::<bool>(), "[0-9]{1,30}", -500i32..500)
+            .prop_map(|(neg, digits, exp)| number(neg, &digits, exp));
+        #[cfg(not(feature = "exact-numbers"))]
+        let number = any::<i64>().prop_map(|n| json!(n));
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            "[a-zA-Z0-9 é\"\\\\\u{1}]{0,8}".prop_map(Value::String),
+            number,
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-d]{1,2}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// `digits`e`exp` parsed from text, so it is exact with `exact-numbers`; `None`
+    /// for numbers serde_json's f64 parsing rejects without the feature.
+    #[cfg(feature = "exact-numbers")]
+    fn number(neg: bool, digits: &str, exp: i32) -> Value {
+        let text = format!("{}{digits}e{exp}", if neg { "-" } else { "" });
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// `value` written with shuffled keys, whitespace, escaped strings and numbers
+    /// respelled (extra zeros, exponent shifted into the mantissa).
+    fn respell(value: &Value, seed: u64) -> String {
+        match value {
+            Value::String(text) => escaped(text),
+            // Without `exact-numbers`, `1.0E+0` parses as f64, which rounds integers
+            // past 2^53: the number spellings are only checked with the feature.
+            Value::Number(n) if cfg!(feature = "exact-numbers") => {
+                respell_number(&n.to_string(), seed)
+            }
+            Value::Array(_) | Value::Object(_) => respell_container(value, seed),
+            scalar => scalar.to_string(),
+        }
+    }
+
+    fn respell_container(value: &Value, seed: u64) -> String {
+        match value {
+            Value::Array(items) => {
+                let parts: Vec<_> = items.iter().map(|v| respell(v, seed)).collect();
+                format!("[ {} ]", parts.join(" ,\n"))
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by_key(|(k, _)| sha256_hex(format!("{seed}{k}").as_bytes()));
+                let parts: Vec<_> = entries
+                    .iter()
+                    .map(|(k, v)| format!("{} :\t{}", escaped(k), respell(v, seed)))
+                    .collect();
+                format!("{{{}}}", parts.join(", "))
+            }
+            _ => value.to_string(),
+        }
+    }
+
+    /// Every character as a `\uXXXX` escape (surrogate pairs beyond the BMP).
+    fn escaped(text: &str) -> String {
+        let mut out = String::from("\"");
+        for unit in text.encode_utf16() {
+            out.push_str(&format!("\\u{unit:04x}"));
+        }
+        out.push('"');
+        out
+    }
+
+    /// The same number as `text`, spelled `{mantissa}0000e{exponent}` or `0.000…`.
+    fn respell_number(text: &str, seed: u64) -> String {
+        let (mantissa, exp) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+        let exp: i64 = exp.trim_start_matches('+').parse().unwrap_or(0);
+        let extra = i64::try_from(seed % 5).unwrap_or(0);
+        let zeros = "0".repeat(extra as usize);
+        let mantissa = if mantissa.contains('.') {
+            format!("{mantissa}{zeros}")
+        } else {
+            format!("{mantissa}.{zeros}0")
+        };
+        format!("{mantissa}E{exp:+}")
+    }
+
+    fn key(text: &str) -> String {
+        hash_value(&serde_json::from_str::<Value>(text).expect("valid JSON"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn spelling_does_not_change_the_key(value in json_value(), seed in any::<u64>()) {
+            let plain = hash_value(&value);
+            prop_assert_eq!(key(&respell(&value, seed)), plain);
+        }
+
+        #[test]
+        fn different_values_give_different_keys(a in json_value(), b in json_value()) {
+            let same_text = canonical_json(&a) == canonical_json(&b);
+            prop_assert_eq!(hash_value(&a) == hash_value(&b), same_text);
+        }
+
+        #[test]
+        #[cfg(feature = "exact-numbers")]
+        fn numbers_differing_in_one_digit_differ(
+            digits in "[1-9][0-9]{15,40}", exp in -400i32..400, at in any::<prop::sample::Index>()
+        ) {
+            let mut other = digits.clone().into_bytes();
+            let i = at.index(other.len());
+            other[i] = if other[i] == b'9' { b'1' } else { other[i] + 1 };
+            let other = String::from_utf8(other).expect("digits");
+            prop_assert_ne!(key(&format!("{digits}e{exp}")), key(&format!("{other}e{exp}")));
+            prop_assert_ne!(key(&format!("0.{digits}")), key(&format!("0.{other}")));
+        }
+
+        #[test]
+        // Without the feature serde_json's f64 parsing is not correctly rounded,
+        // so `1293e25` and `12930000000e18` can differ in the last bit.
+        #[cfg(feature = "exact-numbers")]
+        fn equal_numbers_share_a_key(int in 0u64..1_000_000, zeros in 0usize..30, exp in -30i32..30) {
+            let tail = "0".repeat(zeros);
+            let scaled = format!("{int}{tail}e{}", exp - i32::try_from(zeros).unwrap_or(0));
+            prop_assert_eq!(key(&format!("{int}e{exp}")), key(&scaled));
+            prop_assert_eq!(key(&format!("{int}.0{tail}e{exp}")), key(&format!("{int}e{exp}")));
+            prop_assert_eq!(key("-0.0"), key("0"));
+        }
+
+        #[test]
+        fn hostile_strings_under_powertools_functions_never_panic(text in ".{0,64}") {
+            for f in [POWERTOOLS_JSON, POWERTOOLS_BASE64, POWERTOOLS_BASE64_GZIP] {
+                let path = JsonPath::compile(&format!("{f}(d)")).expect("valid");
+                let _ = path.search(&json!({ "d": text }));
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_events_give_a_key_or_a_typed_error() {
+        let huge = "x".repeat(5_000_000);
+        assert_eq!(hash_value(&json!({ "s": huge })).len(), 64);
+        let path = JsonPath::compile("powertools_json(s)").expect("valid");
+        assert!(path.search(&json!({ "s": huge })).is_err());
+        let gzip = JsonPath::compile("powertools_base64_gzip(s)").expect("valid");
+        let not_gzip = base64::engine::general_purpose::STANDARD.encode("not gzip");
+        assert!(gzip.search(&json!({ "s": not_gzip })).is_err());
+        assert!(gzip.search(&json!({ "s": "%%%" })).is_err());
+        let big = JsonPath::compile("powertools_json(s)").expect("valid");
+        let result = big.search(&json!({ "s": "[1e400]" }));
+        #[cfg(feature = "exact-numbers")]
+        assert_eq!(hash_value(&result.expect("exact")), key("[1e400]"));
+        #[cfg(not(feature = "exact-numbers"))]
+        assert!(result.is_err());
+    }
+}
