@@ -1,7 +1,7 @@
 //! What an [`Idempotency`](crate::Idempotency) does: key selection, validation,
 //! expiry, caching. Built once, checked when built.
 
-use crate::key::JsonPath;
+use crate::key::{JsonPath, DEFAULT_MAX_INFLATED_BYTES};
 use crate::record::IdempotencyRecord;
 use serde::Serialize;
 use serde_json::Value;
@@ -78,6 +78,7 @@ pub struct IdempotencyConfig {
     pub(crate) replay_permanent_errors: bool,
     pub(crate) disabled: bool,
     pub(crate) on_replay: Option<Arc<ReplayHook>>,
+    pub(crate) max_inflated_bytes: usize,
 }
 
 impl std::fmt::Debug for IdempotencyConfig {
@@ -92,6 +93,7 @@ impl std::fmt::Debug for IdempotencyConfig {
             .field("local_cache", &self.local_cache)
             .field("replay_permanent_errors", &self.replay_permanent_errors)
             .field("disabled", &self.disabled)
+            .field("max_inflated_bytes", &self.max_inflated_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +111,7 @@ impl Default for IdempotencyConfig {
             replay_permanent_errors: false,
             disabled: disabled_by(|name| std::env::var(name).ok()),
             on_replay: None,
+            max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
         }
     }
 }
@@ -253,14 +256,33 @@ impl IdempotencyConfigBuilder {
         self
     }
 
+    /// The most bytes `powertools_base64_gzip` may inflate a value to, in the key
+    /// and payload validation expressions. Default 6 MiB (6,291,456 bytes), Lambda's
+    /// synchronous payload limit. An event over it fails with
+    /// [`InvalidEvent`](crate::IdempotencyError::InvalidEvent) naming the limit,
+    /// before inflating more than one byte past it: gzip inflates up to about
+    /// 1000:1, so an unbounded 339 KiB event costs 256 MiB and seconds of CPU.
+    pub fn max_inflated_bytes(mut self, limit: usize) -> Self {
+        self.config.max_inflated_bytes = limit;
+        self
+    }
+
     /// Checks and compiles the configuration.
     pub fn build(mut self) -> Result<IdempotencyConfig, ConfigError> {
+        if self.config.max_inflated_bytes == 0 {
+            return Err(ConfigError::InvalidSetting(
+                "max_inflated_bytes must be positive".into(),
+            ));
+        }
+        let max_inflated_bytes = self.config.max_inflated_bytes;
         let compile = |role, expression: String| {
-            JsonPath::compile(&expression).map_err(|reason| ConfigError::InvalidExpression {
-                role,
-                expression,
-                reason,
-            })
+            JsonPath::compile(&expression)
+                .map(|path| path.with_max_inflated_bytes(max_inflated_bytes))
+                .map_err(|reason| ConfigError::InvalidExpression {
+                    role,
+                    expression,
+                    reason,
+                })
         };
         if let Some(expression) = self.key_expression {
             self.config.key = KeySource::Expression(compile("key", expression)?);
@@ -322,6 +344,20 @@ mod tests {
             .in_progress_timeout(Duration::ZERO)
             .build()
             .is_err());
+    }
+
+    #[test]
+    fn the_inflation_limit_is_positive_and_shown() {
+        let err = IdempotencyConfig::builder()
+            .max_inflated_bytes(0)
+            .build()
+            .expect_err("zero");
+        assert!(matches!(err, ConfigError::InvalidSetting(_)), "{err}");
+        let config = IdempotencyConfig::builder()
+            .max_inflated_bytes(1024)
+            .build()
+            .expect("valid");
+        assert!(format!("{config:?}").contains("max_inflated_bytes: 1024"));
     }
 
     #[test]

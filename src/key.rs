@@ -6,29 +6,33 @@ use jmespath::functions::{ArgumentType, CustomFunction, Signature};
 use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::cell::Cell;
 use std::io::Read as _;
 use std::sync::LazyLock;
+
+mod number;
 
 /// The JMESPath runtime: the standard functions plus the three Powertools ones, so
 /// expressions written for Powertools work unchanged.
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     let mut runtime = Runtime::new();
     runtime.register_builtin_functions();
-    let string_arg = || Signature::new(vec![ArgumentType::String], None);
+    let string_arg = || signature(POWERTOOLS_JSON).unwrap_or_else(|| Signature::new(vec![], None));
     runtime.register_function(
-        "powertools_json",
+        POWERTOOLS_JSON,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
+                // serde_json's parser stops at 128 levels, so the conversion is bounded.
                 let value: Value =
                     serde_json::from_str(text).map_err(|_| invalid(ctx, "a JSON string", text))?;
-                to_variable(&value, ctx)
+                Ok(to_variable(&value))
             }),
         )),
     );
     runtime.register_function(
-        "powertools_base64",
+        POWERTOOLS_BASE64,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
@@ -41,22 +45,106 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
         )),
     );
     runtime.register_function(
-        "powertools_base64_gzip",
+        POWERTOOLS_BASE64_GZIP,
         Box::new(CustomFunction::new(
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
                 let bytes = decode_base64(text, ctx)?;
-                let mut decoded = String::new();
-                flate2::read::GzDecoder::new(bytes.as_slice())
-                    .read_to_string(&mut decoded)
-                    .map_err(|_| invalid(ctx, "base64 of gzipped UTF-8 text", text))?;
-                Ok(Rcvar::new(Variable::String(decoded)))
+                let limit = MAX_INFLATED_BYTES.get();
+                match inflate(&bytes, limit) {
+                    Ok(decoded) => Ok(Rcvar::new(Variable::String(decoded))),
+                    Err(Inflate::TooLarge) => Err(fail(ctx, inflated_too_large(limit))),
+                    Err(Inflate::Invalid) => {
+                        Err(invalid(ctx, "base64 of gzipped UTF-8 text", text))
+                    }
+                }
             }),
         )),
     );
     runtime
 });
+
+/// Default bound on the text `powertools_base64_gzip` may inflate: 6 MiB, Lambda's
+/// limit for a synchronous payload. Gzip compresses up to about 1000:1, so without
+/// a bound a 339 KiB event inflated to 256 MiB (20 s, 800 MB of memory); nothing
+/// an idempotency key needs comes near 6 MiB (a CloudWatch Logs batch, the usual
+/// gzipped payload, is at most 1 MiB inflated).
+pub(crate) const DEFAULT_MAX_INFLATED_BYTES: usize = 6 * 1024 * 1024;
+
+thread_local! {
+    /// The inflation bound of the search running on this thread. The JMESPath
+    /// runtime is a global static and its functions only get their arguments and a
+    /// `Context` without user data, so the bound of the expression being evaluated
+    /// reaches `powertools_base64_gzip` through here: [`JsonPath::search`] sets it
+    /// around a search, which is synchronous, so it cannot leak to another
+    /// expression on the same thread (a per-configuration runtime would need to be
+    /// leaked for the `'static` expressions).
+    static MAX_INFLATED_BYTES: Cell<usize> = const { Cell::new(DEFAULT_MAX_INFLATED_BYTES) };
+    /// Why the current search failed, when a Powertools function knows better than
+    /// the JMESPath error it has to return.
+    static FAILURE: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Sets this thread's inflation bound for one search; restores the previous one
+/// when dropped, also on unwinding.
+struct SearchScope {
+    previous: usize,
+}
+
+impl SearchScope {
+    fn enter(max_inflated_bytes: usize) -> Self {
+        FAILURE.set(None);
+        Self {
+            previous: MAX_INFLATED_BYTES.replace(max_inflated_bytes),
+        }
+    }
+
+    /// The failure a Powertools function recorded during the search, if any.
+    fn failure(&self) -> Option<String> {
+        FAILURE.take()
+    }
+}
+
+impl Drop for SearchScope {
+    fn drop(&mut self) {
+        MAX_INFLATED_BYTES.set(self.previous);
+    }
+}
+
+enum Inflate {
+    TooLarge,
+    Invalid,
+}
+
+/// Gunzips `bytes` into text of at most `limit` bytes. Reads one byte past the
+/// limit to tell "exactly at the limit" from "over it" without inflating more.
+fn inflate(bytes: &[u8], limit: usize) -> Result<String, Inflate> {
+    let mut out = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::GzDecoder::new(bytes)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|_| Inflate::Invalid)?;
+    if out.len() > limit {
+        return Err(Inflate::TooLarge);
+    }
+    String::from_utf8(out).map_err(|_| Inflate::Invalid)
+}
+
+fn inflated_too_large(limit: usize) -> String {
+    format!(
+        "powertools_base64_gzip: the data inflates to more than {limit} bytes, \
+         the limit set by IdempotencyConfigBuilder::max_inflated_bytes"
+    )
+}
+
+/// Records `reason` for [`JsonPath::search`] and returns the error JMESPath needs.
+fn fail(ctx: &Context<'_>, reason: String) -> JmespathError {
+    let err = JmespathError::from_ctx(ctx, ErrorReason::Parse(reason.clone()));
+    FAILURE.set(Some(reason));
+    err
+}
 
 /// The signature check has already run, so the first argument is a string.
 fn first_string(args: &[Rcvar]) -> &str {
@@ -83,51 +171,115 @@ fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
     )
 }
 
-fn to_variable(value: &Value, ctx: &Context<'_>) -> Result<Rcvar, JmespathError> {
-    Variable::try_from(value)
-        .map(Rcvar::new)
-        .map_err(|e| JmespathError::from_ctx(ctx, ErrorReason::Parse(e.to_string())))
+/// `value` as a JMESPath variable. Not `Variable::try_from` nor `search(&Value)`:
+/// without jmespath's nightly-only `specialized` feature both go through serde, and
+/// with serde_json's `arbitrary_precision` a number serializes as a private
+/// one-field object, so numbers would turn into objects. Recursive: callers bound
+/// the depth first ([`MAX_DATA_DEPTH`], serde_json's parser limit).
+fn to_variable(value: &Value) -> Rcvar {
+    Rcvar::new(match value {
+        Value::Null => Variable::Null,
+        Value::Bool(b) => Variable::Bool(*b),
+        Value::Number(n) => Variable::Number(n.clone()),
+        Value::String(s) => Variable::String(s.clone()),
+        Value::Array(items) => Variable::Array(items.iter().map(to_variable).collect()),
+        Value::Object(map) => Variable::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), to_variable(v)))
+                .collect(),
+        ),
+    })
 }
 
 /// A compiled JMESPath expression.
 #[derive(Clone)]
-pub(crate) struct JsonPath(jmespath::Expression<'static>);
+pub(crate) struct JsonPath {
+    expression: jmespath::Expression<'static>,
+    max_inflated_bytes: usize,
+}
 
 impl std::fmt::Debug for JsonPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.as_str())
+        f.write_str(self.expression.as_str())
     }
 }
 
 impl JsonPath {
-    /// Compiles `expression`, rejecting syntax errors and calls to unknown functions
-    /// (which the jmespath crate only reports when a call is evaluated).
+    /// Compiles `expression`, rejecting syntax errors, expressions too long or too
+    /// deeply nested to evaluate safely, and function calls that can never work:
+    /// unknown functions, wrong argument counts, literal arguments of the wrong
+    /// type (the jmespath crate only reports these when a call is evaluated).
     pub(crate) fn compile(expression: &str) -> Result<Self, String> {
-        let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
-        if let Some(name) = unknown_function(compiled.as_ast()) {
-            return Err(format!("unknown function {name}()"));
+        if expression.len() > MAX_EXPRESSION_BYTES {
+            return Err(format!(
+                "the expression is {} bytes long, more than the {MAX_EXPRESSION_BYTES} bytes allowed",
+                expression.len()
+            ));
         }
-        Ok(Self(compiled))
+        let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
+        check_ast(compiled.as_ast())?;
+        Ok(Self {
+            expression: compiled,
+            max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
+        })
+    }
+
+    /// Bounds what `powertools_base64_gzip` may inflate during this expression's
+    /// searches.
+    pub(crate) fn with_max_inflated_bytes(mut self, limit: usize) -> Self {
+        self.max_inflated_bytes = limit;
+        self
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.expression.as_str()
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
-        let found = self.0.search(data).map_err(|e| e.to_string())?;
+        if depth_exceeds(data, MAX_DATA_DEPTH) {
+            return Err(format!(
+                "the event is nested more than {MAX_DATA_DEPTH} levels deep"
+            ));
+        }
+        let scope = SearchScope::enter(self.max_inflated_bytes);
+        let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
+        let found = jmespath::interpret(&to_variable(data), self.expression.as_ast(), &mut ctx)
+            .map_err(|e| scope.failure().unwrap_or_else(|| e.to_string()))?;
         serde_json::to_value(&*found).map_err(|e| e.to_string())
     }
 }
 
-fn unknown_function(ast: &Ast) -> Option<String> {
-    let children: Vec<&Ast> = match ast {
-        Ast::Function { name, args, .. } => {
-            if RUNTIME.get_function(name).is_none() {
-                return Some(name.clone());
-            }
-            args.iter().collect()
+/// Longest expression accepted. The jmespath parser and interpreter recurse once or
+/// more per nesting level (parentheses, `!`, projections), so the length bounds
+/// their stack use before parsing: 255 nested parentheses or 511 `!` overflow a
+/// 2 MiB thread in a debug build, 127 and 255 do not. Key expressions are a few
+/// dozen bytes.
+const MAX_EXPRESSION_BYTES: usize = 256;
+/// Deepest expression tree accepted, which bounds the interpreter's recursion when
+/// the expression is evaluated (and when it is cloned or dropped).
+const MAX_EXPRESSION_DEPTH: usize = 64;
+
+/// Walks the tree with an explicit stack (a 10,000-segment `a.a.a...` is a tree
+/// 10,000 deep) and checks its depth and every function call.
+fn check_ast(root: &Ast) -> Result<(), String> {
+    let mut stack = vec![(root, 1usize)];
+    while let Some((ast, depth)) = stack.pop() {
+        if depth > MAX_EXPRESSION_DEPTH {
+            return Err(format!(
+                "the expression is nested more than {MAX_EXPRESSION_DEPTH} levels deep"
+            ));
         }
+        if let Ast::Function { name, args, .. } = ast {
+            check_call(name, args)?;
+        }
+        stack.extend(children(ast).into_iter().map(|child| (child, depth + 1)));
+    }
+    Ok(())
+}
+
+fn children(ast: &Ast) -> Vec<&Ast> {
+    match ast {
+        Ast::Function { args, .. } => args.iter().collect(),
         Ast::Comparison { lhs, rhs, .. }
         | Ast::Projection { lhs, rhs, .. }
         | Ast::And { lhs, rhs, .. }
@@ -146,12 +298,93 @@ fn unknown_function(ast: &Ast) -> Option<String> {
         | Ast::Field { .. }
         | Ast::Index { .. }
         | Ast::Literal { .. }
-        | Ast::Slice { .. } => {
-            vec![]
-        }
-    };
-    children.into_iter().find_map(unknown_function)
+        | Ast::Slice { .. } => vec![],
+    }
 }
+
+/// A call to `name` with `args` that can never succeed: unknown function, wrong
+/// argument count, or an argument whose type is known now (a literal, or `&expr`)
+/// and does not fit the signature.
+fn check_call(name: &str, args: &[Ast]) -> Result<(), String> {
+    let signature = signature(name).ok_or_else(|| format!("unknown function {name}()"))?;
+    let (fixed, variadic) = (signature.inputs.len(), signature.variadic.is_some());
+    if args.len() < fixed || (!variadic && args.len() > fixed) {
+        let expected = if variadic {
+            format!("at least {fixed}")
+        } else {
+            fixed.to_string()
+        };
+        return Err(format!(
+            "{name}() takes {expected} argument(s), given {}",
+            args.len()
+        ));
+    }
+    for (position, arg) in args.iter().enumerate() {
+        let expected = signature
+            .inputs
+            .get(position)
+            .or(signature.variadic.as_ref())
+            .unwrap_or(&ArgumentType::Any);
+        if let Some(given) = impossible_argument(arg, expected) {
+            return Err(format!(
+                "{name}() argument {} must be {expected}, given {given}",
+                position + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What `arg` is, when it can never be of type `expected`: a literal of another
+/// type, an `&expr` where a value is expected, or a value where `&expr` is.
+fn impossible_argument(arg: &Ast, expected: &ArgumentType) -> Option<String> {
+    match (arg, expected) {
+        (_, ArgumentType::Any) => None,
+        (Ast::Expref { .. }, ArgumentType::Expref) => None,
+        (Ast::Expref { .. }, _) => Some("an &expression".to_owned()),
+        (_, ArgumentType::Expref) => Some("a value (write &expression)".to_owned()),
+        (Ast::Literal { value, .. }, _) if !expected.is_valid(value) => {
+            Some(format!("the {} literal {value}", value.get_type()))
+        }
+        _ => None,
+    }
+}
+
+/// The signatures of jmespath 0.5's built-in functions, which it does not expose
+/// (`Runtime::get_function` gives a `dyn Function` without its signature), and of
+/// the Powertools ones. A test checks that this table and the runtime name the same
+/// functions.
+fn signature(name: &str) -> Option<Signature> {
+    use ArgumentType::{Any, Array, Bool, Expref, Null, Number, Object, String};
+    let typed = |t: ArgumentType| ArgumentType::TypedArray(Box::new(t));
+    let numbers_or_strings = || ArgumentType::Union(vec![typed(Number), typed(String)]);
+    let fixed = |inputs: Vec<ArgumentType>| Some(Signature::new(inputs, None));
+    match name {
+        "abs" | "ceil" | "floor" => fixed(vec![Number]),
+        "avg" | "sum" => fixed(vec![typed(Number)]),
+        "contains" => fixed(vec![ArgumentType::Union(vec![String, Array]), Any]),
+        "ends_with" | "starts_with" => fixed(vec![String, String]),
+        "join" => fixed(vec![String, typed(String)]),
+        "keys" | "values" => fixed(vec![Object]),
+        "length" => fixed(vec![ArgumentType::Union(vec![Array, Object, String])]),
+        "map" => fixed(vec![Expref, Array]),
+        "max" | "min" | "sort" => fixed(vec![numbers_or_strings()]),
+        "max_by" | "min_by" | "sort_by" => fixed(vec![Array, Expref]),
+        "merge" => Some(Signature::new(vec![Object], Some(Object))),
+        "not_null" => Some(Signature::new(vec![Any], Some(Any))),
+        "reverse" => fixed(vec![ArgumentType::Union(vec![Array, String])]),
+        "to_array" | "to_number" | "type" => fixed(vec![Any]),
+        "to_string" => fixed(vec![ArgumentType::Union(vec![
+            Object, Array, Bool, Number, String, Null,
+        ])]),
+        POWERTOOLS_JSON | POWERTOOLS_BASE64 | POWERTOOLS_BASE64_GZIP => fixed(vec![String]),
+        _ => None,
+    }
+}
+
+const POWERTOOLS_JSON: &str = "powertools_json";
+const POWERTOOLS_BASE64: &str = "powertools_base64";
+const POWERTOOLS_BASE64_GZIP: &str = "powertools_base64_gzip";
 
 /// Key material that cannot identify an event: `null`, `""`, `[]`, `{}`, or a list
 /// of nulls (what a multi-select gives when no field exists). `0` and `false` are fine.
@@ -165,43 +398,85 @@ pub(crate) fn is_missing(value: &Value) -> bool {
     }
 }
 
-/// JSON with object keys sorted at every level and no whitespace, so that equal
-/// values hash equally whatever their field order. Hand-written because
-/// `serde_json` only sorts keys while its `preserve_order` feature is off, and any
-/// crate in a user's tree can turn that feature on.
+/// JSON with object keys sorted at every level, no whitespace and numbers in
+/// their canonical text (see [`number`]), so that equal values hash equally
+/// whatever their field order and spelling. Hand-written because `serde_json`
+/// only sorts keys while its `preserve_order` feature is off, and any crate in a
+/// user's tree can turn that feature on. Iterative, with an explicit stack: a
+/// `Value` built in code can be nested far deeper than the thread's stack allows
+/// recursion.
 pub(crate) fn canonical_json(value: &Value) -> String {
-    fn write(value: &Value, out: &mut String) {
-        match value {
-            Value::Object(map) => {
+    enum Work<'a> {
+        Value(&'a Value),
+        Key(&'a str),
+        Text(&'static str),
+    }
+    let mut out = String::new();
+    let mut stack = vec![Work::Value(value)];
+    while let Some(work) = stack.pop() {
+        match work {
+            Work::Text(text) => out.push_str(text),
+            Work::Key(key) => {
+                out.push_str(&Value::String(key.to_owned()).to_string());
+                out.push(':');
+            }
+            Work::Value(Value::Object(map)) => {
                 let mut entries: Vec<_> = map.iter().collect();
                 entries.sort_by(|a, b| a.0.cmp(b.0));
                 out.push('{');
-                for (i, (k, v)) in entries.into_iter().enumerate() {
+                stack.push(Work::Text("}"));
+                for (i, (k, v)) in entries.into_iter().enumerate().rev() {
+                    stack.push(Work::Value(v));
+                    stack.push(Work::Key(k));
                     if i > 0 {
-                        out.push(',');
+                        stack.push(Work::Text(","));
                     }
-                    out.push_str(&Value::String(k.clone()).to_string());
-                    out.push(':');
-                    write(v, out);
                 }
-                out.push('}');
             }
-            Value::Array(items) => {
+            Work::Value(Value::Array(items)) => {
                 out.push('[');
-                for (i, v) in items.iter().enumerate() {
+                stack.push(Work::Text("]"));
+                for (i, v) in items.iter().enumerate().rev() {
+                    stack.push(Work::Value(v));
                     if i > 0 {
-                        out.push(',');
+                        stack.push(Work::Text(","));
                     }
-                    write(v, out);
                 }
-                out.push(']');
             }
-            scalar => out.push_str(&scalar.to_string()),
+            Work::Value(Value::Number(n)) => out.push_str(&canonical_number(n)),
+            Work::Value(scalar) => out.push_str(&scalar.to_string()),
         }
     }
-    let mut out = String::new();
-    write(value, &mut out);
     out
+}
+
+/// Deepest data [`JsonPath::search`] evaluates; deeper data is an error. The
+/// conversion to JMESPath variables, the jmespath crate's comparisons and
+/// `to_string`, and dropping the variables all recurse once per level. Twice
+/// serde_json's parser limit (128), so any event Lambda parsed fits.
+const MAX_DATA_DEPTH: usize = 256;
+
+/// How deeply `value` nests, counted without recursion, stopping past `limit`.
+fn depth_exceeds(value: &Value, limit: usize) -> bool {
+    let mut stack = vec![(value, 1usize)];
+    while let Some((value, depth)) = stack.pop() {
+        if depth > limit {
+            return true;
+        }
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, depth + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|v| (v, depth + 1))),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The number's exact canonical text (see [`number`]). serde_json only holds
+/// valid JSON numbers, so the fallback to its own text never runs in practice.
+fn canonical_number(n: &serde_json::Number) -> String {
+    let text = n.to_string();
+    number::canonical_number(&text).unwrap_or(text)
 }
 
 /// Lowercase hex SHA-256 of `data`.
@@ -255,6 +530,43 @@ mod tests {
         );
     }
 
+    fn gzip_base64(data: &[u8]) -> String {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, data).expect("gzip");
+        base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"))
+    }
+
+    #[test]
+    fn gzip_inflation_stops_at_the_default_limit() {
+        let bomb = gzip_base64(&vec![b'a'; DEFAULT_MAX_INFLATED_BYTES + 1]);
+        let path = JsonPath::compile("powertools_base64_gzip(d)").expect("valid");
+        let err = path
+            .search(&json!({ "d": bomb }))
+            .expect_err("over the limit");
+        assert!(err.contains("6291456 bytes"), "{err}");
+        let fits = gzip_base64(&vec![b'a'; DEFAULT_MAX_INFLATED_BYTES]);
+        let found = path.search(&json!({ "d": fits })).expect("at the limit");
+        assert_eq!(
+            found.as_str().map(str::len),
+            Some(DEFAULT_MAX_INFLATED_BYTES)
+        );
+    }
+
+    #[test]
+    fn gzip_inflation_limit_is_per_expression() {
+        let data = json!({ "d": gzip_base64(&[b'a'; 100]) });
+        let small = JsonPath::compile("powertools_base64_gzip(d)")
+            .expect("valid")
+            .with_max_inflated_bytes(99);
+        let err = small.search(&data).expect_err("over the limit");
+        assert!(err.contains("99 bytes"), "{err}");
+        let exact = small.clone().with_max_inflated_bytes(100);
+        assert!(exact.search(&data).is_ok());
+        // The limit does not leak to the next search on the thread.
+        let default = JsonPath::compile("powertools_base64_gzip(d)").expect("valid");
+        assert!(default.search(&data).is_ok());
+    }
+
     #[test]
     fn bad_embedded_json_is_a_search_error_not_a_panic() {
         let path = JsonPath::compile("powertools_json(body)").expect("valid");
@@ -272,6 +584,147 @@ mod tests {
     }
 
     #[test]
+    fn wrong_arity_and_literal_types_fail_compilation() {
+        for (expression, mentions) in [
+            ("length(@, @)", "length"),
+            ("powertools_json(`1`)", "powertools_json"),
+            ("abs('a')", "abs"),
+            ("a.powertools_base64()", "powertools_base64"),
+            ("not_null()", "not_null"),
+            ("sort_by(items, id)", "sort_by"),
+            ("length(&a)", "length"),
+            ("merge(`{}`, `[]`)", "merge"),
+        ] {
+            let err = JsonPath::compile(expression).expect_err(expression);
+            assert!(err.contains(mentions), "{expression}: {err}");
+        }
+        for expression in [
+            "length(@)",
+            "not_null(a, b, `1`, 'x')",
+            "merge(`{}`, a)",
+            "sort_by(items, &id)",
+            "contains('abc', 'b')",
+            "to_string(`1`)",
+            "powertools_json(powertools_base64_gzip(d)).id",
+        ] {
+            JsonPath::compile(expression).expect(expression);
+        }
+    }
+
+    #[test]
+    fn deep_expressions_fail_compilation_without_overflowing() {
+        let segments = vec!["a"; 10_000].join(".");
+        let err = JsonPath::compile(&segments).expect_err("too long");
+        assert!(err.contains("bytes"), "{err}");
+        let n = MAX_EXPRESSION_BYTES;
+        let half = (n - 1) / 2;
+        for shape in [
+            // The most nesting that fits in the length bound, for each recursive rule.
+            format!("{}a{}", "(".repeat(half), ")".repeat(half)),
+            format!("{}a", "!".repeat(n - 1)),
+            format!("{}a{}", "[".repeat(half), "]".repeat(half)),
+            format!("{}a{}", "{a:".repeat(n / 4 - 1), "}".repeat(n / 4 - 1)),
+            vec!["a[*]"; n / 5].join("."),
+            vec!["a"; n / 3].join("||"),
+            vec!["a"; n / 2].join("."),
+            vec!["a"; n / 2].join("|"),
+        ] {
+            assert!(shape.len() <= MAX_EXPRESSION_BYTES, "{}", shape.len());
+            // Parses or fails, without overflowing; a deep tree fails.
+            if let Err(err) = JsonPath::compile(&shape) {
+                assert!(!err.is_empty());
+            }
+        }
+        let deep = vec!["a"; MAX_EXPRESSION_DEPTH + 1].join(".");
+        let err = JsonPath::compile(&deep).expect_err("too deep");
+        assert!(err.contains("levels deep"), "{err}");
+        let ok = vec!["a"; 30].join(".");
+        JsonPath::compile(&ok).expect("30 segments");
+    }
+
+    #[test]
+    fn the_signature_table_names_the_runtime_functions() {
+        for name in [
+            "abs",
+            "avg",
+            "ceil",
+            "contains",
+            "ends_with",
+            "floor",
+            "join",
+            "keys",
+            "length",
+            "map",
+            "max",
+            "max_by",
+            "merge",
+            "min",
+            "min_by",
+            "not_null",
+            "reverse",
+            "sort",
+            "sort_by",
+            "starts_with",
+            "sum",
+            "to_array",
+            "to_number",
+            "to_string",
+            "type",
+            "values",
+            POWERTOOLS_JSON,
+            POWERTOOLS_BASE64,
+            POWERTOOLS_BASE64_GZIP,
+        ] {
+            assert!(signature(name).is_some(), "{name}");
+            assert!(RUNTIME.get_function(name).is_some(), "{name}");
+        }
+    }
+
+    /// Drops `value` without recursion: serde_json's `Drop` recurses per level.
+    fn dismantle(value: Value) {
+        let mut stack = vec![value];
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.into_iter().map(|(_, v)| v)),
+                _ => {}
+            }
+        }
+    }
+
+    /// `[[[...1...]]]` (arrays) or `{"a":{"a":...}}` (objects), `depth` levels deep,
+    /// built in code: serde_json's parser would stop at 128.
+    fn nested(depth: usize, objects: bool) -> Value {
+        (0..depth).fold(json!(1), |inner, _| {
+            if objects {
+                // Not `json!`: it serializes an interpolated value, recursively.
+                Value::Object(std::iter::once(("a".to_owned(), inner)).collect())
+            } else {
+                Value::Array(vec![inner])
+            }
+        })
+    }
+
+    #[test]
+    fn deep_data_gives_a_key_or_a_search_error_without_overflowing() {
+        for objects in [false, true] {
+            let deep = nested(10_000, objects);
+            let text = canonical_json(&deep);
+            assert_eq!(text.len(), if objects { 60_001 } else { 20_001 });
+            assert_eq!(hash_value(&deep).len(), 64);
+            let err = JsonPath::compile("a").expect("valid").search(&deep);
+            let err = err.expect_err("too deep to search");
+            assert!(err.contains("levels deep"), "{err}");
+            dismantle(deep);
+        }
+        let fine = nested(MAX_DATA_DEPTH - 1, true);
+        JsonPath::compile("a")
+            .expect("valid")
+            .search(&fine)
+            .expect("shallow enough");
+    }
+
+    #[test]
     fn canonical_json_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": "é"}});
         assert_eq!(
@@ -282,6 +735,99 @@ mod tests {
             hash_value(&a),
             hash_value(&json!({"a": {"c": "é", "d": [1, {"x": 1, "y": 2}]}, "b": 1}))
         );
+    }
+
+    fn key_of(json: &str) -> String {
+        hash_value(&serde_json::from_str(json).expect("valid JSON"))
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_beyond_64_bits_and_f64_precision_give_different_keys() {
+        for (a, b) in [
+            ("18446752753646647040", "18446752753646647041"),
+            ("12345678901234567890123", "12345678901234567890124"),
+            ("-9223372036854775809", "-9223372036854775810"),
+            ("0.30000000000000000001", "0.30000000000000000002"),
+            ("1.0000000000000000000000001", "1"),
+            ("1e400", "1e401"),
+            ("1e-400", "0"),
+        ] {
+            assert_ne!(key_of(a), key_of(b), "{a} vs {b}");
+            let (a, b) = (format!("{{\"n\":[{a}]}}"), format!("{{\"n\":[{b}]}}"));
+            assert_ne!(key_of(&a), key_of(&b), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_inside_embedded_json_stay_exact() {
+        let path = JsonPath::compile("powertools_json(body).n").expect("valid");
+        let key = |n: &str| {
+            let event = json!({ "body": format!("{{\"n\":{n}}}") });
+            hash_value(&path.search(&event).expect("search"))
+        };
+        assert_ne!(key("18446752753646647040"), key("18446752753646647041"));
+        assert_ne!(key("0.12345678901234567890"), key("0.12345678901234567891"));
+    }
+
+    #[test]
+    fn numerically_equal_numbers_give_one_key() {
+        for same in [
+            &[
+                "1", "1.0", "1e0", "10e-1", "0.1e1", "1.000", "1E+0", "100e-2",
+            ][..],
+            &["0", "-0", "0.0", "-0.0", "0e5", "-0e-5", "0.000e10"],
+            &["-12.5", "-125e-1", "-1.25E1", "-0.0125e3"],
+            &["18446752753646647040", "1.844675275364664704e19"],
+            &["123456789", "1.23456789e8", "123456789.000"],
+        ] {
+            let keys: Vec<_> = same.iter().map(|n| key_of(n)).collect();
+            assert!(keys.iter().all(|k| *k == keys[0]), "{same:?}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "exact-numbers")]
+    fn numbers_are_written_with_all_their_digits() {
+        for (text, canonical) in [
+            ("18446752753646647040", "18446752753646647040"),
+            ("0.12345678901234567890", "0.1234567890123456789"),
+            ("1e400", "1e400"),
+            ("-1.5e-400", "-1.5e-400"),
+        ] {
+            let value: Value = serde_json::from_str(text).expect("valid JSON");
+            assert_eq!(canonical_json(&value), canonical, "{text}");
+        }
+    }
+
+    #[test]
+    fn plain_integers_and_decimals_keep_their_keys() {
+        for (text, canonical) in [
+            ("7", "7"),
+            ("-3", "-3"),
+            ("1.5", "1.5"),
+            ("0.001", "0.001"),
+            ("1.0", "1"),
+            ("-0.0", "0"),
+            ("18446744073709551615", "18446744073709551615"),
+            ("-9223372036854775808", "-9223372036854775808"),
+            ("1e21", "1e21"),
+            ("0.0000001", "1e-7"),
+        ] {
+            let value: Value = serde_json::from_str(text).expect("valid JSON");
+            assert_eq!(canonical_json(&value), canonical, "{text}");
+        }
+    }
+
+    #[test]
+    #[cfg(not(feature = "exact-numbers"))]
+    fn without_exact_numbers_an_out_of_range_number_is_a_search_error() {
+        let path = JsonPath::compile("powertools_json(body)").expect("valid");
+        let err = path
+            .search(&json!({"body": "[1e400]"}))
+            .expect_err("f64 overflow");
+        assert!(err.contains("JSON string"), "{err}");
     }
 
     #[test]
@@ -312,5 +858,174 @@ mod tests {
         ] {
             assert!(!is_missing(&present), "{present}");
         }
+    }
+}
+
+/// Properties of keys over generated JSON: spelling never matters, value always does.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// JSON values with short keys (so objects share some) and numbers of any size.
+    fn json_value() -> impl Strategy<Value = Value> {
+        // Without `exact-numbers`, f64 parsing is not correctly rounded, so respelled
+        // decimals may differ in the last bit: integers only.
+        #[cfg(feature = "exact-numbers")]
+        let number = (any::<bool>(), "[0-9]{1,30}", -500i32..500)
+            .prop_map(|(neg, digits, exp)| number(neg, &digits, exp));
+        #[cfg(not(feature = "exact-numbers"))]
+        let number = any::<i64>().prop_map(|n| json!(n));
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            "[a-zA-Z0-9 é\"\\\\\u{1}]{0,8}".prop_map(Value::String),
+            number,
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-d]{1,2}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// `digits`e`exp` parsed from text, so it is exact with `exact-numbers`; `None`
+    /// for numbers serde_json's f64 parsing rejects without the feature.
+    #[cfg(feature = "exact-numbers")]
+    fn number(neg: bool, digits: &str, exp: i32) -> Value {
+        let text = format!("{}{digits}e{exp}", if neg { "-" } else { "" });
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// `value` written with shuffled keys, whitespace, escaped strings and numbers
+    /// respelled (extra zeros, exponent shifted into the mantissa).
+    fn respell(value: &Value, seed: u64) -> String {
+        match value {
+            Value::String(text) => escaped(text),
+            // Without `exact-numbers`, `1.0E+0` parses as f64, which rounds integers
+            // past 2^53: the number spellings are only checked with the feature.
+            Value::Number(n) if cfg!(feature = "exact-numbers") => {
+                respell_number(&n.to_string(), seed)
+            }
+            Value::Array(_) | Value::Object(_) => respell_container(value, seed),
+            scalar => scalar.to_string(),
+        }
+    }
+
+    fn respell_container(value: &Value, seed: u64) -> String {
+        match value {
+            Value::Array(items) => {
+                let parts: Vec<_> = items.iter().map(|v| respell(v, seed)).collect();
+                format!("[ {} ]", parts.join(" ,\n"))
+            }
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.iter().collect();
+                entries.sort_by_key(|(k, _)| sha256_hex(format!("{seed}{k}").as_bytes()));
+                let parts: Vec<_> = entries
+                    .iter()
+                    .map(|(k, v)| format!("{} :\t{}", escaped(k), respell(v, seed)))
+                    .collect();
+                format!("{{{}}}", parts.join(", "))
+            }
+            _ => value.to_string(),
+        }
+    }
+
+    /// Every character as a `\uXXXX` escape (surrogate pairs beyond the BMP).
+    fn escaped(text: &str) -> String {
+        let mut out = String::from("\"");
+        for unit in text.encode_utf16() {
+            out.push_str(&format!("\\u{unit:04x}"));
+        }
+        out.push('"');
+        out
+    }
+
+    /// The same number as `text`, spelled `{mantissa}0000e{exponent}` or `0.000…`.
+    fn respell_number(text: &str, seed: u64) -> String {
+        let (mantissa, exp) = text.split_once(['e', 'E']).unwrap_or((text, "0"));
+        let exp: i64 = exp.trim_start_matches('+').parse().unwrap_or(0);
+        let extra = i64::try_from(seed % 5).unwrap_or(0);
+        let zeros = "0".repeat(extra as usize);
+        let mantissa = if mantissa.contains('.') {
+            format!("{mantissa}{zeros}")
+        } else {
+            format!("{mantissa}.{zeros}0")
+        };
+        format!("{mantissa}E{exp:+}")
+    }
+
+    fn key(text: &str) -> String {
+        hash_value(&serde_json::from_str::<Value>(text).expect("valid JSON"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn spelling_does_not_change_the_key(value in json_value(), seed in any::<u64>()) {
+            let plain = hash_value(&value);
+            prop_assert_eq!(key(&respell(&value, seed)), plain);
+        }
+
+        #[test]
+        fn different_values_give_different_keys(a in json_value(), b in json_value()) {
+            let same_text = canonical_json(&a) == canonical_json(&b);
+            prop_assert_eq!(hash_value(&a) == hash_value(&b), same_text);
+        }
+
+        #[test]
+        #[cfg(feature = "exact-numbers")]
+        fn numbers_differing_in_one_digit_differ(
+            digits in "[1-9][0-9]{15,40}", exp in -400i32..400, at in any::<prop::sample::Index>()
+        ) {
+            let mut other = digits.clone().into_bytes();
+            let i = at.index(other.len());
+            other[i] = if other[i] == b'9' { b'1' } else { other[i] + 1 };
+            let other = String::from_utf8(other).expect("digits");
+            prop_assert_ne!(key(&format!("{digits}e{exp}")), key(&format!("{other}e{exp}")));
+            prop_assert_ne!(key(&format!("0.{digits}")), key(&format!("0.{other}")));
+        }
+
+        #[test]
+        // Without the feature serde_json's f64 parsing is not correctly rounded,
+        // so `1293e25` and `12930000000e18` can differ in the last bit.
+        #[cfg(feature = "exact-numbers")]
+        fn equal_numbers_share_a_key(int in 0u64..1_000_000, zeros in 0usize..30, exp in -30i32..30) {
+            let tail = "0".repeat(zeros);
+            let scaled = format!("{int}{tail}e{}", exp - i32::try_from(zeros).unwrap_or(0));
+            prop_assert_eq!(key(&format!("{int}e{exp}")), key(&scaled));
+            prop_assert_eq!(key(&format!("{int}.0{tail}e{exp}")), key(&format!("{int}e{exp}")));
+            prop_assert_eq!(key("-0.0"), key("0"));
+        }
+
+        #[test]
+        fn hostile_strings_under_powertools_functions_never_panic(text in ".{0,64}") {
+            for f in [POWERTOOLS_JSON, POWERTOOLS_BASE64, POWERTOOLS_BASE64_GZIP] {
+                let path = JsonPath::compile(&format!("{f}(d)")).expect("valid");
+                let _ = path.search(&json!({ "d": text }));
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_events_give_a_key_or_a_typed_error() {
+        let huge = "x".repeat(5_000_000);
+        assert_eq!(hash_value(&json!({ "s": huge })).len(), 64);
+        let path = JsonPath::compile("powertools_json(s)").expect("valid");
+        assert!(path.search(&json!({ "s": huge })).is_err());
+        let gzip = JsonPath::compile("powertools_base64_gzip(s)").expect("valid");
+        let not_gzip = base64::engine::general_purpose::STANDARD.encode("not gzip");
+        assert!(gzip.search(&json!({ "s": not_gzip })).is_err());
+        assert!(gzip.search(&json!({ "s": "%%%" })).is_err());
+        let big = JsonPath::compile("powertools_json(s)").expect("valid");
+        let result = big.search(&json!({ "s": "[1e400]" }));
+        #[cfg(feature = "exact-numbers")]
+        assert_eq!(hash_value(&result.expect("exact")), key("[1e400]"));
+        #[cfg(not(feature = "exact-numbers"))]
+        assert!(result.is_err());
     }
 }
