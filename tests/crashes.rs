@@ -164,15 +164,10 @@ async fn run_case<S: IdempotencyStore + Clone>(
                 if plan == "fail-before-step" {
                     return Err(Error::Handler(std::io::Error::other("before the charge")));
                 }
+                let id = event["order_id"].clone();
                 let charge: Value = fx
                     .step("charge", |key| async move {
-                        let charged = post(
-                            addr,
-                            "/charges",
-                            &key,
-                            &json!({ "order": event["order_id"] }),
-                        )
-                        .await?;
+                        let charged = post(addr, "/charges", &key, &json!({ "order": id })).await?;
                         faults.after_effect().await;
                         Ok::<_, std::io::Error>(charged)
                     })

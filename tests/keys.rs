@@ -22,9 +22,8 @@ async fn call(config: IdempotencyConfig, event: Value) -> Result<Value, BoxError
     let idempotency = Idempotency::new(MemoryStore::new(), config);
     let mut service = idempotency.wrap(service_fn(|event: LambdaEvent<Value>| async move {
         Ok::<_, BoxError>(event.payload)
-    }));
-    let mut context = Context::default();
-    context.deadline = 4_102_444_800_000;
+    }))?;
+    let context = Context::default();
     service
         .ready()
         .await?
