@@ -506,6 +506,11 @@ async fn complete_with_outbox(test: &str, operation: &str) {
         "reserve, commit, mark delivered; the {operation} lost its response and was retried"
     );
     assert_eq!(log[2].status, 200, "the repeated write succeeds");
+    assert!(
+        log[1].request.contains("\"ClientRequestToken\""),
+        "the SDK gives the transaction one token for all its attempts (DynamoDB \
+         answers a repeat within 10 minutes without applying it again)"
+    );
 
     assert_eq!(
         audit.0.lock().expect("lock").clone(),
