@@ -5,6 +5,7 @@ pub mod events;
 pub mod faults;
 pub mod localstack;
 pub mod payments;
+pub mod proxy;
 
 use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
 use lambda_idempotency::{Idempotency, IdempotencyError, IdempotencyRecord, IdempotencyStore};
