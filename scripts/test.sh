@@ -29,6 +29,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (against LocalStack at $AWS_ENDPOINT_URL)"
 cargo test --all-targets --locked
 cargo test --doc --locked
+step "cargo test --lib --features exact-numbers (keys exact for any JSON number)"
+cargo test --lib --locked --features exact-numbers
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
 step "all checks passed"

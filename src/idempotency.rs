@@ -235,16 +235,16 @@ impl<S: IdempotencyStore> Idempotency<S> {
             return self.run_unprotected(event, handler).await;
         }
 
-        // 1. Key and validation hash, from the event as JSON.
-        let (material, validation_fields) = match call.key {
+        // 1. Key and validation hashes, from the event as JSON.
+        let hashes = match &call.key {
             CallKey::Given {
                 material,
                 validation,
-            } => (material, validation),
+            } => hashed(material, validation.as_ref()),
             CallKey::Config => self.key_material(&event, None)?,
             CallKey::SourceDefault(path) => self.key_material(&event, Some(path))?,
         };
-        if is_missing(&material) {
+        let Some((material_hash, validation)) = hashes else {
             if config.strict {
                 return Err(IdempotencyError::MissingKey {
                     expression: config.key.describe().to_owned(),
@@ -256,9 +256,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 "no idempotency key material in the event; running the handler without idempotency"
             );
             return self.run_unprotected(event, handler).await;
-        }
-        let key = format!("{}#{}", call.scope, hash_value(&material));
-        let validation = validation_fields.as_ref().map(hash_value);
+        };
+        let key = format!("{}#{material_hash}", call.scope);
 
         let span = tracing::info_span!("idempotency", key = %key, replayed = field::Empty);
         // Boxed: with event types as deep as API Gateway's, the unboxed future
@@ -344,20 +343,33 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 
     /// The key material and the validation fields, selected from the event as JSON.
+    /// The hashes of the key material and of the validation fields selected from
+    /// the event as JSON; `None` when there is no key material.
     fn key_material<T: Serialize + 'static>(
         &self,
         event: &T,
         source_default: Option<&JsonPath>,
-    ) -> Result<(Value, Option<Value>), IdempotencyError> {
+    ) -> Result<Option<(String, Option<String>)>, IdempotencyError> {
         let config = &self.inner.config;
-        let json = serde_json::to_value(event)
-            .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
-        let search = |path: &JsonPath| path.search(&json).map_err(IdempotencyError::InvalidEvent);
+        // A `Value` event is read where it is: no copy, and no recursive
+        // serialization of a deeply nested value built in code.
+        let converted;
+        let json = match (event as &dyn Any).downcast_ref::<Value>() {
+            Some(value) => value,
+            None => {
+                converted = serde_json::to_value(event)
+                    .map_err(|e| IdempotencyError::InvalidEvent(e.to_string()))?;
+                &converted
+            }
+        };
+        let search = |path: &JsonPath| path.search(json).map_err(IdempotencyError::InvalidEvent);
         let material = match (&config.key, source_default) {
-            (KeySource::Event, None) => json.clone(),
-            (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => search(path)?,
+            (KeySource::Event, None) => None,
+            (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => {
+                Some(search(path)?)
+            }
             (KeySource::Closure { f, event_type }, _) => match f(event as &dyn Any) {
-                Some(result) => result.map_err(IdempotencyError::InvalidEvent)?,
+                Some(result) => Some(result.map_err(IdempotencyError::InvalidEvent)?),
                 None => {
                     return Err(IdempotencyError::InvalidEvent(format!(
                         "the key closure takes {event_type}, the handler's event is {}",
@@ -367,7 +379,10 @@ impl<S: IdempotencyStore> Idempotency<S> {
             },
         };
         let validation = config.validation.as_ref().map(search).transpose()?;
-        Ok((material, validation))
+        Ok(hashed(
+            material.as_ref().unwrap_or(json),
+            validation.as_ref(),
+        ))
     }
 
     /// Runs the handler without a record: idempotency is disabled, or the event has
@@ -718,6 +733,12 @@ fn check_transaction<S: IdempotencyStore>(
         bytes,
         limit,
     })
+}
+
+/// The hashes of key material and validation fields; `None` when the material
+/// cannot identify an event.
+fn hashed(material: &Value, validation: Option<&Value>) -> Option<(String, Option<String>)> {
+    (!is_missing(material)).then(|| (hash_value(material), validation.map(hash_value)))
 }
 
 fn check_payload(

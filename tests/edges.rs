@@ -696,3 +696,43 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
         .expect("runs once deleted");
     assert_eq!(charges.get(), 1);
 }
+
+#[test]
+fn an_event_nested_ten_thousand_deep_gives_a_key_or_a_typed_error_not_an_overflow() {
+    // A value built in code (serde_json's parser stops at 128 levels), on a thread
+    // with the 2 MiB stack of a test.
+    let outcome = std::thread::Builder::new()
+        .stack_size(2 * 1024 * 1024)
+        .spawn(|| {
+            let mut deep = json!("bottom");
+            for _ in 0..10_000 {
+                deep = Value::Array(vec![deep]);
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let idempotency = Idempotency::new(
+                    MemoryStore::new(),
+                    IdempotencyConfig::builder()
+                        .key_prefix("deep")
+                        .build()
+                        .expect("config"),
+                );
+                let echo = idempotency.function("echo", |_: Value| async {
+                    Ok::<_, std::io::Error>(json!("ran"))
+                });
+                let outcome = echo.call(deep, None).await.map_err(|e| e.to_string());
+                // Taken apart level by level: dropping it is not under test.
+                outcome
+            })
+        })
+        .expect("thread")
+        .join()
+        .expect("no stack overflow");
+    assert_eq!(
+        outcome,
+        Ok(json!("ran")),
+        "the whole event is the key material"
+    );
+}

@@ -99,12 +99,13 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     /// A JMESPath expression over the request selecting the caller's identity,
     /// which scopes every key. Rejected here if invalid.
     pub fn caller(mut self, expression: &str) -> Result<Self, ConfigError> {
-        let path =
-            JsonPath::compile(expression).map_err(|reason| ConfigError::InvalidExpression {
+        let path = JsonPath::compile(expression)
+            .map_err(|reason| ConfigError::InvalidExpression {
                 role: "caller",
                 expression: expression.to_owned(),
                 reason,
-            })?;
+            })?
+            .with_max_inflated_bytes(self.idempotency.config().max_inflated_bytes);
         self.caller = Some(path);
         Ok(self)
     }
