@@ -199,7 +199,9 @@ impl IdempotencyConfigBuilder {
     }
 
     /// Fail with [`MissingKey`](crate::IdempotencyError::MissingKey) when the key
-    /// material is empty, instead of running the handler unprotected with a warning.
+    /// material is empty, instead of running the handler unprotected with a warning
+    /// (steps run every time with keys unique to the call, outbox messages go
+    /// straight to the dispatcher, duplicates run twice).
     pub fn strict(mut self, strict: bool) -> Self {
         self.config.strict = strict;
         self
@@ -240,8 +242,11 @@ impl IdempotencyConfigBuilder {
         self
     }
 
-    /// Bypass the store entirely. Defaults to the `IDEMPOTENCY_DISABLED` /
-    /// `POWERTOOLS_IDEMPOTENCY_DISABLED` environment variables.
+    /// Bypass the store entirely: every call runs the handler. Steps still run (not
+    /// journaled, with keys unique to the call) and outbox messages are delivered
+    /// by the dispatcher after the handler succeeds (lost without one). Defaults to
+    /// the `IDEMPOTENCY_DISABLED` / `POWERTOOLS_IDEMPOTENCY_DISABLED` environment
+    /// variables.
     pub fn disabled(mut self, disabled: bool) -> Self {
         self.config.disabled = disabled;
         self
