@@ -14,7 +14,7 @@ use lambda_idempotency::{
 };
 use serde_json::{json, Value};
 use std::sync::Arc;
-use support::faults::{Fault, FaultStore, Faults, Mode, Op};
+use support::faults::{Fault, FaultStore, Mode, Op};
 use support::localstack::{default_table, recorded_client, Requests};
 use support::payments::{post, Payments};
 use support::{context, in_progress, key_for, Audit, Counter};
@@ -137,11 +137,8 @@ async fn run_case<S: IdempotencyStore + Clone>(
     deadline_ms: i64,
     requests: Option<&Requests>,
 ) -> Row {
-    let faults = Faults::default();
-    let store = FaultStore {
-        inner: inner.clone(),
-        faults: faults.clone(),
-    };
+    let store = FaultStore::new(inner.clone());
+    let faults = store.faults.clone();
     let (audit, payments) = (Audit::default(), Payments::start().await);
     let dispatcher = Dispatcher::new().with_sink("audit", audit.clone());
     let config = IdempotencyConfig::builder()

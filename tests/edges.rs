@@ -5,7 +5,6 @@
 mod support;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
 use lambda_idempotency::{
     effects, ConfigError, Dispatcher, Error, Idempotency, IdempotencyConfig, IdempotencyError,
     IdempotencyRecord, IdempotencyStore, MemoryStore, OutboxMessage, Status,
@@ -15,6 +14,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use support::faults::FaultStore;
 use support::localstack::{client, default_table};
 use support::{context, in_progress, invoke, key_for, now_ms, Audit, Counter};
 use tokio::sync::Notify;
@@ -353,49 +353,6 @@ async fn a_real_deadline_with_no_time_left_is_honoured() {
     first.await.expect("join").expect("completes");
 }
 
-/// A store whose refusals reach the caller late (a slow network): by then the
-/// refusing record may have expired by the caller's clock.
-#[derive(Clone)]
-struct SlowRefusals(MemoryStore, Duration);
-
-impl IdempotencyStore for SlowRefusals {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
-        let result = self.0.reserve(record, now_ms).await;
-        if result.is_err() {
-            tokio::time::sleep(self.1).await;
-        }
-        result
-    }
-    async fn complete(
-        &self,
-        record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
-    ) -> Result<(), StoreError> {
-        self.0.complete(record, outbox).await
-    }
-    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        self.0.release(key, owner).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
-        self.0.put_step(step).await
-    }
-    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        self.0.get_step(key).await
-    }
-    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        self.0.get_outbox(key).await
-    }
-    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
-        self.0.mark_delivered(key).await
-    }
-    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.0.pending_outbox().await
-    }
-}
-
 #[tokio::test]
 async fn a_reservation_refused_by_a_record_that_expired_meanwhile_is_retried_with_a_fresh_clock() {
     let store = MemoryStore::new();
@@ -413,7 +370,7 @@ async fn a_reservation_refused_by_a_record_that_expired_meanwhile_is_retried_wit
 
     // Refused while the first reservation holds; the refusal arrives after it expired.
     let late_view = Idempotency::new(
-        SlowRefusals(store.clone(), Duration::from_millis(400)),
+        FaultStore::new(store.clone()).with_slow_refusals(Duration::from_millis(400)),
         config().build().expect("config"),
     );
     let retry = late_view
@@ -474,55 +431,11 @@ async fn a_completed_record_without_a_json_response_is_malformed_not_null() {
     assert_eq!(charges.get(), 1, "the handler never ran again");
 }
 
-/// A store that applies every reservation and then sends it again, as the SDK does
-/// when the first response is lost: the repeat finds our own record.
-#[derive(Clone)]
-struct LostResponses(MemoryStore);
-
-impl IdempotencyStore for LostResponses {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
-        self.0.reserve(record, now_ms).await?;
-        self.0.reserve(record, now_ms).await
-    }
-    async fn complete(
-        &self,
-        record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
-    ) -> Result<(), StoreError> {
-        self.0.complete(record, outbox).await?;
-        self.0.complete(record, outbox).await
-    }
-    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        self.0.release(key, owner).await?;
-        self.0.release(key, owner).await
-    }
-    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
-        self.0.put_step(step).await?;
-        self.0.put_step(step).await
-    }
-    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        self.0.get_step(key).await
-    }
-    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        self.0.get_outbox(key).await
-    }
-    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
-        self.0.mark_delivered(key).await?;
-        self.0.mark_delivered(key).await
-    }
-    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.0.pending_outbox().await
-    }
-}
-
 #[tokio::test]
 async fn every_write_repeated_after_a_lost_response_is_recognised_as_ours() {
     let store = MemoryStore::new();
     let idempotency = Idempotency::new(
-        LostResponses(store.clone()),
+        FaultStore::new(store.clone()).repeating_writes(),
         config().build().expect("config"),
     );
     let charges = Counter::default();

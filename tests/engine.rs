@@ -9,9 +9,10 @@ use lambda_idempotency::{
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
+use support::faults::{FaultStore as CountingStore, Op};
 use support::{
     context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
-    spawn_call, Counter, CountingStore,
+    spawn_call, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -422,7 +423,7 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
 #[tokio::test]
 async fn a_store_failure_while_reserving_never_runs_the_handler() {
     let idempotency = Idempotency::new(
-        CountingStore::failing(MemoryStore::new(), &["reserve"]),
+        CountingStore::failing(MemoryStore::new(), &[Op::Reserve]),
         config().build().expect("config"),
     );
     let runs = Counter::default();
@@ -442,7 +443,7 @@ async fn a_store_failure_while_reserving_never_runs_the_handler() {
 
 #[tokio::test]
 async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
-    let store = CountingStore::failing(MemoryStore::new(), &["complete"]);
+    let store = CountingStore::failing(MemoryStore::new(), &[Op::Complete]);
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);

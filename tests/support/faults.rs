@@ -2,10 +2,12 @@
 //! call, for the crash-at-every-phase matrix.
 #![allow(dead_code)]
 
+use super::Counter;
 use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
 use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// A store call (or the external effect a step makes).
@@ -21,6 +23,9 @@ pub enum Op {
     /// Releasing by delete.
     Release,
     MarkDelivered,
+    Get,
+    GetOutbox,
+    PendingOutbox,
 }
 
 /// What happens at the chosen call.
@@ -139,17 +144,94 @@ impl Faults {
     }
 }
 
-/// `inner` with faults injected where the plan says.
+/// `inner` behind a test's hands: it counts calls, fails the operations named
+/// in `failing`, injects the planned faults, can send every write twice (as the
+/// SDK does when a response is lost) and can answer refused reservations late.
 #[derive(Clone)]
 pub struct FaultStore<S> {
     pub inner: S,
     pub faults: Faults,
+    /// Store calls made, of every kind.
+    pub calls: Counter,
+    failing: &'static [Op],
+    repeat_writes: bool,
+    slow_refusals: Option<Duration>,
+}
+
+impl<S> FaultStore<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            faults: Faults::default(),
+            calls: Counter::default(),
+            failing: &[],
+            repeat_writes: false,
+            slow_refusals: None,
+        }
+    }
+
+    /// Every call of these operations fails with a store error.
+    pub fn failing(inner: S, failing: &'static [Op]) -> Self {
+        Self {
+            failing,
+            ..Self::new(inner)
+        }
+    }
+
+    /// Each write is applied, then sent again and the repeat's answer returned:
+    /// a write whose first response was lost.
+    pub fn repeating_writes(self) -> Self {
+        Self {
+            repeat_writes: true,
+            ..self
+        }
+    }
+
+    /// A refused reservation reaches the caller `delay` late (a slow network).
+    pub fn with_slow_refusals(self, delay: Duration) -> Self {
+        Self {
+            slow_refusals: Some(delay),
+            ..self
+        }
+    }
+
+    async fn call<T, Fut>(&self, op: Op, send: impl Fn() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        self.calls.hit();
+        if self.failing.contains(&op) {
+            return Err(StoreError::Backend(
+                format!("injected store failure in {op:?}").into(),
+            ));
+        }
+        let once = async {
+            let first = send().await;
+            match (self.repeat_writes && op.is_write(), first) {
+                (true, Ok(_)) => send().await,
+                (_, first) => first,
+            }
+        };
+        let result = self.faults.around(op, once).await;
+        if let (Some(delay), Err(StoreError::Exists { .. })) = (self.slow_refusals, &result) {
+            tokio::time::sleep(delay).await;
+        }
+        result
+    }
+}
+
+impl Op {
+    fn is_write(self) -> bool {
+        !matches!(
+            self,
+            Op::Get | Op::GetStep | Op::GetOutbox | Op::PendingOutbox | Op::Effect
+        )
+    }
 }
 
 impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
     async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Reserve, self.inner.reserve(record, now_ms))
+        self.call(Op::Reserve, || self.inner.reserve(record, now_ms))
             .await
     }
     async fn complete(
@@ -157,38 +239,33 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         record: &IdempotencyRecord,
         outbox: &[OutboxRecord],
     ) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Complete, self.inner.complete(record, outbox))
+        self.call(Op::Complete, || self.inner.complete(record, outbox))
             .await
     }
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Release, self.inner.release(key, owner))
+        self.call(Op::Release, || self.inner.release(key, owner))
             .await
     }
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.get(key).await
+        self.call(Op::Get, || self.inner.get(key)).await
     }
     async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
-        self.faults
-            .around(Op::PutStep, self.inner.put_step(step))
-            .await
+        self.call(Op::PutStep, || self.inner.put_step(step)).await
     }
     async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        self.faults
-            .around(Op::GetStep, self.inner.get_step(key))
-            .await
+        self.call(Op::GetStep, || self.inner.get_step(key)).await
     }
     async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        self.inner.get_outbox(key).await
+        self.call(Op::GetOutbox, || self.inner.get_outbox(key))
+            .await
     }
     async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::MarkDelivered, self.inner.mark_delivered(key))
+        self.call(Op::MarkDelivered, || self.inner.mark_delivered(key))
             .await
     }
     async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.inner.pending_outbox().await
+        self.call(Op::PendingOutbox, || self.inner.pending_outbox())
+            .await
     }
     fn item_size(&self, record: &IdempotencyRecord) -> usize {
         self.inner.item_size(record)
