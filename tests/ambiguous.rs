@@ -11,14 +11,14 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use lambda_idempotency::{
     effects, Dispatcher, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyRecord,
-    IdempotencyStore, OutboxMessage, Sink, Status,
+    IdempotencyStore, OutboxMessage, Status,
 };
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::localstack::{client, default_table, endpoint};
 use support::payments::{post, Payments};
 use support::proxy::{Entry, Proxy};
-use support::{context, in_progress, key_for, poll, Counter};
+use support::{context, in_progress, key_for, poll, Audit, Counter};
 use tokio::sync::Notify;
 
 type Failure = Error<std::io::Error>;
@@ -440,25 +440,6 @@ async fn complete_put_item() {
     assert_eq!(serde_json::to_string(&replay).expect("json"), stored);
     assert_eq!(runs.get(), 1);
     f.no_engine_warnings();
-}
-
-/// A sink that records what it receives.
-#[derive(Clone, Default)]
-struct Audit(Arc<Mutex<Vec<(Value, String)>>>);
-
-impl Sink for Audit {
-    fn deliver<'a>(
-        &'a self,
-        payload: &'a Value,
-        derived_key: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
-    {
-        self.0
-            .lock()
-            .expect("lock")
-            .push((payload.clone(), derived_key.to_owned()));
-        Box::pin(std::future::ready(Ok(())))
-    }
 }
 
 /// Completes with one outbox message to `audit`; the response is its derived key.

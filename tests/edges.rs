@@ -5,6 +5,8 @@
 mod support;
 
 use aws_sdk_dynamodb::types::AttributeValue;
+use futures_util::future::BoxFuture;
+use lambda_idempotency::IdempotentFunction;
 use lambda_idempotency::{
     effects, ConfigError, Dispatcher, Error, Idempotency, IdempotencyConfig, IdempotencyError,
     IdempotencyRecord, IdempotencyStore, MemoryStore, OutboxMessage, Status,
@@ -53,6 +55,17 @@ async fn scripted(event: Value, charges: Counter) -> Result<Value, Failure> {
     Ok(json!({ "order": event["order_id"], "charge": charge }))
 }
 
+/// [`scripted`] as the idempotent function `order`.
+fn place_order<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    charges: &Counter,
+) -> IdempotentFunction<impl Fn(Value) -> BoxFuture<'static, Result<Value, Failure>>, S> {
+    let charges = charges.clone();
+    idempotency.function("order", move |event: Value| -> BoxFuture<'static, _> {
+        Box::pin(scripted(event, charges.clone()))
+    })
+}
+
 fn order(id: &str, plan: &str) -> Value {
     json!({ "order_id": id, "plan": plan })
 }
@@ -62,12 +75,7 @@ async fn a_retry_that_fails_before_its_first_step_keeps_the_journal() {
     for second_attempt in ["fail-before-step", "other-step-first"] {
         let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
         let charges = Counter::default();
-        let place = {
-            let charges = charges.clone();
-            idempotency.function("order", move |event: Value| {
-                scripted(event, charges.clone())
-            })
-        };
+        let place = place_order(&idempotency, &charges);
 
         let first: Outcome = place.call(order("j-1", "fail-after-step"), None).await;
         assert!(
@@ -105,12 +113,7 @@ async fn a_new_execution_after_expiry_runs_its_steps_afresh() {
     let store = MemoryStore::new();
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let charges = Counter::default();
-    let place = {
-        let charges = charges.clone();
-        idempotency.function("order", move |event: Value| {
-            scripted(event, charges.clone())
-        })
-    };
+    let place = place_order(&idempotency, &charges);
     let first = place.call(order("x-1", "ok"), None).await.expect("first");
 
     // As DynamoDB leaves it: TTL passed, item not yet deleted.
@@ -397,12 +400,7 @@ async fn a_completed_record_without_a_json_response_is_malformed_not_null() {
     let store = MemoryStore::new();
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let charges = Counter::default();
-    let place = {
-        let charges = charges.clone();
-        idempotency.function("order", move |event: Value| {
-            scripted(event, charges.clone())
-        })
-    };
+    let place = place_order(&idempotency, &charges);
     place.call(order("m-1", "ok"), None).await.expect("first");
     let key = key_for("test.order", "m-1");
     let stored = store.get(&key).await.expect("get").expect("record");
@@ -439,12 +437,7 @@ async fn every_write_repeated_after_a_lost_response_is_recognised_as_ours() {
         config().build().expect("config"),
     );
     let charges = Counter::default();
-    let place = {
-        let charges = charges.clone();
-        idempotency.function("order", move |event: Value| {
-            scripted(event, charges.clone())
-        })
-    };
+    let place = place_order(&idempotency, &charges);
     // Reserve, journal, release (kept open), resume, complete: each written twice.
     let failed: Outcome = place.call(order("r-1", "fail-after-step"), None).await;
     assert!(
@@ -490,12 +483,7 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
         config().build().expect("config"),
     );
     let charges = Counter::default();
-    let place = {
-        let charges = charges.clone();
-        idempotency.function("order", move |event: Value| {
-            scripted(event, charges.clone())
-        })
-    };
+    let place = place_order(&idempotency, &charges);
     let s = |v: &str| AttributeValue::S(v.to_owned());
     let n = |v: i64| AttributeValue::N(v.to_string());
     let later = now_ms() / 1000 + 3600;
