@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::faults::FaultStore;
 use support::localstack::{client, default_table};
-use support::{context, in_progress, invoke, key_for, now_ms, Audit, Counter};
+use support::{context, expire_in_place, in_progress, invoke, key_for, now_ms, Audit, Counter};
 use tokio::sync::Notify;
 
 type Failure = Error<std::io::Error>;
@@ -116,16 +116,7 @@ async fn a_new_execution_after_expiry_runs_its_steps_afresh() {
     let place = place_order(&idempotency, &charges);
     let first = place.call(order("x-1", "ok"), None).await.expect("first");
 
-    // As DynamoDB leaves it: TTL passed, item not yet deleted.
-    let key = key_for("test.order", "x-1");
-    let mut stale = store.get(&key).await.expect("get").expect("record");
-    stale.expiration = now_ms() / 1000 - 60;
-    stale.owner = "previous".into();
-    // Reserving "a day later" lets the store replace the live record with the stale one.
-    store
-        .reserve(&stale, now_ms() + 86_400_000)
-        .await
-        .expect("overwrite with a stale record");
+    expire_in_place(&store, &key_for("test.order", "x-1")).await;
 
     let again = place
         .call(order("x-1", "ok"), None)

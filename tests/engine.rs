@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::faults::{FaultStore as CountingStore, Op};
 use support::{
-    context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
-    spawn_call, Counter,
+    context, counting_service, expire_in_place, idempotency_error, in_progress, invoke, key_for,
+    now_ms, poll, spawn_call, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -689,15 +689,7 @@ async fn an_expired_completed_record_counts_as_absent() {
         .expect("first");
     let key = key_for("test", "old");
 
-    // As DynamoDB leaves it: TTL passed, item not yet deleted.
-    let mut stale = store.get(&key).await.expect("get").expect("record");
-    stale.expiration = now_ms() / 1000 - 60;
-    stale.owner = "previous".into();
-    // Reserving "a day later" lets the store replace the live record with the stale one.
-    store
-        .reserve(&stale, now_ms() + 86_400_000)
-        .await
-        .expect("overwrite with a stale record");
+    expire_in_place(&store, &key).await;
 
     invoke(&mut service, json!({"order_id": "old"}))
         .await

@@ -158,3 +158,16 @@ impl lambda_idempotency::Sink for Audit {
         Box::pin(std::future::ready(Ok(())))
     }
 }
+
+/// Makes the record under `key` expired but still stored, as DynamoDB's TTL
+/// leaves it (items are deleted up to days late).
+pub async fn expire_in_place(store: &lambda_idempotency::MemoryStore, key: &str) {
+    let mut stale = store.get(key).await.expect("get").expect("record");
+    stale.expiration = now_ms() / 1000 - 60;
+    stale.owner = "previous".into();
+    // Reserving "a day later" lets the store replace the live record with the stale one.
+    store
+        .reserve(&stale, now_ms() + 86_400_000)
+        .await
+        .expect("overwrite with a stale record");
+}
