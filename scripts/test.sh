@@ -31,4 +31,6 @@ cargo test --all-targets --locked
 cargo test --doc --locked
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
+step "chaos run, short (scripts/chaos.sh --short)"
+bash scripts/chaos.sh --short
 step "all checks passed"
