@@ -9,11 +9,20 @@
 #
 # Usage: localstack/ensure.sh        -> prints the endpoint URL on stdout (logs on stderr)
 #        localstack/ensure.sh stop   -> stops a LocalStack this script started
+#
+# A second, named instance (e.g. one with DynamoDB fault injection for scripts/chaos.sh):
+#   LOCALSTACK_INSTANCE=faults LOCALSTACK_PORT=4567 DYNAMODB_ERROR_PROBABILITY=0.2 localstack/ensure.sh
+# It shares the installation, has its own pid, log and filesystem root
+# (.cache/localstack/instances/NAME/), only reuses an endpoint on its own port, and
+# passes its environment (LocalStack settings) on; `stop` with the same name stops it.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="$root/.cache/localstack"
-pidfile="$cache/localstack.pid"
+instance="${LOCALSTACK_INSTANCE:-}"
+state="$cache"
+[[ -n "$instance" ]] && state="$cache/instances/$instance"
+pidfile="$state/localstack.pid"
 port="${LOCALSTACK_PORT:-4566}"
 default_endpoint="http://127.0.0.1:$port"
 log() { echo "[localstack] $*" >&2; }
@@ -29,7 +38,9 @@ if [[ "${1:-}" == "stop" ]]; then
   exit 0
 fi
 
-for candidate in "${AWS_ENDPOINT_URL:-}" "$default_endpoint"; do
+reuse=("${AWS_ENDPOINT_URL:-}" "$default_endpoint")
+[[ -n "$instance" ]] && reuse=("$default_endpoint")
+for candidate in "${reuse[@]}"; do
   if [[ -n "$candidate" ]] && healthy "$candidate"; then
     log "reusing $candidate"
     echo "$candidate"
@@ -83,13 +94,21 @@ if [[ ! -e "$var_libs/java/21/bin/java" ]]; then
   ln -sfn "$java_home" "$var_libs/java/21"
 fi
 
+# A named instance: its own filesystem root, the installed libraries linked in.
+if [[ -n "$instance" ]]; then
+  fsroot="$state/root"
+  mkdir -p "$fsroot/var/lib/localstack"
+  ln -sfn "$var_libs" "$fsroot/var/lib/localstack/lib"
+fi
+
 # 5. Start in host mode (this machine is itself a container) and wait for health.
-log "starting LocalStack on $default_endpoint (log: $cache/localstack.log)"
+logfile="$state/localstack.log"
+log "starting LocalStack on $default_endpoint (log: $logfile)"
 (
-  cd "$cache"
+  cd "$state"
   OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$fsroot" \
     SERVICES=dynamodb,dynamodbstreams,sqs,kinesis GATEWAY_LISTEN="127.0.0.1:$port" \
-    setsid "$venv/bin/python" -m localstack.runtime.main >"$cache/localstack.log" 2>&1 &
+    setsid "$venv/bin/python" -m localstack.runtime.main >"$logfile" 2>&1 &
   echo $! >"$pidfile"
 )
 for _ in $(seq 1 120); do
@@ -99,9 +118,9 @@ for _ in $(seq 1 120); do
     exit 0
   fi
   if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    log "LocalStack exited; last log lines:"; tail -n 30 "$cache/localstack.log" >&2; exit 1
+    log "LocalStack exited; last log lines:"; tail -n 30 "$logfile" >&2; exit 1
   fi
   sleep 1
 done
-log "LocalStack did not become healthy in 120 s"; tail -n 30 "$cache/localstack.log" >&2
+log "LocalStack did not become healthy in 120 s"; tail -n 30 "$logfile" >&2
 exit 1

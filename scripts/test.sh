@@ -33,4 +33,6 @@ step "cargo test --lib --features exact-numbers (keys exact for any JSON number)
 cargo test --lib --locked --features exact-numbers
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
+step "chaos run, short (scripts/chaos.sh --short)"
+bash scripts/chaos.sh --short
 step "all checks passed"

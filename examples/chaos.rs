@@ -1,0 +1,1232 @@
+//! Chaos run against DynamoDB (LocalStack): worker processes invoke one idempotent
+//! handler on one table with keys drawn from a small pool, short deadlines, random
+//! SIGKILLs and pauses past the deadline; then every key is retried to completion
+//! and the run is checked. Driven by `scripts/chaos.sh` (see README "Chaos run").
+//!
+//! `chaos orchestrate` (the default) creates the table, serves the work queue and a
+//! deduping payments API on 127.0.0.1, spawns `chaos worker` processes, kills and
+//! respawns them, runs the final pass, reads every record back and checks:
+//! overlapping executions within reservation windows, stuck keys, replies that
+//! differ from the committed response, charges per key, late overwrites.
+//! Exits 1 when a check fails.
+//!
+//! Parameters (environment): `CHAOS_INVOCATIONS` (10000), `CHAOS_KEYS` (1000),
+//! `CHAOS_WORKERS` (4), `CHAOS_CONCURRENCY` (invocations in flight per worker, 4),
+//! `CHAOS_DEADLINE_MIN_MS`/`CHAOS_DEADLINE_MAX_MS` (200/800),
+//! `CHAOS_KILL_INTERVAL_MS` (mean time between kills, 1500), `CHAOS_MAX_KILLS`
+//! (unbounded), `CHAOS_PAUSE_PERMILLE` (executions that sleep past their deadline, 100),
+//! `CHAOS_LABEL`, `CHAOS_DIR` (logs), `CHAOS_MAX_SECONDS` (900), `AWS_ENDPOINT_URL`.
+
+use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::config::{Credentials, Region};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
+    TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+use futures_util::StreamExt;
+use lambda_idempotency::{
+    effects, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError,
+    IdempotencyStore, IdempotentFunction, Status,
+};
+use lambda_runtime::Context;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("worker") => worker(&args[1..]).await,
+        None | Some("orchestrate") => orchestrate().await,
+        Some(other) => Err(format!("unknown subcommand {other:?} (orchestrate | worker)").into()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("chaos: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parameters, clock, randomness, logging
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Params {
+    invocations: u64,
+    keys: u64,
+    workers: usize,
+    concurrency: usize,
+    deadline_min_ms: i64,
+    deadline_max_ms: i64,
+    kill_interval_ms: u64,
+    max_kills: u64,
+    pause_permille: u64,
+    label: String,
+    max_seconds: u64,
+}
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map_err(|_| format!("{name}={v:?} is not a number").into()),
+        _ => Ok(default),
+    }
+}
+
+impl Params {
+    fn from_env() -> Result<Self, BoxError> {
+        let params = Self {
+            invocations: env_num("CHAOS_INVOCATIONS", 10_000)?,
+            keys: env_num("CHAOS_KEYS", 1_000)?,
+            workers: env_num("CHAOS_WORKERS", 4)?,
+            concurrency: env_num("CHAOS_CONCURRENCY", 4)?,
+            deadline_min_ms: env_num("CHAOS_DEADLINE_MIN_MS", 200)?,
+            deadline_max_ms: env_num("CHAOS_DEADLINE_MAX_MS", 800)?,
+            kill_interval_ms: env_num("CHAOS_KILL_INTERVAL_MS", 1_500)?,
+            max_kills: env_num("CHAOS_MAX_KILLS", u64::MAX)?,
+            pause_permille: env_num("CHAOS_PAUSE_PERMILLE", 100)?,
+            label: std::env::var("CHAOS_LABEL").unwrap_or_else(|_| "run".to_owned()),
+            max_seconds: env_num("CHAOS_MAX_SECONDS", 900)?,
+        };
+        if params.keys == 0 || params.workers == 0 || params.concurrency == 0 {
+            return Err("CHAOS_KEYS, CHAOS_WORKERS and CHAOS_CONCURRENCY must be positive".into());
+        }
+        if params.deadline_min_ms < 1 || params.deadline_max_ms < params.deadline_min_ms {
+            return Err("need 1 <= CHAOS_DEADLINE_MIN_MS <= CHAOS_DEADLINE_MAX_MS".into());
+        }
+        Ok(params)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// xorshift64*, seeded from the OS-seeded `RandomState`: no `rand` dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Self {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_i64(now_ms());
+        Self(hasher.finish() | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+fn random(lo: u64, hi: u64) -> u64 {
+    thread_local! { static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::new()); }
+    RNG.with(|rng| rng.borrow_mut().range(lo, hi))
+}
+
+/// JSON lines, one unbuffered `write` per event, so a SIGKILL loses no finished line.
+#[derive(Clone)]
+struct EventLog(Arc<Mutex<std::fs::File>>);
+
+impl EventLog {
+    fn create(path: &Path) -> Result<Self, BoxError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        Ok(Self(Arc::new(Mutex::new(file))))
+    }
+    fn write(&self, event: Value) {
+        let mut line = event.to_string();
+        line.push('\n');
+        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
+fn order_name(index: u64) -> String {
+    format!("order-{index}")
+}
+
+// ---------------------------------------------------------------------------
+// Plain HTTP/1.1 over loopback: the orchestrator's work queue and payments API
+// ---------------------------------------------------------------------------
+
+async fn read_request(stream: &mut TcpStream) -> Option<(String, HashMap<String, String>, Value)> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 || buffer.len() > 64 * 1024 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let path = lines.next()?.split(' ').nth(1)?.to_owned();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buffer[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((
+        path,
+        headers,
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    ))
+}
+
+/// `POST {path}` with an optional `Idempotency-Key`; the JSON body of the answer.
+async fn post(addr: SocketAddr, path: &str, key: &str, body: &Value) -> std::io::Result<Value> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let start = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(response.len(), |i| i + 4);
+        serde_json::from_slice(&response[start..]).map_err(std::io::Error::other)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::other(format!("{path}: no answer in 10 s")))?
+}
+
+/// What the orchestrator's server holds: the work queue and the payments ledger.
+struct Server {
+    params: Params,
+    queue: Mutex<Queue>,
+    ledger: Mutex<Ledger>,
+}
+
+struct Queue {
+    next: u64,
+    rng: Rng,
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// Derived key -> (requests, the response first given for it).
+    by_key: HashMap<String, (u64, Value)>,
+    /// Order -> the distinct derived keys charged for it.
+    by_order: BTreeMap<String, HashSet<String>>,
+    charges: u64,
+    requests: u64,
+}
+
+impl Server {
+    /// The next invocation of the storm, or `{"done": true}`.
+    ///
+    /// Keys are drawn near a point that sweeps the pool once over the run, so
+    /// the invocations of one key cluster in time and collide.
+    fn next_invocation(&self) -> Value {
+        let p = &self.params;
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.next >= p.invocations {
+            return json!({ "done": true });
+        }
+        let inv = queue.next;
+        queue.next += 1;
+        let spread = (p.keys / 100).clamp(2, 8);
+        let base = inv * p.keys / p.invocations.max(1);
+        let index = (base + p.keys * 4 + queue.rng.range(0, 2 * spread) - spread) % p.keys;
+        let budget = queue
+            .rng
+            .range(p.deadline_min_ms as u64, p.deadline_max_ms as u64);
+        json!({ "inv": inv, "order": order_name(index), "budget_ms": budget, "chaos": true })
+    }
+
+    fn dispatched(&self) -> u64 {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).next
+    }
+
+    fn charge(&self, key: String, body: &Value) -> Value {
+        let order = body["order_id"].as_str().unwrap_or("?").to_owned();
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.requests += 1;
+        let next = ledger.charges + 1;
+        let entry = ledger
+            .by_key
+            .entry(key.clone())
+            .or_insert((0, json!({ "charge_id": format!("ch_{next}") })));
+        entry.0 += 1;
+        let (first, response) = (entry.0 == 1, entry.1.clone());
+        if first {
+            ledger.charges += 1;
+            ledger.by_order.entry(order).or_default().insert(key);
+        }
+        response
+    }
+
+    async fn serve(self: Arc<Self>, mut stream: TcpStream) {
+        let Some((path, headers, body)) = read_request(&mut stream).await else {
+            return;
+        };
+        let response = match path.as_str() {
+            "/next" => self.next_invocation(),
+            "/charges" => {
+                let key = headers.get("idempotency-key").cloned().unwrap_or_default();
+                self.charge(key, &body)
+            }
+            _ => json!({ "error": "not found" }),
+        };
+        let body = response.to_string();
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(reply.as_bytes()).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The handler under test, shared by workers and the final pass
+// ---------------------------------------------------------------------------
+
+fn client(endpoint: &str) -> Client {
+    let config = aws_sdk_dynamodb::config::Builder::new()
+        .behavior_version_latest()
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "chaos"))
+        .endpoint_url(endpoint)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .build();
+    Client::from_conf(config)
+}
+
+fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
+}
+
+type HandlerError = Error<std::io::Error>;
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
+type Handler = Box<dyn Fn(Value) -> HandlerFuture + Send + Sync>;
+type Function = IdempotentFunction<Handler, DynamoDbStore>;
+
+/// The wrapped handler: sleeps a few ms, charges the order in a step with its
+/// derived key, sometimes sleeps past its deadline (before or after the step),
+/// and answers with the order, the charge id and which execution produced it.
+/// Logs `run` when it starts and `pause` when it oversleeps.
+fn function(table: &str, payments: SocketAddr, log: EventLog) -> Result<Function, BoxError> {
+    let config = IdempotencyConfig::builder()
+        .key_expression("order_id")
+        .key_prefix("chaos")
+        .build()?;
+    let idempotency = Idempotency::new(DynamoDbStore::new(client(&endpoint()), table), config);
+    let handler: Handler = Box::new(move |payload: Value| {
+        let log = log.clone();
+        Box::pin(async move {
+            let inv = payload["inv"].as_u64().unwrap_or(u64::MAX);
+            let order = payload["order_id"].as_str().unwrap_or_default().to_owned();
+            let deadline = payload["deadline"].as_i64().unwrap_or(i64::MAX);
+            // During the storm a few executions oversleep their deadline, before or after the step.
+            let pause = match payload["pause_permille"].as_u64() {
+                Some(permille) if random(0, 999) < permille => {
+                    if random(0, 1) == 0 {
+                        "before_step"
+                    } else {
+                        "after_step"
+                    }
+                }
+                _ => "",
+            };
+            let effects = effects()?;
+            log.write(json!({
+                "ev": "run", "inv": inv, "order": order, "key": effects.idempotency_key(),
+                "t": now_ms(), "deadline": deadline,
+            }));
+            tokio::time::sleep(Duration::from_millis(random(1, 15))).await;
+            let oversleep = |at: &str| {
+                let log = log.clone();
+                let at = at.to_owned();
+                async move {
+                    let until = deadline + random(50, 400) as i64;
+                    log.write(json!({ "ev": "pause", "inv": inv, "at": at, "t": now_ms(), "until": until }));
+                    let wait = (until - now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            };
+            if pause == "before_step" {
+                oversleep("before_step").await;
+            }
+            let body = json!({ "order_id": order });
+            let step_log = log.clone();
+            let charge = effects
+                .step("charge", |derived_key| async move {
+                    step_log.write(json!({ "ev": "charging", "inv": inv, "order": body["order_id"], "t": now_ms() }));
+                    post(payments, "/charges", &derived_key, &body).await
+                })
+                .await?;
+            // The step's result is journaled (or was replayed from the journal).
+            log.write(json!({ "ev": "stepped", "inv": inv, "order": order, "t": now_ms() }));
+            if pause == "after_step" {
+                oversleep("after_step").await;
+            }
+            Ok(json!({ "order_id": order, "charge_id": charge["charge_id"], "execution": inv }))
+        }) as HandlerFuture
+    });
+    Ok(idempotency.function("place_order", handler))
+}
+
+/// One invocation with a `Context` whose deadline is `budget_ms` ahead; logs
+/// `start` and `end` (with the outcome and, on success, the reply as sent).
+async fn invoke(
+    function: &Function,
+    log: &EventLog,
+    inv: u64,
+    order: &str,
+    budget_ms: i64,
+    pause_permille: Option<u64>,
+) -> Result<Value, Error<HandlerError>> {
+    let start = now_ms();
+    let deadline = start + budget_ms;
+    log.write(json!({ "ev": "start", "inv": inv, "order": order, "t": start, "deadline": deadline, "pid": std::process::id() }));
+    let mut context = Context::default();
+    context.deadline = deadline as u64;
+    context.request_id = format!("chaos-{inv}");
+    let payload = json!({ "order_id": order, "inv": inv, "deadline": deadline, "pause_permille": pause_permille });
+    let result = function.call(payload, Some(&context)).await;
+    let (outcome, detail) = outcome(&result);
+    let reply = result
+        .as_ref()
+        .ok()
+        .map(|v| serde_json::to_string(v).unwrap_or_default());
+    log.write(json!({
+        "ev": "end", "inv": inv, "order": order, "t": now_ms(), "deadline": deadline,
+        "outcome": outcome, "detail": detail, "reply": reply,
+    }));
+    result
+}
+
+/// A short name for how a call ended, and the error text.
+fn outcome(result: &Result<Value, Error<HandlerError>>) -> (&'static str, String) {
+    let engine = |e: &IdempotencyError| match e {
+        IdempotencyError::AlreadyInProgress { .. } => "in_progress",
+        IdempotencyError::LostOwnership { .. } => "lost_ownership",
+        IdempotencyError::Store(_) => "store_error",
+        _ => "engine_error",
+    };
+    match result {
+        Ok(_) => ("ok", String::new()),
+        Err(Error::Idempotency(e)) => (engine(e), e.to_string()),
+        // Errors from inside the handler: its step's store calls, or the charge.
+        Err(Error::Handler(Error::Idempotency(e))) => match engine(e) {
+            "store_error" => ("step_store_error", e.to_string()),
+            _ => ("step_engine_error", e.to_string()),
+        },
+        Err(Error::Handler(Error::Handler(e))) => ("charge_failed", e.to_string()),
+        Err(other) => ("other_error", other.to_string()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Worker process
+// ---------------------------------------------------------------------------
+
+async fn worker(args: &[String]) -> Result<bool, BoxError> {
+    let [server, table, log_path] = args else {
+        return Err("usage: chaos worker SERVER_ADDR TABLE LOG_FILE".into());
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let params = Params::from_env()?;
+    let server: SocketAddr = server.parse()?;
+    let log = EventLog::create(Path::new(log_path))?;
+    let function = Arc::new(function(table, server, log.clone())?);
+    let mut tasks = Vec::new();
+    for _ in 0..params.concurrency {
+        let (function, log) = (Arc::clone(&function), log.clone());
+        let pause_permille = params.pause_permille;
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0;
+            loop {
+                let next = match post(server, "/next", "", &Value::Null).await {
+                    Ok(next) => next,
+                    Err(_) if failures < 5 => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                if next["done"] == true {
+                    return;
+                }
+                let _ = invoke(
+                    &function,
+                    &log,
+                    next["inv"].as_u64().unwrap_or(u64::MAX),
+                    next["order"].as_str().unwrap_or_default(),
+                    next["budget_ms"].as_i64().unwrap_or(500),
+                    Some(pause_permille),
+                )
+                .await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(true)
+}
+
+// ---------------------------------------------------------------------------
+// Orchestrator
+// ---------------------------------------------------------------------------
+
+async fn create_table(client: &Client, name: &str) -> Result<(), BoxError> {
+    let attribute = AttributeDefinition::builder()
+        .attribute_name("id")
+        .attribute_type(ScalarAttributeType::S)
+        .build()?;
+    let key = KeySchemaElement::builder()
+        .attribute_name("id")
+        .key_type(KeyType::Hash)
+        .build()?;
+    // The first DynamoDB call starts LocalStack's JVM (about 10 s); a fault-injecting
+    // LocalStack may refuse a few: retry.
+    let mut last = None;
+    for _ in 0..20 {
+        match client
+            .create_table()
+            .table_name(name)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(attribute.clone())
+            .key_schema(key.clone())
+            .send()
+            .await
+        {
+            Ok(_) => {
+                last = None;
+                break;
+            }
+            Err(e) => {
+                let text = format!("{e:?}");
+                if text.contains("ResourceInUseException") {
+                    last = None;
+                    break;
+                }
+                last = Some(text);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    if let Some(err) = last {
+        return Err(format!("create table {name}: {err}").into());
+    }
+    for _ in 0..200 {
+        let status = client
+            .describe_table()
+            .table_name(name)
+            .send()
+            .await
+            .ok()
+            .and_then(|d| d.table().and_then(|t| t.table_status().cloned()));
+        if status == Some(TableStatus::Active) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..20 {
+        let ttl = client
+            .update_time_to_live()
+            .table_name(name)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name("expiration")
+                    .build()?,
+            )
+            .send()
+            .await;
+        if ttl.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(format!("could not enable TTL on {name}").into())
+}
+
+struct Slot {
+    child: Option<Child>,
+    generation: u32,
+}
+
+fn spawn_worker(
+    dir: &Path,
+    server: SocketAddr,
+    table: &str,
+    slot: usize,
+    generation: u32,
+) -> Result<Child, BoxError> {
+    let log = dir.join(format!("worker-{slot}-{generation}.jsonl"));
+    let stderr = std::fs::File::create(dir.join(format!("worker-{slot}-{generation}.err")))?;
+    Ok(Command::new(std::env::current_exe()?)
+        .arg("worker")
+        .arg(server.to_string())
+        .arg(table)
+        .arg(log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+#[derive(Default)]
+struct StormFigures {
+    kills: u64,
+    respawns: u64,
+    crashes: u64,
+    timed_out: bool,
+}
+
+/// Runs the workers until the queue is empty and all have exited, killing one at
+/// random moments (mean `kill_interval_ms`) and respawning it.
+async fn storm(
+    params: &Params,
+    dir: &Path,
+    server: &Arc<Server>,
+    addr: SocketAddr,
+    table: &str,
+) -> Result<StormFigures, BoxError> {
+    let mut figures = StormFigures::default();
+    let mut slots = Vec::new();
+    for slot in 0..params.workers {
+        slots.push(Slot {
+            child: Some(spawn_worker(dir, addr, table, slot, 0)?),
+            generation: 0,
+        });
+    }
+    let mut rng = Rng::new();
+    let started = Instant::now();
+    let mut next_kill = started
+        + Duration::from_millis(
+            rng.range(params.kill_interval_ms / 2, params.kill_interval_ms * 3 / 2),
+        );
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let queue_done = server.dispatched() >= params.invocations;
+        // Exited workers: done when the queue is empty, otherwise a crash to respawn.
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let Some(child) = slot.child.as_mut() else {
+                continue;
+            };
+            if let Some(status) = child.try_wait()? {
+                slot.child = None;
+                if !status.success() || !queue_done {
+                    figures.crashes += u64::from(!status.success());
+                    if !queue_done {
+                        slot.generation += 1;
+                        figures.respawns += 1;
+                        slot.child = Some(spawn_worker(dir, addr, table, index, slot.generation)?);
+                    }
+                }
+            }
+        }
+        if slots.iter().all(|s| s.child.is_none()) && queue_done {
+            return Ok(figures);
+        }
+        if started.elapsed() > Duration::from_secs(params.max_seconds) {
+            for slot in &mut slots {
+                if let Some(child) = slot.child.as_mut() {
+                    let _ = child.kill().await;
+                }
+            }
+            figures.timed_out = true;
+            return Ok(figures);
+        }
+        if !queue_done && figures.kills < params.max_kills && Instant::now() >= next_kill {
+            let index = rng.range(0, slots.len() as u64 - 1) as usize;
+            let slot = &mut slots[index];
+            if let Some(mut child) = slot.child.take() {
+                child.kill().await?; // SIGKILL, then reaped
+                figures.kills += 1;
+                slot.generation += 1;
+                figures.respawns += 1;
+                slot.child = Some(spawn_worker(dir, addr, table, index, slot.generation)?);
+            }
+            next_kill = Instant::now()
+                + Duration::from_millis(
+                    rng.range(params.kill_interval_ms / 2, params.kill_interval_ms * 3 / 2),
+                );
+        }
+    }
+}
+
+/// The final pass's deadline: long next to an execution (tens of ms, seconds with
+/// the SDK's backoff under fault injection), short enough that a reservation left
+/// `INPROGRESS` by a failed completion (the documented behaviour) is soon retried.
+const FINAL_DEADLINE_MS: i64 = 10_000;
+/// How long the final pass keeps calling one key.
+const FINAL_BUDGET_S: u64 = 180;
+
+/// Every key retried to completion: long deadline, no pauses; `AlreadyInProgress`
+/// waits until the stored reservation's end (read back), store errors back off.
+async fn final_pass(
+    params: &Params,
+    function: &Function,
+    store: &DynamoDbStore,
+    log: &EventLog,
+) -> (u64, u64, u64, Vec<String>) {
+    let next_inv = std::sync::atomic::AtomicU64::new(params.invocations + 1_000_000);
+    let results: Vec<(u64, u64, u64, Option<String>)> = futures_util::stream::iter(0..params.keys)
+        .map(|index| {
+            let next_inv = &next_inv;
+            async move {
+                let order = order_name(index);
+                let (mut calls, mut in_progress, mut errors) = (0u64, 0u64, 0u64);
+                let deadline = Instant::now() + Duration::from_secs(FINAL_BUDGET_S);
+                while Instant::now() < deadline {
+                    calls += 1;
+                    let inv = next_inv.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match invoke(function, log, inv, &order, FINAL_DEADLINE_MS, None).await {
+                        Ok(_) => return (calls, in_progress, errors, None),
+                        Err(Error::Idempotency(IdempotencyError::AlreadyInProgress { key })) => {
+                            in_progress += 1;
+                            let until = match store.get(&key).await {
+                                Ok(Some(r)) if r.status == Status::InProgress => {
+                                    r.in_progress_expiration.unwrap_or(0)
+                                }
+                                _ => 0,
+                            };
+                            let wait = (until - now_ms() + 5).clamp(5, 5_000) as u64;
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            tokio::time::sleep(Duration::from_millis(50 * errors.min(20))).await;
+                        }
+                    }
+                }
+                (calls, in_progress, errors, Some(order))
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let mut totals = (0, 0, 0, Vec::new());
+    for (calls, in_progress, errors, failed) in results {
+        totals.0 += calls;
+        totals.1 += in_progress;
+        totals.2 += errors;
+        totals.3.extend(failed);
+    }
+    totals
+}
+
+/// The events of every log file in `dir`, by kind.
+fn read_events(dir: &Path) -> Result<Vec<Value>, BoxError> {
+    let mut events = Vec::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path)?;
+        // A line cut by SIGKILL does not parse: skipped.
+        events.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+    }
+    Ok(events)
+}
+
+#[derive(Debug)]
+struct Execution {
+    inv: u64,
+    start: i64,
+    deadline: i64,
+    end: Option<i64>,
+}
+
+impl Execution {
+    /// The end of its claim on the key: its end, or its deadline if it was killed
+    /// or overslept (a reservation is only valid until the deadline).
+    fn claim_end(&self) -> i64 {
+        self.end.map_or(self.deadline, |end| end.min(self.deadline))
+    }
+}
+
+async fn orchestrate() -> Result<bool, BoxError> {
+    let params = Params::from_env()?;
+    let began = Instant::now();
+    let endpoint = endpoint();
+    let table = format!("chaos-{}-{}", params.label, now_ms());
+    let dir = match std::env::var("CHAOS_DIR") {
+        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(".cache/chaos").join(&table),
+    };
+    std::fs::create_dir_all(&dir)?;
+    println!(
+        "chaos [{}]: {} invocations over {} keys, {} workers x {}, deadlines {}-{} ms, endpoint {endpoint}, table {table}, logs {}",
+        params.label,
+        params.invocations,
+        params.keys,
+        params.workers,
+        params.concurrency,
+        params.deadline_min_ms,
+        params.deadline_max_ms,
+        dir.display()
+    );
+    let sdk = client(&endpoint);
+    create_table(&sdk, &table).await?;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = Arc::new(Server {
+        params: params.clone(),
+        queue: Mutex::new(Queue {
+            next: 0,
+            rng: Rng::new(),
+        }),
+        ledger: Mutex::default(),
+    });
+    let accept = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(Arc::clone(&server).serve(stream));
+            }
+        })
+    };
+
+    // 1. The storm.
+    let storm_began = Instant::now();
+    let figures = storm(&params, &dir, &server, addr, &table).await?;
+    let storm_elapsed = storm_began.elapsed();
+    if figures.timed_out {
+        println!(
+            "chaos [{}]: the storm did not finish in {} s; workers killed",
+            params.label, params.max_seconds
+        );
+    }
+
+    // 2. Every key to completion.
+    let final_began = Instant::now();
+    let storm_events = read_events(&dir)?;
+    let mut keys_by_order: HashMap<String, String> = HashMap::new();
+    for e in storm_events.iter().filter(|e| e["ev"] == "run") {
+        if let (Some(order), Some(key)) = (e["order"].as_str(), e["key"].as_str()) {
+            keys_by_order.insert(order.to_owned(), key.to_owned());
+        }
+    }
+    let final_log = EventLog::create(&dir.join("final.jsonl"))?;
+    let function = function(&table, addr, final_log.clone())?;
+    let store = DynamoDbStore::new(client(&endpoint), &table);
+    let (final_calls, final_in_progress, final_errors, unfinished) =
+        final_pass(&params, &function, &store, &final_log).await;
+    let final_elapsed = final_began.elapsed();
+
+    // 3. Read back every record.
+    let events = read_events(&dir)?;
+    for e in events.iter().filter(|e| e["ev"] == "run") {
+        if let (Some(order), Some(key)) = (e["order"].as_str(), e["key"].as_str()) {
+            keys_by_order.insert(order.to_owned(), key.to_owned());
+        }
+    }
+    let read: Vec<(
+        String,
+        Result<Option<lambda_idempotency::IdempotencyRecord>, String>,
+    )> = futures_util::stream::iter(0..params.keys)
+        .map(|index| {
+            let (store, keys_by_order) = (&store, &keys_by_order);
+            async move {
+                let order = order_name(index);
+                let Some(key) = keys_by_order.get(&order) else {
+                    return (order, Err("never ran".to_owned()));
+                };
+                let mut record = Err(String::new());
+                for attempt in 0..20u64 {
+                    match store.get(key).await {
+                        Ok(r) => return (order, Ok(r)),
+                        Err(e) => record = Err(format!("unreadable: {e}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+                }
+                (order, record)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut committed: HashMap<String, Option<String>> = HashMap::new();
+    let mut stuck = Vec::new();
+    for (order, record) in read {
+        match record {
+            Ok(Some(r)) if r.status == Status::Completed => {
+                committed.insert(order, r.data);
+            }
+            Ok(Some(r)) => stuck.push(format!(
+                "{order}: {:?}, in progress until {:?} (now {})",
+                r.status,
+                r.in_progress_expiration,
+                now_ms()
+            )),
+            Ok(None) => stuck.push(format!("{order}: no record")),
+            Err(e) => stuck.push(format!("{order}: {e}")),
+        }
+    }
+
+    for order in &unfinished {
+        let prefix = format!("{order}:");
+        if !stuck.iter().any(|s| s.starts_with(&prefix)) {
+            stuck.push(format!(
+                "{order}: the final pass gave up after {FINAL_BUDGET_S} s"
+            ));
+        }
+    }
+
+    // 4. Checks.
+    let mut executions: HashMap<String, Vec<Execution>> = HashMap::new();
+    let mut ends: HashMap<u64, &Value> = HashMap::new();
+    for e in events.iter().filter(|e| e["ev"] == "end") {
+        if let Some(inv) = e["inv"].as_u64() {
+            ends.insert(inv, e);
+        }
+    }
+    for e in events.iter().filter(|e| e["ev"] == "run") {
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        executions
+            .entry(e["order"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(Execution {
+                inv,
+                start: e["t"].as_i64().unwrap_or(0),
+                deadline: e["deadline"].as_i64().unwrap_or(0),
+                end: ends.get(&inv).and_then(|end| end["t"].as_i64()),
+            });
+    }
+    let mut overlaps = Vec::new();
+    for (order, runs) in &mut executions {
+        runs.sort_by_key(|r| r.start);
+        for (i, a) in runs.iter().enumerate() {
+            for b in &runs[i + 1..] {
+                if b.start < a.claim_end() && a.start < b.claim_end() {
+                    overlaps.push(format!(
+                        "{order}: execution {} [{}, {}] (deadline {}, end {:?}) overlaps execution {} [{}, {}] (deadline {}, end {:?})",
+                        a.inv, a.start, a.claim_end(), a.deadline, a.end,
+                        b.inv, b.start, b.claim_end(), b.deadline, b.end
+                    ));
+                }
+            }
+        }
+    }
+    let mut differing = Vec::new();
+    let mut replies = 0u64;
+    let mut ok_executions: HashMap<String, HashSet<u64>> = HashMap::new();
+    let run_invs: HashSet<u64> = events
+        .iter()
+        .filter(|e| e["ev"] == "run")
+        .filter_map(|e| e["inv"].as_u64())
+        .collect();
+    let mut replayed = 0u64;
+    for e in ends.values().filter(|e| e["outcome"] == "ok") {
+        replies += 1;
+        let order = e["order"].as_str().unwrap_or_default();
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        let reply = e["reply"].as_str().unwrap_or_default();
+        if run_invs.contains(&inv) {
+            ok_executions
+                .entry(order.to_owned())
+                .or_default()
+                .insert(inv);
+        } else {
+            replayed += 1;
+        }
+        match committed.get(order) {
+            Some(Some(data)) if data == reply => {}
+            other => differing.push(format!(
+                "{order}: invocation {inv} got {reply}, committed {:?}",
+                other.cloned().flatten()
+            )),
+        }
+    }
+    // Late overwrites: a key whose committed response came from two executions
+    // (two completions succeeded), or whose final record is not the execution whose
+    // completion was first replied.
+    let late_overwrites: Vec<String> = ok_executions
+        .iter()
+        .filter(|(_, invs)| invs.len() > 1)
+        .map(|(order, invs)| format!("{order}: executions {invs:?} all completed"))
+        .collect();
+    // Journal lost: an execution that started after another execution of its key
+    // had journaled the step still ran the step (sent the charge again) instead
+    // of replaying it. Deduped by the payments API, so invisible in the charges.
+    let mut journaled_at: HashMap<&str, (i64, u64)> = HashMap::new();
+    for e in events.iter().filter(|e| e["ev"] == "stepped") {
+        let (order, t) = (
+            e["order"].as_str().unwrap_or_default(),
+            e["t"].as_i64().unwrap_or(0),
+        );
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        let entry = journaled_at.entry(order).or_insert((t, inv));
+        if t < entry.0 {
+            *entry = (t, inv);
+        }
+    }
+    let run_start: HashMap<u64, i64> = events
+        .iter()
+        .filter(|e| e["ev"] == "run")
+        .filter_map(|e| Some((e["inv"].as_u64()?, e["t"].as_i64()?)))
+        .collect();
+    let mut journal_lost = Vec::new();
+    for e in events.iter().filter(|e| e["ev"] == "charging") {
+        let order = e["order"].as_str().unwrap_or_default();
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        if let (Some(&(at, by)), Some(&start)) = (journaled_at.get(order), run_start.get(&inv)) {
+            if by != inv && start > at {
+                journal_lost.push(format!(
+                    "{order}: execution {inv} (started {start}) sent the charge again; execution {by} journaled it at {at}"
+                ));
+            }
+        }
+    }
+    let (wrong_charges, charge_requests, charges) = {
+        let ledger = server.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let mut wrong_charges = Vec::new();
+        for index in 0..params.keys {
+            let order = order_name(index);
+            let charged = ledger.by_order.get(&order).map_or(0, HashSet::len);
+            if charged != 1 {
+                wrong_charges.push(format!("{order}: {charged} distinct charges"));
+            }
+        }
+        // The committed charge id is the one the payments API gave for that order.
+        for (order, data) in &committed {
+            let charge_id = data
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                .map(|v| v["charge_id"].clone());
+            let expected = ledger
+                .by_order
+                .get(order)
+                .and_then(|keys| keys.iter().next())
+                .and_then(|key| ledger.by_key.get(key))
+                .map(|(_, response)| response["charge_id"].clone());
+            if charge_id.is_none() || charge_id != expected {
+                wrong_charges.push(format!(
+                    "{order}: committed charge {charge_id:?}, payments API charged {expected:?}"
+                ));
+            }
+        }
+
+        (wrong_charges, ledger.requests, ledger.charges)
+    };
+
+    // 5. Figures.
+    let count = |pred: &dyn Fn(&Value) -> bool| events.iter().filter(|e| pred(e)).count() as u64;
+    let storm_outcome = |name: &str| {
+        ends.iter()
+            .filter(|(inv, e)| **inv < params.invocations && e["outcome"] == name)
+            .count() as u64
+    };
+    let storm_starts =
+        count(&|e| e["ev"] == "start" && e["inv"].as_u64() < Some(params.invocations));
+    let storm_ends = ends.keys().filter(|inv| **inv < params.invocations).count() as u64;
+    let total_runs: u64 = executions.values().map(|v| v.len() as u64).sum();
+    let cut = executions
+        .values()
+        .flatten()
+        .filter(|x| x.end.is_none())
+        .count() as u64;
+    let orders_run = executions.len() as u64;
+    let pauses = count(&|e| e["ev"] == "pause");
+    let late_pauses: u64 = events
+        .iter()
+        .filter(|e| e["ev"] == "pause")
+        .filter(|p| {
+            ends.get(&p["inv"].as_u64().unwrap_or(u64::MAX))
+                .is_some_and(|end| end["t"].as_i64() > end["deadline"].as_i64())
+        })
+        .count() as u64;
+    let other_errors: u64 = [
+        "engine_error",
+        "step_engine_error",
+        "charge_failed",
+        "other_error",
+    ]
+    .iter()
+    .map(|o| storm_outcome(o))
+    .sum();
+    let rows: Vec<(&str, String)> = vec![
+        ("invocations dispatched", server.dispatched().to_string()),
+        (
+            "invocations started / ended (storm)",
+            format!("{storm_starts} / {storm_ends}"),
+        ),
+        ("keys", params.keys.to_string()),
+        (
+            "workers x concurrency",
+            format!("{} x {}", params.workers, params.concurrency),
+        ),
+        (
+            "SIGKILLs / respawns / crashes",
+            format!(
+                "{} / {} / {}",
+                figures.kills, figures.respawns, figures.crashes
+            ),
+        ),
+        ("executions (handler runs, all)", total_runs.to_string()),
+        ("  cut by a kill (no end)", cut.to_string()),
+        (
+            "  re-executions (takeovers of a key)",
+            total_runs.saturating_sub(orders_run).to_string(),
+        ),
+        (
+            "pauses past the deadline (ended late)",
+            format!("{pauses} ({late_pauses})"),
+        ),
+        (
+            "lost ownership (late attempts fenced)",
+            storm_outcome("lost_ownership").to_string(),
+        ),
+        (
+            "AlreadyInProgress refusals (storm)",
+            storm_outcome("in_progress").to_string(),
+        ),
+        (
+            "store errors reserving/completing (storm)",
+            storm_outcome("store_error").to_string(),
+        ),
+        (
+            "store errors in steps (storm)",
+            storm_outcome("step_store_error").to_string(),
+        ),
+        ("other errors (storm)", other_errors.to_string()),
+        ("replies ok (storm)", storm_outcome("ok").to_string()),
+        (
+            "replies ok, all / replayed",
+            format!("{replies} / {replayed}"),
+        ),
+        (
+            "final pass calls / in-progress waits / errors",
+            format!("{final_calls} / {final_in_progress} / {final_errors}"),
+        ),
+        (
+            "charge requests / distinct charges",
+            format!("{charge_requests} / {charges}"),
+        ),
+        (
+            "storm / final pass / total elapsed",
+            format!(
+                "{:.1} s / {:.1} s / {:.1} s",
+                storm_elapsed.as_secs_f64(),
+                final_elapsed.as_secs_f64(),
+                began.elapsed().as_secs_f64()
+            ),
+        ),
+    ];
+    let checks: Vec<(&str, usize, &Vec<String>)> = vec![
+        (
+            "overlapping executions within a reservation",
+            overlaps.len(),
+            &overlaps,
+        ),
+        ("keys stuck or never completed", stuck.len(), &stuck),
+        (
+            "replies differing from the committed response",
+            differing.len(),
+            &differing,
+        ),
+        (
+            "keys not charged exactly once",
+            wrong_charges.len(),
+            &wrong_charges,
+        ),
+        (
+            "late overwrites (two completions of a key)",
+            late_overwrites.len(),
+            &late_overwrites,
+        ),
+        (
+            "journaled steps run again (journal lost)",
+            journal_lost.len(),
+            &journal_lost,
+        ),
+    ];
+    println!("\nchaos [{}] figures", params.label);
+    for (name, value) in &rows {
+        println!("  {name:<48} {value}");
+    }
+    println!("\nchaos [{}] checks (all must be 0)", params.label);
+    let mut ok = !figures.timed_out;
+    for (name, n, examples) in &checks {
+        println!("  {name:<48} {n}{}", if *n == 0 { "" } else { "   FAIL" });
+        for example in examples.iter().take(5) {
+            println!("      {example}");
+        }
+        ok &= *n == 0;
+    }
+    println!(
+        "\nchaos [{}]: {} (logs in {})",
+        params.label,
+        if ok { "PASS" } else { "FAIL" },
+        dir.display()
+    );
+    accept.abort();
+    if std::env::var("CHAOS_KEEP_TABLE").is_err() {
+        let _ = sdk.delete_table().table_name(&table).send().await;
+    }
+    Ok(ok)
+}

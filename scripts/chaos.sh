@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Chaos run of the idempotency engine against DynamoDB on LocalStack (README "Chaos run").
+#
+#   scripts/chaos.sh            full size: 10,000 invocations over 1,000 keys, 4 workers,
+#                               then the same again on a second LocalStack with DynamoDB
+#                               fault injection (DYNAMODB_ERROR_PROBABILITY=0.2)
+#   scripts/chaos.sh --short    2 workers, 300 invocations over 30 keys, a few kills,
+#                               no fault injection (part of scripts/test.sh)
+#   --no-faults                 skip the fault-injected run
+#   --faults-only               only the fault-injected run
+#
+# Sizes and knobs come from CHAOS_INVOCATIONS, CHAOS_KEYS, CHAOS_WORKERS,
+# CHAOS_CONCURRENCY, CHAOS_KILL_INTERVAL_MS, CHAOS_MAX_KILLS, CHAOS_PAUSE_PERMILLE,
+# CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS (see examples/chaos.rs); the fault
+# instance from CHAOS_FAULTS_PORT (4567) and CHAOS_ERROR_PROBABILITY (0.2).
+# Exits non-zero if any check of any run fails.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+short=false
+normal=true
+faults=true
+for arg in "$@"; do
+  case "$arg" in
+    --short) short=true; faults=false ;;
+    --no-faults) faults=false ;;
+    --faults-only) normal=false; faults=true ;;
+    *) echo "usage: scripts/chaos.sh [--short] [--no-faults] [--faults-only]" >&2; exit 2 ;;
+  esac
+done
+
+if [[ "$short" == true ]]; then
+  export CHAOS_INVOCATIONS="${CHAOS_INVOCATIONS:-300}" CHAOS_KEYS="${CHAOS_KEYS:-30}"
+  export CHAOS_WORKERS="${CHAOS_WORKERS:-2}" CHAOS_KILL_INTERVAL_MS="${CHAOS_KILL_INTERVAL_MS:-500}"
+  export CHAOS_MAX_KILLS="${CHAOS_MAX_KILLS:-4}" CHAOS_MAX_SECONDS="${CHAOS_MAX_SECONDS:-120}"
+  export CHAOS_PAUSE_PERMILLE="${CHAOS_PAUSE_PERMILLE:-200}"
+else
+  export CHAOS_INVOCATIONS="${CHAOS_INVOCATIONS:-10000}" CHAOS_KEYS="${CHAOS_KEYS:-1000}"
+  export CHAOS_WORKERS="${CHAOS_WORKERS:-4}"
+fi
+
+started=()
+cleanup() {
+  for name in "${started[@]}"; do
+    LOCALSTACK_INSTANCE="$name" bash localstack/ensure.sh stop
+  done
+}
+trap cleanup EXIT
+
+healthy() { curl -fsS --max-time 3 "$1/_localstack/health" >/dev/null 2>&1; }
+
+cargo build --locked --quiet --example chaos
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/examples/chaos"
+
+status=0
+if [[ "$normal" == true ]]; then
+  was_up=false
+  for candidate in "${AWS_ENDPOINT_URL:-}" "http://127.0.0.1:${LOCALSTACK_PORT:-4566}"; do
+    if [[ -n "$candidate" ]] && healthy "$candidate"; then was_up=true; fi
+  done
+  endpoint="$(bash localstack/ensure.sh)"
+  [[ "$was_up" == false ]] && started+=("")
+  CHAOS_LABEL=normal AWS_ENDPOINT_URL="$endpoint" "$bin" orchestrate || status=1
+fi
+
+if [[ "$faults" == true ]]; then
+  port="${CHAOS_FAULTS_PORT:-4567}"
+  if healthy "http://127.0.0.1:$port"; then
+    echo "chaos: a LocalStack already answers on port $port; stop it or set CHAOS_FAULTS_PORT" >&2
+    exit 2
+  fi
+  started+=("chaos-faults")
+  endpoint="$(LOCALSTACK_INSTANCE=chaos-faults LOCALSTACK_PORT="$port" \
+    DYNAMODB_ERROR_PROBABILITY="${CHAOS_ERROR_PROBABILITY:-0.2}" bash localstack/ensure.sh)"
+  CHAOS_LABEL=faults AWS_ENDPOINT_URL="$endpoint" "$bin" orchestrate || status=1
+fi
+
+exit "$status"
