@@ -4,7 +4,7 @@
 use crate::config::{IdempotencyConfig, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
-use crate::key::{hash_value, is_missing, JsonPath};
+use crate::key::{hash_value, is_missing, rounded_integer, JsonPath};
 use crate::outbox::{deliver_and_mark, Dispatcher, OutboxMessage};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, OutboxRecord, StoreError};
@@ -240,7 +240,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             CallKey::Given {
                 material,
                 validation,
-            } => hashed(material, validation.as_ref()),
+            } => hashed(material, validation.as_ref())?,
             CallKey::Config => self.key_material(&event, None)?,
             CallKey::SourceDefault(path) => self.key_material(&event, Some(path))?,
         };
@@ -379,10 +379,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             },
         };
         let validation = config.validation.as_ref().map(search).transpose()?;
-        Ok(hashed(
-            material.as_ref().unwrap_or(json),
-            validation.as_ref(),
-        ))
+        hashed(material.as_ref().unwrap_or(json), validation.as_ref())
     }
 
     /// Runs the handler without a record: idempotency is disabled, or the event has
@@ -736,9 +733,19 @@ fn check_transaction<S: IdempotencyStore>(
 }
 
 /// The hashes of key material and validation fields; `None` when the material
-/// cannot identify an event.
-fn hashed(material: &Value, validation: Option<&Value>) -> Option<(String, Option<String>)> {
-    (!is_missing(material)).then(|| (hash_value(material), validation.map(hash_value)))
+/// cannot identify an event. Material with a number serde_json may have rounded
+/// is refused: two different orders would share a key.
+fn hashed(
+    material: &Value,
+    validation: Option<&Value>,
+) -> Result<Option<(String, Option<String>)>, IdempotencyError> {
+    if let Some(n) = rounded_integer(material) {
+        return Err(IdempotencyError::InvalidEvent(format!(
+            "the key material holds {n}, an integer beyond 64 bits that serde_json rounded to an f64, \
+             so different values would share a key; enable the `exact-numbers` feature or key on a string"
+        )));
+    }
+    Ok((!is_missing(material)).then(|| (hash_value(material), validation.map(hash_value))))
 }
 
 fn check_payload(

@@ -479,6 +479,33 @@ fn canonical_number(n: &serde_json::Number) -> String {
     number::canonical_number(&text).unwrap_or(text)
 }
 
+/// Without `exact-numbers`, a number in `value` that serde_json may have rounded
+/// so that two different integers read the same: an integral `f64` of magnitude
+/// 2^63 or more (integers within 64 bits are read exactly, as `i64`/`u64`).
+/// Decimals past `f64` precision cannot be told from exact ones and are not found.
+pub(crate) fn rounded_integer(value: &Value) -> Option<&serde_json::Number> {
+    const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+    if cfg!(feature = "exact-numbers") {
+        return None;
+    }
+    let mut stack = vec![value];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Number(n)
+                if n.is_f64()
+                    && n.as_f64()
+                        .is_some_and(|x| x.fract() == 0.0 && x.abs() >= TWO_POW_63) =>
+            {
+                return Some(n);
+            }
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => stack.extend(map.values()),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Lowercase hex SHA-256 of `data`.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)

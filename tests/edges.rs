@@ -628,3 +628,37 @@ fn an_event_nested_ten_thousand_deep_gives_a_key_or_a_typed_error_not_an_overflo
         "the whole event is the key material"
     );
 }
+
+#[tokio::test]
+async fn integers_beyond_64_bits_never_share_a_key() {
+    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+    let echo = idempotency.function("echo", |event: Value| async move {
+        Ok::<_, std::io::Error>(json!({ "echo": event["note"] }))
+    });
+    // As lambda_runtime parses them from the wire.
+    let first: Value =
+        serde_json::from_str(r#"{"order_id": 18446752753646647040, "note": "first"}"#)
+            .expect("json");
+    let second: Value =
+        serde_json::from_str(r#"{"order_id": 18446752753646647041, "note": "second"}"#)
+            .expect("json");
+    let (first, second) = (echo.call(first, None).await, echo.call(second, None).await);
+    if cfg!(feature = "exact-numbers") {
+        assert_eq!(first.expect("first")["echo"], "first");
+        assert_eq!(
+            second.expect("second")["echo"],
+            "second",
+            "not the first order's response"
+        );
+    } else {
+        // serde_json rounded both to one f64: refused, never confused.
+        for outcome in [first, second] {
+            match outcome {
+                Err(Error::Idempotency(IdempotencyError::InvalidEvent(reason))) => {
+                    assert!(reason.contains("exact-numbers"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}
