@@ -29,7 +29,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (against LocalStack at $AWS_ENDPOINT_URL)"
 cargo test --all-targets --locked
 cargo test --doc --locked
-step "cargo test --lib --features exact-numbers (keys exact for any JSON number)"
+step "exact-numbers feature: clippy and the key tests (keys exact for any JSON number)"
+cargo clippy --all-targets --locked --features exact-numbers -- -D warnings
 cargo test --lib --locked --features exact-numbers
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null

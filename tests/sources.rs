@@ -9,6 +9,7 @@ use aws_lambda_events::apigw::{
     ApiGatewayV2httpResponse,
 };
 use aws_lambda_events::encodings::Body;
+#[cfg(not(feature = "exact-numbers"))]
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_lambda_events::http::HeaderValue;
