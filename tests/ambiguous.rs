@@ -15,8 +15,9 @@ use lambda_idempotency::{
 };
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
+use support::http1::post;
 use support::localstack::{client, default_table, endpoint};
-use support::payments::{post, Payments};
+use support::payments::Payments;
 use support::proxy::{Entry, Proxy};
 use support::{context, in_progress, key_for, poll, Audit, Counter};
 use tokio::sync::Notify;

@@ -15,8 +15,9 @@ use lambda_idempotency::{
 use serde_json::{json, Value};
 use std::sync::Arc;
 use support::faults::{Fault, FaultStore, Mode, Op};
+use support::http1::post;
 use support::localstack::{default_table, recorded_client, Requests};
-use support::payments::{post, Payments};
+use support::payments::Payments;
 use support::{context, in_progress, key_for, Audit, Counter};
 
 type Failure = Error<std::io::Error>;

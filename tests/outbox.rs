@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use support::events::{dynamodb_event, sqs, Stream};
+use support::http1::post;
 use support::localstack::{client, default_table, recorded_client, table_name, Requests};
-use support::payments::{post, Payments};
+use support::payments::Payments;
 use support::{context, in_progress, poll, Audit, Counter};
 use tokio::sync::Notify;
 

@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod faults;
+pub mod http1;
 pub mod localstack;
 pub mod payments;
 pub mod proxy;
