@@ -201,13 +201,7 @@ fn item_s(body: &str, attribute: &str) -> String {
 async fn reserve_put_item() {
     let f = Fixture::new("amb-reserve").await;
     let runs = Counter::default();
-    let handler = {
-        let runs = runs.clone();
-        f.idempotency.function("place_order", move |order: Value| {
-            let run = runs.hit();
-            async move { Ok::<_, Failure>(json!({ "order": order["order_id"], "run": run })) }
-        })
-    };
+    let handler = echo_handler(&f, &runs);
     f.proxy.drop_response("PutItem", &[RESERVE], 1);
     let order = json!({ "order_id": "r-1" });
     let first: Value = handler
@@ -240,6 +234,22 @@ async fn reserve_put_item() {
     assert_eq!(serde_json::to_string(&replay).expect("json"), stored);
     assert_eq!(runs.get(), 1, "replayed, not run again");
     f.no_engine_warnings();
+}
+
+/// Answers with the order and which run of the handler this is.
+fn echo_handler(
+    f: &Fixture,
+    runs: &Counter,
+) -> lambda_idempotency::IdempotentFunction<
+    impl Fn(Value) -> futures_util::future::BoxFuture<'static, Result<Value, Failure>>,
+    DynamoDbStore,
+> {
+    let runs = runs.clone();
+    f.idempotency.function("place_order", move |order: Value| {
+        let run = runs.hit();
+        Box::pin(async move { Ok::<_, Failure>(json!({ "order": order["order_id"], "run": run })) })
+            as futures_util::future::BoxFuture<'static, _>
+    })
 }
 
 /// Charges through a step; its first attempt stops after the step is journaled
@@ -407,13 +417,7 @@ async fn journal_put_item() {
 async fn complete_put_item() {
     let f = Fixture::new("amb-complete").await;
     let runs = Counter::default();
-    let handler = {
-        let runs = runs.clone();
-        f.idempotency.function("place_order", move |order: Value| {
-            let run = runs.hit();
-            async move { Ok::<_, Failure>(json!({ "order": order["order_id"], "run": run })) }
-        })
-    };
+    let handler = echo_handler(&f, &runs);
     f.proxy
         .drop_response("PutItem", &[OWNED, "\"COMPLETED\""], 1);
     let order = json!({ "order_id": "c-1" });
