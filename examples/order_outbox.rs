@@ -8,8 +8,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use aws_lambda_events::http::Request;
 use bytes::Bytes;
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;

@@ -307,16 +307,10 @@ fn derive_key(scope: &str, name: &str, occurrence: usize) -> String {
 /// The `Idempotency-Key` header for an outgoing HTTP request.
 pub fn idempotency_key_header(
     derived_key: &str,
-) -> Result<
-    (
-        aws_lambda_events::http::HeaderName,
-        aws_lambda_events::http::HeaderValue,
-    ),
-    aws_lambda_events::http::header::InvalidHeaderValue,
-> {
+) -> Result<(http::HeaderName, http::HeaderValue), http::header::InvalidHeaderValue> {
     Ok((
-        aws_lambda_events::http::HeaderName::from_static("idempotency-key"),
-        aws_lambda_events::http::HeaderValue::from_str(derived_key)?,
+        http::HeaderName::from_static("idempotency-key"),
+        http::HeaderValue::from_str(derived_key)?,
     ))
 }
 

@@ -107,8 +107,10 @@ pub(crate) enum CallKey<'a> {
     Config,
     /// As `Config`, but an event source's own default replaces "the whole event"
     /// (e.g. an SQS record's `messageId`, which stays the same on redelivery).
+    #[cfg_attr(not(any(feature = "sqs", feature = "streams")), allow(dead_code))]
     SourceDefault(&'a JsonPath),
     /// Material and validation fields chosen by the caller (HTTP `Idempotency-Key`).
+    #[cfg_attr(not(feature = "apigw"), allow(dead_code))]
     Given {
         material: Value,
         validation: Option<Value>,
@@ -118,6 +120,7 @@ pub(crate) enum CallKey<'a> {
 /// A response, and whether it was replayed rather than computed.
 pub(crate) struct Executed<R> {
     pub(crate) response: R,
+    #[cfg_attr(not(feature = "apigw"), allow(dead_code))] // read by the HTTP source
     pub(crate) replayed: bool,
 }
 
@@ -231,8 +234,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
         Fut: Future<Output = Result<R, E>>,
     {
         let config = &self.inner.config;
+        // Boxed, like the protected path below: an unboxed future here nests the
+        // handler's type deep enough to overflow the compiler's layout query
+        // depth in the user's `main` (seen with Kinesis batches).
         if config.disabled {
-            return self.run_unprotected(event, handler).await;
+            return Box::pin(self.run_unprotected(event, handler)).await;
         }
 
         // 1. Key and validation hashes, from the event as JSON.
@@ -255,7 +261,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 expression = config.key.describe(),
                 "no idempotency key material in the event; running the handler without idempotency"
             );
-            return self.run_unprotected(event, handler).await;
+            return Box::pin(self.run_unprotected(event, handler)).await;
         };
         let key = format!("{}#{material_hash}", call.scope);
 

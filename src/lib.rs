@@ -27,7 +27,23 @@
 //! ```
 //!
 //! In production use [`DynamoDbStore`]; [`MemoryStore`] is for tests and local runs.
+//!
+//! ## Cargo features
+//!
+//! The default build is the wrapper, the function wrapper, and the DynamoDB and
+//! memory stores. Each event source and outbox sink is opt-in:
+//!
+//! | feature | adds |
+//! |---|---|
+//! | `sqs` | `SqsBatch`: SQS batches with partial batch failures |
+//! | `streams` | `StreamBatch`: DynamoDB Streams and Kinesis; `Relay::process_dynamodb` |
+//! | `apigw` | `HttpIdempotency`: API Gateway `Idempotency-Key` semantics |
+//! | `lambda-http` | `HttpIdempotency::handle_request` for `lambda_http` |
+//! | `outbox-sqs` | delivery of [`OutboxMessage::Sqs`] (`Dispatcher::with_sqs`) |
+//! | `outbox-http` | delivery of [`OutboxMessage::Http`] (`Dispatcher::with_http`) |
+//! | `exact-numbers` | keys exact for any JSON number (serde_json `arbitrary_precision`) |
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod effects;
@@ -47,7 +63,15 @@ pub use idempotency::Idempotency;
 pub use outbox::{DeliveryError, Dispatcher, OutboxMessage, Relay, Sink, SweepReport};
 pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
-pub use sources::{HttpIdempotency, SqsBatch, StreamBatch, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+#[cfg(feature = "sqs")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqs")))]
+pub use sources::SqsBatch;
+#[cfg(feature = "streams")]
+#[cfg_attr(docsrs, doc(cfg(feature = "streams")))]
+pub use sources::StreamBatch;
+#[cfg(feature = "apigw")]
+#[cfg_attr(docsrs, doc(cfg(feature = "apigw")))]
+pub use sources::{HttpIdempotency, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore};
 
 /// Compiles the README's Rust snippets as doc tests.

@@ -4,16 +4,13 @@
 use crate::error::IdempotencyError;
 use crate::idempotency::Idempotency;
 use crate::store::{IdempotencyStore, OutboxRecord};
-use aws_lambda_events::event::dynamodb::Event as DynamoDbEvent;
-use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use aws_lambda_events::http::{Method, Request};
-use aws_sdk_sqs::types::MessageAttributeValue;
-use bytes::Bytes;
+#[cfg(feature = "streams")]
+use aws_lambda_events::event::{
+    dynamodb::Event as DynamoDbEvent,
+    streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse},
+};
 use futures_util::future::BoxFuture;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
+#[cfg(feature = "streams")]
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -79,19 +76,25 @@ pub enum DeliveryError {
     Failed(#[source] BoxError),
 }
 
-/// Delivers outbox messages: SQS, HTTP webhooks and registered sinks.
+/// Delivers outbox messages: SQS (feature `outbox-sqs`), HTTP webhooks (feature
+/// `outbox-http`) and registered sinks.
 #[derive(Clone, Default)]
 pub struct Dispatcher {
+    #[cfg(feature = "outbox-sqs")]
     sqs: Option<aws_sdk_sqs::Client>,
-    http: Option<HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>>,
+    #[cfg(feature = "outbox-http")]
+    http: Option<webhook::Client>,
     sinks: HashMap<String, Arc<dyn Sink>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dispatcher")
-            .field("sqs", &self.sqs.is_some())
-            .field("http", &self.http.is_some())
+        let mut debug = f.debug_struct("Dispatcher");
+        #[cfg(feature = "outbox-sqs")]
+        debug.field("sqs", &self.sqs.is_some());
+        #[cfg(feature = "outbox-http")]
+        debug.field("http", &self.http.is_some());
+        debug
             .field("sinks", &self.sinks.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -104,19 +107,18 @@ impl Dispatcher {
     }
 
     /// Delivers [`OutboxMessage::Sqs`] with this client.
+    #[cfg(feature = "outbox-sqs")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox-sqs")))]
     pub fn with_sqs(mut self, client: aws_sdk_sqs::Client) -> Self {
         self.sqs = Some(client);
         self
     }
 
     /// Delivers [`OutboxMessage::Http`] (HTTPS with the system's root certificates).
+    #[cfg(feature = "outbox-http")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox-http")))]
     pub fn with_http(mut self) -> Result<Self, BoxError> {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        self.http = Some(HyperClient::builder(TokioExecutor::new()).build(connector));
+        self.http = Some(webhook::client()?);
         Ok(self)
     }
 
@@ -126,7 +128,9 @@ impl Dispatcher {
         self
     }
 
-    /// Delivers one message with its derived key.
+    /// Delivers one message with its derived key. A message whose kind has no
+    /// client (or whose feature is off) fails with [`DeliveryError::NotConfigured`]
+    /// and stays pending.
     pub async fn deliver(
         &self,
         message: &OutboxMessage,
@@ -138,62 +142,25 @@ impl Dispatcher {
                 body,
                 group_id,
             } => {
-                let sqs = self
-                    .sqs
-                    .as_ref()
-                    .ok_or_else(|| DeliveryError::NotConfigured("SQS client".into()))?;
-                let attribute = MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value(derived_key)
-                    .build()
-                    .map_err(|e| DeliveryError::Failed(e.into()))?;
-                let mut request = sqs
-                    .send_message()
-                    .queue_url(queue_url)
-                    .message_body(body)
-                    .message_attributes("idempotency-key", attribute);
-                if queue_url.ends_with(".fifo") {
-                    let group = group_id.clone().unwrap_or_else(|| derived_key.to_owned());
-                    request = request
-                        .message_deduplication_id(derived_key)
-                        .message_group_id(group);
+                #[cfg(feature = "outbox-sqs")]
+                if let Some(sqs) = &self.sqs {
+                    return deliver_sqs(sqs, queue_url, body, group_id.as_deref(), derived_key)
+                        .await;
                 }
-                request
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| DeliveryError::Failed(e.into()))
+                let _ = (queue_url, body, group_id);
+                Err(DeliveryError::NotConfigured(
+                    "SQS client (`with_sqs`, feature `outbox-sqs`)".into(),
+                ))
             }
             OutboxMessage::Http { url, body, headers } => {
-                let http = self
-                    .http
-                    .as_ref()
-                    .ok_or_else(|| DeliveryError::NotConfigured("HTTP client".into()))?;
-                let mut request = Request::builder()
-                    .method(Method::POST)
-                    .uri(url)
-                    .header("idempotency-key", derived_key)
-                    .header("content-type", "application/json");
-                for (name, value) in headers {
-                    request = request.header(name, value);
+                #[cfg(feature = "outbox-http")]
+                if let Some(http) = &self.http {
+                    return webhook::post(http, url, body, headers, derived_key).await;
                 }
-                let request = request
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .map_err(|e| DeliveryError::Failed(e.into()))?;
-                let response = http
-                    .request(request)
-                    .await
-                    .map_err(|e| DeliveryError::Failed(e.into()))?;
-                let status = response.status();
-                // Drain the body so the connection can be reused.
-                let _ = response.into_body().collect().await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(DeliveryError::Failed(
-                        format!("{url} answered {status}").into(),
-                    ))
-                }
+                let _ = (url, body, headers);
+                Err(DeliveryError::NotConfigured(
+                    "HTTP client (`with_http`, feature `outbox-http`)".into(),
+                ))
             }
             OutboxMessage::Custom { sink, payload } => {
                 let target = self
@@ -205,6 +172,100 @@ impl Dispatcher {
                     .await
                     .map_err(DeliveryError::Failed)
             }
+        }
+    }
+}
+
+/// Sends one SQS message with the derived key as its `idempotency-key` attribute
+/// and, on a FIFO queue, as its deduplication id.
+#[cfg(feature = "outbox-sqs")]
+async fn deliver_sqs(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    body: &str,
+    group_id: Option<&str>,
+    derived_key: &str,
+) -> Result<(), DeliveryError> {
+    let attribute = aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(derived_key)
+        .build()
+        .map_err(|e| DeliveryError::Failed(e.into()))?;
+    let mut request = sqs
+        .send_message()
+        .queue_url(queue_url)
+        .message_body(body)
+        .message_attributes("idempotency-key", attribute);
+    if queue_url.ends_with(".fifo") {
+        request = request
+            .message_deduplication_id(derived_key)
+            .message_group_id(group_id.unwrap_or(derived_key));
+    }
+    request
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| DeliveryError::Failed(e.into()))
+}
+
+/// Webhook delivery over the HTTP client stack the AWS SDK already brings.
+#[cfg(feature = "outbox-http")]
+mod webhook {
+    use super::{BoxError, DeliveryError};
+    use bytes::Bytes;
+    use http::{Method, Request};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub(super) type Client = hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<HttpConnector>,
+        Full<Bytes>,
+    >;
+
+    /// HTTPS (system roots) or plain HTTP, HTTP/1.1.
+    pub(super) fn client() -> Result<Client, BoxError> {
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector))
+    }
+
+    /// `POST`s `body` with the derived key as the `Idempotency-Key` header; a
+    /// non-2xx answer is a failure.
+    pub(super) async fn post(
+        http: &Client,
+        url: &str,
+        body: &str,
+        headers: &[(String, String)],
+        derived_key: &str,
+    ) -> Result<(), DeliveryError> {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header("idempotency-key", derived_key)
+            .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .map_err(|e| DeliveryError::Failed(e.into()))?;
+        let response = http
+            .request(request)
+            .await
+            .map_err(|e| DeliveryError::Failed(e.into()))?;
+        let status = response.status();
+        // Drain the body so the connection can be reused.
+        let _ = response.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(DeliveryError::Failed(
+                format!("{url} answered {status}").into(),
+            ))
         }
     }
 }
@@ -241,6 +302,8 @@ impl<S: IdempotencyStore> Relay<S> {
     /// `NEW_AND_OLD_IMAGES`): each inserted outbox record still pending is
     /// delivered and marked. At the first failure, that record and the later ones
     /// are reported so the shard resumes there.
+    #[cfg(feature = "streams")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "streams")))]
     pub async fn process_dynamodb(
         &self,
         event: LambdaEvent<DynamoDbEvent>,
@@ -293,6 +356,7 @@ impl<S: IdempotencyStore> Relay<S> {
     }
 
     /// Delivers the record under `key` if it is still pending; returns whether it did.
+    #[cfg(feature = "streams")]
     async fn deliver_pending(&self, key: &str) -> Result<bool, IdempotencyError> {
         match self.idempotency.store().get_outbox(key).await? {
             Some(record) if !record.delivered => self.deliver(&record).await.map(|()| true),
@@ -325,6 +389,7 @@ pub(crate) async fn deliver_and_mark<S: IdempotencyStore>(
 }
 
 /// The outbox record key among a stream record's keys, if it is one.
+#[cfg(feature = "streams")]
 fn outbox_key<K: Serialize>(keys: &K) -> Option<String> {
     let keys = serde_json::to_value(keys).ok()?;
     keys.as_object()?.values().find_map(|value| {

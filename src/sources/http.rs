@@ -13,10 +13,10 @@ use aws_lambda_events::apigw::{
 };
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::http::{HeaderMap, HeaderValue};
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine;
-use lambda_http::request::RequestContext;
-use lambda_http::RequestExt;
+#[cfg(feature = "lambda-http")]
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+#[cfg(feature = "lambda-http")]
+use lambda_http::{request::RequestContext, RequestExt};
 use lambda_runtime::LambdaEvent;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -176,6 +176,8 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     /// Handles a `lambda_http` request (REST or HTTP API), for
     /// `lambda_http::run(service_fn(|request| http.handle_request(request)))`.
     /// The route in the key is the method and the request path.
+    #[cfg(feature = "lambda-http")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "lambda-http")))]
     pub async fn handle_request<E, Fut>(
         &self,
         request: lambda_http::Request,
@@ -283,6 +285,7 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     }
 }
 
+#[cfg(feature = "lambda-http")]
 fn to_stored(response: lambda_http::Response<Body>) -> ApiGatewayV2httpResponse {
     let (parts, body) = response.into_parts();
     let mut stored = ApiGatewayV2httpResponse::default();
@@ -291,6 +294,7 @@ fn to_stored(response: lambda_http::Response<Body>) -> ApiGatewayV2httpResponse 
     stored
 }
 
+#[cfg(feature = "lambda-http")]
 fn from_stored(stored: ApiGatewayV2httpResponse) -> lambda_http::Response<Body> {
     let mut response = lambda_http::Response::new(stored.body.unwrap_or_default());
     // Statuses were valid when stored; an unknown one in a record becomes a 500.

@@ -1,21 +1,25 @@
 //! Event sources: batches whose records are each run through the engine, and
 //! HTTP requests with `Idempotency-Key` semantics.
 
+//!
+//! Each source is a cargo feature: `sqs`, `streams`, `apigw` (and `lambda-http`).
+#![cfg(any(feature = "sqs", feature = "streams", feature = "apigw"))]
+
+#[cfg(feature = "apigw")]
 mod http;
+#[cfg(feature = "sqs")]
 mod sqs;
+#[cfg(feature = "streams")]
 mod stream;
 
+#[cfg(feature = "apigw")]
 pub use http::{HttpIdempotency, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+#[cfg(feature = "sqs")]
 pub use sqs::SqsBatch;
+#[cfg(feature = "streams")]
 pub use stream::StreamBatch;
 
-use crate::idempotency::{Call, CallKey, Idempotency};
 use crate::key::JsonPath;
-use crate::store::IdempotencyStore;
-use crate::Error;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
-use std::future::Future;
 
 /// A built-in expression (a source's default key or caller). Called only with
 /// constants, which compile: a panic here is a bug in this crate, not bad input.
@@ -24,8 +28,9 @@ fn field(expression: &'static str) -> JsonPath {
 }
 
 /// Runs one record through the engine; the error, as text, for the logs.
+#[cfg(any(feature = "sqs", feature = "streams"))]
 async fn run_record<S, T, R, E, F, Fut>(
-    idempotency: &Idempotency<S>,
+    idempotency: &crate::Idempotency<S>,
     scope: &str,
     deadline_ms: i64,
     default_key: &JsonPath,
@@ -33,13 +38,15 @@ async fn run_record<S, T, R, E, F, Fut>(
     handler: F,
 ) -> Result<(), String>
 where
-    S: IdempotencyStore,
-    T: Serialize + 'static,
-    R: Serialize + DeserializeOwned,
+    S: crate::store::IdempotencyStore,
+    T: serde::Serialize + 'static,
+    R: serde::Serialize + serde::de::DeserializeOwned,
     E: std::fmt::Display + 'static,
     F: FnOnce(T) -> Fut,
-    Fut: Future<Output = Result<R, E>>,
+    Fut: std::future::Future<Output = Result<R, E>>,
 {
+    use crate::idempotency::{Call, CallKey};
+    use crate::Error;
     let call = Call {
         scope,
         deadline_ms: Some(deadline_ms),

@@ -1,6 +1,7 @@
 //! Shared test helpers. Each test binary uses a part of them.
 #![allow(dead_code)]
 
+#[cfg(all(feature = "sqs", feature = "streams", feature = "outbox-sqs"))]
 pub mod events;
 pub mod faults;
 pub mod http1;
