@@ -32,6 +32,12 @@ cargo test --doc --locked
 step "exact-numbers feature: clippy and the key tests (keys exact for any JSON number)"
 cargo clippy --all-targets --locked --features exact-numbers -- -D warnings
 cargo test --lib --locked --features exact-numbers
+step "powertools-compat feature: clippy, its tests, and the round trip with Powertools for Python"
+POWERTOOLS_PYTHON="$(bash scripts/powertools-venv.sh)"
+export POWERTOOLS_PYTHON
+cargo clippy --all-targets --locked --features powertools-compat -- -D warnings
+cargo test --locked --features powertools-compat --lib --test powertools
+cargo test --doc --locked --features powertools-compat
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
 step "chaos run, short (scripts/chaos.sh --short)"
