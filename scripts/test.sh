@@ -27,7 +27,7 @@ cargo fmt --check
 # Every feature a user can pick: none, each alone, all together. Targets that
 # need a feature are skipped without it (required-features in Cargo.toml).
 sources_and_sinks="sqs,streams,apigw,lambda-http,outbox-sqs,outbox-http"
-for features in "" sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers; do
+for features in "" sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat; do
   step "cargo clippy --all-targets --features '$features' -- -D warnings"
   cargo clippy --all-targets --locked --features "$features" -- -D warnings
 done
@@ -39,6 +39,11 @@ cargo test --all-targets --locked --features "$sources_and_sinks"
 cargo test --doc --locked --features "$sources_and_sinks"
 step "cargo test --lib --features exact-numbers (keys exact for any JSON number)"
 cargo test --lib --locked --features exact-numbers
+step "powertools-compat feature: its tests, and the round trip with Powertools for Python"
+POWERTOOLS_PYTHON="$(bash scripts/powertools-venv.sh)"
+export POWERTOOLS_PYTHON
+cargo test --locked --features powertools-compat --lib --test powertools
+cargo test --doc --locked --features powertools-compat
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
 step "chaos run, short (scripts/chaos.sh --short)"

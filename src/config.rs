@@ -64,6 +64,37 @@ impl KeySource {
     }
 }
 
+/// How key material and validation fields become the hashes in a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum KeyHash {
+    /// SHA-256 of this crate's canonical JSON (README "What a record's key is made of").
+    #[default]
+    Canonical,
+    /// Powertools for Python's hash of `json.dumps(material, sort_keys=True)`.
+    #[cfg(feature = "powertools-compat")]
+    PowertoolsPython(crate::PowertoolsHash),
+}
+
+impl KeyHash {
+    /// Key material that cannot identify an event.
+    pub(crate) fn is_missing(self, material: &Value) -> bool {
+        match self {
+            KeyHash::Canonical => crate::key::is_missing(material),
+            #[cfg(feature = "powertools-compat")]
+            KeyHash::PowertoolsPython(_) => crate::key::powertools::is_missing(material),
+        }
+    }
+
+    /// The hash stored in a record's key (after `{prefix}#`) or validation.
+    pub(crate) fn hash(self, value: &Value) -> String {
+        match self {
+            KeyHash::Canonical => crate::key::hash_value(value),
+            #[cfg(feature = "powertools-compat")]
+            KeyHash::PowertoolsPython(function) => function.hash_value(value),
+        }
+    }
+}
+
 /// Settings of an [`Idempotency`](crate::Idempotency). Build one with
 /// [`IdempotencyConfig::builder`].
 #[derive(Clone)]
@@ -79,6 +110,7 @@ pub struct IdempotencyConfig {
     pub(crate) disabled: bool,
     pub(crate) on_replay: Option<Arc<ReplayHook>>,
     pub(crate) max_inflated_bytes: usize,
+    pub(crate) key_hash: KeyHash,
 }
 
 impl std::fmt::Debug for IdempotencyConfig {
@@ -94,6 +126,7 @@ impl std::fmt::Debug for IdempotencyConfig {
             .field("replay_permanent_errors", &self.replay_permanent_errors)
             .field("disabled", &self.disabled)
             .field("max_inflated_bytes", &self.max_inflated_bytes)
+            .field("key_hash", &self.key_hash)
             .finish_non_exhaustive()
     }
 }
@@ -112,6 +145,7 @@ impl Default for IdempotencyConfig {
             disabled: disabled_by(|name| std::env::var(name).ok()),
             on_replay: None,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
+            key_hash: KeyHash::Canonical,
         }
     }
 }
@@ -269,6 +303,38 @@ impl IdempotencyConfigBuilder {
     /// 1000:1, so an unbounded 339 KiB event costs 256 MiB and seconds of CPU.
     pub fn max_inflated_bytes(mut self, limit: usize) -> Self {
         self.config.max_inflated_bytes = limit;
+        self
+    }
+
+    /// Derive record ids and validation hashes exactly as AWS Lambda Powertools for
+    /// Python does, so that a Python function and its Rust port can share one
+    /// table while both run, each replaying the other's records: the hash is
+    /// `hash` (Powertools' `hash_function`, `md5` by default) of Python's
+    /// `json.dumps(material, sort_keys=True)`, and key material counts as missing
+    /// when Powertools says so (also a list or object of nulls only).
+    ///
+    /// The record id is `{prefix}#{hash}`, and Powertools' prefix is
+    /// `{function name}.{module}.{qualname}` of the decorated Python function
+    /// (or its own `key_prefix`): give that text with [`key_prefix`](Self::key_prefix)
+    /// and wrap with `wrap` (not `wrap_as`, which appends the name). See README
+    /// "Migrating from Powertools Python".
+    ///
+    /// ```
+    /// use lambda_idempotency::{IdempotencyConfig, PowertoolsHash};
+    ///
+    /// // Python: @idempotent(config=IdempotencyConfig(event_key_jmespath="order_id"), ...)
+    /// //         def lambda_handler(event, context) in app.py of the function orders-py
+    /// let config = IdempotencyConfig::builder()
+    ///     .key_expression("order_id")
+    ///     .key_prefix("orders-py.app.lambda_handler")
+    ///     .powertools_python_keys(PowertoolsHash::Md5)
+    ///     .build()
+    ///     .expect("valid config");
+    /// # let _ = config;
+    /// ```
+    #[cfg(feature = "powertools-compat")]
+    pub fn powertools_python_keys(mut self, hash: crate::PowertoolsHash) -> Self {
+        self.config.key_hash = KeyHash::PowertoolsPython(hash);
         self
     }
 

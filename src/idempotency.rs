@@ -1,10 +1,10 @@
 //! One idempotent invocation, top to bottom: derive the key, check the local cache,
 //! reserve, run the handler, complete or release.
 
-use crate::config::{IdempotencyConfig, KeySource};
+use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
-use crate::key::{hash_value, is_missing, rounded_integer, JsonPath};
+use crate::key::{rounded_integer, JsonPath};
 use crate::outbox::{deliver_and_mark, Dispatcher, OutboxMessage};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, OutboxRecord, StoreError};
@@ -246,7 +246,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             CallKey::Given {
                 material,
                 validation,
-            } => hashed(material, validation.as_ref())?,
+            } => hashed(material, validation.as_ref(), config.key_hash)?,
             CallKey::Config => self.key_material(&event, None)?,
             CallKey::SourceDefault(path) => self.key_material(&event, Some(path))?,
         };
@@ -385,7 +385,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
             },
         };
         let validation = config.validation.as_ref().map(search).transpose()?;
-        hashed(material.as_ref().unwrap_or(json), validation.as_ref())
+        hashed(
+            material.as_ref().unwrap_or(json),
+            validation.as_ref(),
+            config.key_hash,
+        )
     }
 
     /// Runs the handler without a record: idempotency is disabled, or the event has
@@ -744,6 +748,7 @@ fn check_transaction<S: IdempotencyStore>(
 fn hashed(
     material: &Value,
     validation: Option<&Value>,
+    key_hash: KeyHash,
 ) -> Result<Option<(String, Option<String>)>, IdempotencyError> {
     if let Some(n) = rounded_integer(material) {
         return Err(IdempotencyError::InvalidEvent(format!(
@@ -751,7 +756,12 @@ fn hashed(
              so different values would share a key; enable the `exact-numbers` feature or key on a string"
         )));
     }
-    Ok((!is_missing(material)).then(|| (hash_value(material), validation.map(hash_value))))
+    Ok((!key_hash.is_missing(material)).then(|| {
+        (
+            key_hash.hash(material),
+            validation.map(|v| key_hash.hash(v)),
+        )
+    }))
 }
 
 fn check_payload(

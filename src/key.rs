@@ -11,6 +11,8 @@ use std::io::Read as _;
 use std::sync::LazyLock;
 
 mod number;
+#[cfg(feature = "powertools-compat")]
+pub(crate) mod powertools;
 
 /// The JMESPath runtime: the standard functions plus the three Powertools ones, so
 /// expressions written for Powertools work unchanged.

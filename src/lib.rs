@@ -60,6 +60,8 @@ pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
 pub use effects::{client_request_token, effects, idempotency_key_header, Effects, Outbox};
 pub use error::{Error, IdempotencyError, PermanentError};
 pub use idempotency::Idempotency;
+#[cfg(feature = "powertools-compat")]
+pub use key::powertools::PowertoolsHash;
 pub use outbox::{DeliveryError, Dispatcher, OutboxMessage, Relay, Sink, SweepReport};
 pub use record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 pub use service::{IdempotencyLayer, IdempotentFunction, IdempotentService};
