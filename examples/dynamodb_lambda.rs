@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! cargo lambda watch --package lambda-idempotency-functions --invoke-port 9000 \
-//!   --env-var IDEMPOTENCY_TABLE=idempotency,AWS_ENDPOINT_URL=http://127.0.0.1:4566,AWS_REGION=us-east-1,AWS_ACCESS_KEY_ID=test,AWS_SECRET_ACCESS_KEY=test
+//!   --env-var IDEMPOTENCY_TABLE=idempotency-dev,AWS_ENDPOINT_URL=http://127.0.0.1:4566,AWS_REGION=us-east-1,AWS_ACCESS_KEY_ID=test,AWS_SECRET_ACCESS_KEY=test
 //! cargo lambda invoke dynamodb_lambda --invoke-port 9000 --data-file examples/events/order.json
 //! ```
 
