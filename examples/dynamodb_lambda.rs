@@ -1,8 +1,19 @@
 //! A Lambda function whose order handler runs once per order id, with records in
 //! DynamoDB. Deployed by `template.yaml` (`sam build && sam deploy --guided`).
 //!
-//! Environment: `IDEMPOTENCY_TABLE` (the table name). Locally, against LocalStack:
-//! `AWS_ENDPOINT_URL=http://127.0.0.1:4566 cargo lambda watch --example dynamodb_lambda`.
+//! Environment: `IDEMPOTENCY_TABLE` (the table name). Locally, against LocalStack
+//! (README "Develop locally with cargo-lambda"; `scripts/dev-loop.sh` runs it all):
+//! the function is the `dynamodb_lambda` binary of the `deploy/` package, so watch
+//! that package (`cargo lambda watch --example dynamodb_lambda` fails: cargo-lambda
+//! asks cargo for a binary of that name in the root package, which has none), then
+//! invoke the same event twice; the second response carries the first one's
+//! `charge_id`:
+//!
+//! ```text
+//! cargo lambda watch --package lambda-idempotency-functions --invoke-port 9000 \
+//!   --env-var IDEMPOTENCY_TABLE=idempotency-dev,AWS_ENDPOINT_URL=http://127.0.0.1:4566,AWS_REGION=us-east-1,AWS_ACCESS_KEY_ID=test,AWS_SECRET_ACCESS_KEY=test
+//! cargo lambda invoke dynamodb_lambda --invoke-port 9000 --data-file examples/events/order.json
+//! ```
 
 use lambda_idempotency::{DynamoDbStore, Idempotency, IdempotencyConfig};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
@@ -20,15 +31,18 @@ struct Order {
 struct Receipt {
     order_id: String,
     charged_cents: u64,
+    /// The request id of the invocation that charged: a replay carries the first one's.
+    charge_id: String,
 }
 
 /// The side effect to protect. Replace with a real payment call.
 async fn handle(event: LambdaEvent<Order>) -> Result<Receipt, Error> {
-    let order = event.payload;
+    let (order, context) = event.into_parts();
     tracing::info!(order_id = %order.order_id, "charging");
     Ok(Receipt {
         order_id: order.order_id,
         charged_cents: order.amount_cents,
+        charge_id: context.request_id,
     })
 }
 

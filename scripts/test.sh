@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: lint the SAM template, check format
-# and clippy, then every test (unit, LocalStack integration, doc tests) and the
-# quickstart. Starts LocalStack when no endpoint answers and stops it afterwards.
+# and clippy, then every test (unit, LocalStack integration, doc tests), the
+# quickstart, the cargo-lambda dev loop and a short chaos run. Starts LocalStack
+# when no endpoint answers and stops it afterwards.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,8 @@ cargo test --locked --features powertools-compat --lib --test powertools
 cargo test --doc --locked --features powertools-compat
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
+step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
+bash scripts/dev-loop.sh
 step "chaos run, short (scripts/chaos.sh --short)"
 bash scripts/chaos.sh --short
 step "all checks passed"
