@@ -87,12 +87,11 @@ async fn main() -> Result<(), Error> {
         .call(event(json!({"order_id": "B-7", "amount": 40})))
         .await
     {
-        Err(err)
-            if matches!(
-                err.downcast_ref(),
-                Some(IdempotencyError::AlreadyInProgress { .. })
-            ) =>
-        {
+        Err(
+            err @ lambda_idempotency::Error::Idempotency(IdempotencyError::AlreadyInProgress {
+                ..
+            }),
+        ) => {
             println!("   -> refused: {err}")
         }
         other => return Err(format!("expected the duplicate to be refused, got {other:?}").into()),
@@ -107,12 +106,11 @@ async fn main() -> Result<(), Error> {
         .call(event(json!({"order_id": "A-1", "amount": 99})))
         .await
     {
-        Err(err)
-            if matches!(
-                err.downcast_ref(),
-                Some(IdempotencyError::PayloadMismatch { .. })
-            ) =>
-        {
+        Err(
+            err @ lambda_idempotency::Error::Idempotency(IdempotencyError::PayloadMismatch {
+                ..
+            }),
+        ) => {
             println!("   -> refused: {err}")
         }
         other => return Err(format!("expected a payload mismatch, got {other:?}").into()),

@@ -111,12 +111,17 @@ pub enum IdempotencyError {
 }
 
 /// The error of a wrapped call: either the handler's own error, unchanged, or the
-/// idempotency layer's.
+/// idempotency layer's. Under `lambda_runtime` it converts to a `Diagnostic` that
+/// keeps the handler's own `errorType` and gives each of the layer's failures its
+/// own.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error<E> {
     /// The handler ran and failed; its error is returned as it was. The reservation
     /// has been released (if still ours) so a retry runs the handler again.
-    #[error(transparent)]
+    // Displayed, not `transparent`: `Error<E>` is then an error for any `E: Display`,
+    // boxed handler errors included, so `?` turns it into a `lambda_runtime::Error`.
+    #[error("{0}")]
     Handler(E),
     /// A permanent error stored by an earlier invocation, replayed
     /// (see [`IdempotencyConfigBuilder::replay_permanent_errors`](crate::IdempotencyConfigBuilder::replay_permanent_errors)).
@@ -159,13 +164,59 @@ impl PermanentError {
     }
 }
 
-/// Lets batch helpers that return `Result<_, IdempotencyError>` go straight into
-/// `lambda_runtime::run(service_fn(...))`.
+impl IdempotencyError {
+    /// The `errorType` this failure reaches Lambda with: one stable name per kind,
+    /// Powertools' name where it has one, so alarms and log filters can tell
+    /// failures apart.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::AlreadyInProgress { .. } => "IdempotencyAlreadyInProgressError",
+            Self::PayloadMismatch { .. } => "IdempotencyValidationError",
+            Self::MissingKey { .. } => "IdempotencyKeyError",
+            Self::InvalidEvent(_) => "IdempotencyInvalidEventError",
+            Self::Serialization { .. } => "IdempotencySerializationError",
+            Self::ResponseTooLarge { .. } => "IdempotencyResponseTooLargeError",
+            Self::LostOwnership { .. } => "IdempotencyLostOwnershipError",
+            Self::NonDeterministic { .. } => "IdempotencyNonDeterministicError",
+            Self::Delivery(_) => "IdempotencyDeliveryError",
+            Self::NoEffects => "IdempotencyNoEffectsError",
+            Self::OutboxTooLarge { .. } => "IdempotencyOutboxTooLargeError",
+            Self::MalformedRecord { .. } => "IdempotencyMalformedRecordError",
+            Self::Store(_) => "IdempotencyPersistenceLayerError",
+        }
+    }
+}
+
+/// Each failure reaches Lambda with its own `errorType` (see
+/// [`IdempotencyError::error_type`]); also lets batch helpers that return
+/// `Result<_, IdempotencyError>` go straight into `lambda_runtime::run`.
 impl From<IdempotencyError> for lambda_runtime::Diagnostic {
     fn from(err: IdempotencyError) -> Self {
         Self {
-            error_type: "IdempotencyError".to_owned(),
+            error_type: err.error_type().to_owned(),
             error_message: err.to_string(),
+        }
+    }
+}
+
+/// A replayed permanent error reaches Lambda as `errorType` `PermanentError`.
+impl From<PermanentError> for lambda_runtime::Diagnostic {
+    fn from(err: PermanentError) -> Self {
+        Self {
+            error_type: "PermanentError".to_owned(),
+            error_message: err.to_string(),
+        }
+    }
+}
+
+/// The error of a wrapped Lambda service under `lambda_runtime`: the handler's own
+/// error keeps its own diagnostic (its `errorType`), the layer's failures get theirs.
+impl<E: Into<lambda_runtime::Diagnostic>> From<Error<E>> for lambda_runtime::Diagnostic {
+    fn from(err: Error<E>) -> Self {
+        match err {
+            Error::Handler(e) => e.into(),
+            Error::Replayed(e) => e.into(),
+            Error::Idempotency(e) => e.into(),
         }
     }
 }

@@ -141,9 +141,10 @@ impl<S: IdempotencyStore, Svc> Layer<Svc> for IdempotencyLayer<S> {
 
 /// A Lambda handler service that runs its inner service at most once per key.
 ///
-/// Its error is a `lambda_runtime::Error`: the handler's own error, unchanged, or
-/// a boxed [`IdempotencyError`](crate::IdempotencyError) /
-/// [`PermanentError`](crate::PermanentError) (find them with `downcast_ref`).
+/// Its error is an [`Error`]: the handler's own error, unchanged
+/// ([`Error::Handler`]), an [`IdempotencyError`](crate::IdempotencyError), or a
+/// replayed [`PermanentError`](crate::PermanentError). Under `lambda_runtime` each
+/// reaches Lambda with its own `errorType`; the handler's keeps its own.
 pub struct IdempotentService<Svc, S> {
     inner: Svc,
     idempotency: Idempotency<S>,
@@ -165,16 +166,16 @@ where
     S: IdempotencyStore,
     Svc: Service<LambdaEvent<T>, Response = R> + Clone + Send + 'static,
     Svc::Future: Send,
-    Svc::Error: Into<lambda_runtime::Error> + Send + 'static,
+    Svc::Error: Send + 'static,
     T: Serialize + Send + 'static,
     R: Serialize + DeserializeOwned + Send + 'static,
 {
     type Response = R;
-    type Error = lambda_runtime::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<R, lambda_runtime::Error>> + Send>>;
+    type Error = Error<Svc::Error>;
+    type Future = Pin<Box<dyn Future<Output = Result<R, Error<Svc::Error>>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx).map_err(Error::Handler)
     }
 
     fn call(&mut self, event: LambdaEvent<T>) -> Self::Future {
@@ -195,13 +196,7 @@ where
                     inner.call(LambdaEvent::new(payload, context))
                 })
                 .await;
-            result
-                .map(|executed| executed.response)
-                .map_err(|err| match err {
-                    Error::Handler(e) => e.into(),
-                    Error::Replayed(e) => e.into(),
-                    Error::Idempotency(e) => e.into(),
-                })
+            result.map(|executed| executed.response)
         })
     }
 }

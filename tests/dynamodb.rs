@@ -468,17 +468,25 @@ async fn a_composite_key_table_with_custom_attribute_names() {
             Err::<Value, BoxError>(PermanentError::new("card declined").into())
         }),
     );
-    for _ in 0..2 {
+    for attempt in ["handler", "replay"] {
         let err = invoke(
             &mut declined.clone(),
             json!({"order_id": "k-2", "amount": 1}),
         )
         .await
         .expect_err("declined");
+        // First the handler's own error; then the stored one, replayed.
+        let message = match (attempt, &err) {
+            ("handler", Error::Handler(e)) => {
+                e.downcast_ref::<PermanentError>().map(|p| &p.message)
+            }
+            ("replay", Error::Replayed(p)) => Some(&p.message),
+            _ => None,
+        };
         assert_eq!(
-            err.downcast_ref::<PermanentError>()
-                .map(|e| e.message.as_str()),
-            Some("card declined")
+            message.map(String::as_str),
+            Some("card declined"),
+            "{attempt}: {err:?}"
         );
     }
 

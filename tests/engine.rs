@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use support::faults::{FaultStore as CountingStore, Op};
 use support::{
     context, counting_service, expire_in_place, idempotency_error, in_progress, invoke, key_for,
-    now_ms, poll, spawn_call, Counter,
+    now_ms, permanent, poll, spawn_call, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -220,7 +220,10 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
     let err = invoke(&mut service, json!({"order_id": "o-5"}))
         .await
         .expect_err("handler error");
-    let io = err
+    let Error::Handler(handler_error) = &err else {
+        panic!("{err:?}")
+    };
+    let io = handler_error
         .downcast_ref::<std::io::Error>()
         .expect("the handler's own error type");
     assert_eq!(io.to_string(), "card network down");
@@ -268,15 +271,15 @@ async fn permanent_errors_replay_only_when_enabled() {
         let second = invoke(&mut service, json!({"order_id": "o-6"}))
             .await
             .expect_err("declined again");
+        assert_eq!(permanent(&first), permanent(&second));
+        assert!(matches!(first, Error::Handler(_)), "{first:?}");
         assert_eq!(
-            first.downcast_ref::<PermanentError>(),
-            second.downcast_ref::<PermanentError>()
+            matches!(second, Error::Replayed(_)),
+            replay_errors,
+            "replayed only when enabled: {second:?}"
         );
         assert_eq!(
-            second
-                .downcast_ref::<PermanentError>()
-                .expect("permanent")
-                .details,
+            permanent(&second).expect("permanent").details,
             Some(json!({"code": 51}))
         );
         assert_eq!(

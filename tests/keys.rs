@@ -1,7 +1,7 @@
 //! Keys through the public API: what goes into a key, and hostile events.
 
 use base64::Engine as _;
-use lambda_idempotency::{Idempotency, IdempotencyConfig, IdempotencyError, MemoryStore};
+use lambda_idempotency::{Error, Idempotency, IdempotencyConfig, IdempotencyError, MemoryStore};
 use lambda_runtime::{service_fn, Context, LambdaEvent};
 use serde_json::{json, Value};
 use std::io::Read as _;
@@ -18,11 +18,13 @@ fn gzip_bomb(len: u64) -> String {
 }
 
 /// One call of an echo handler wrapped with `config`.
-async fn call(config: IdempotencyConfig, event: Value) -> Result<Value, BoxError> {
+async fn call(config: IdempotencyConfig, event: Value) -> Result<Value, Error<BoxError>> {
     let idempotency = Idempotency::new(MemoryStore::new(), config);
-    let mut service = idempotency.wrap(service_fn(|event: LambdaEvent<Value>| async move {
-        Ok::<_, BoxError>(event.payload)
-    }))?;
+    let mut service = idempotency
+        .wrap(service_fn(|event: LambdaEvent<Value>| async move {
+            Ok::<_, BoxError>(event.payload)
+        }))
+        .expect("one handler");
     let context = Context::default();
     service
         .ready()
@@ -31,10 +33,10 @@ async fn call(config: IdempotencyConfig, event: Value) -> Result<Value, BoxError
         .await
 }
 
-fn invalid_event(err: &BoxError) -> &str {
-    match err.downcast_ref::<IdempotencyError>() {
-        Some(IdempotencyError::InvalidEvent(reason)) => reason,
-        other => panic!("not InvalidEvent: {other:?} / {err}"),
+fn invalid_event(err: &Error<BoxError>) -> &str {
+    match err {
+        Error::Idempotency(IdempotencyError::InvalidEvent(reason)) => reason,
+        other => panic!("not InvalidEvent: {other:?}"),
     }
 }
 

@@ -133,7 +133,8 @@ fn rust_service(
     table: &str,
     case: &Case,
     runs: &Counter,
-) -> impl tower::Service<LambdaEvent<Value>, Response = Value, Error = BoxError> {
+) -> impl tower::Service<LambdaEvent<Value>, Response = Value, Error = lambda_idempotency::Error<BoxError>>
+{
     let mut builder = IdempotencyConfig::builder()
         .key_expression(case.key_expression)
         .key_prefix(PREFIX)

@@ -33,12 +33,15 @@ pub fn context(ms_from_now: i64) -> Context {
 }
 
 pub type BoxError = lambda_runtime::Error;
+/// The error of a wrapped service whose handler fails with a `lambda_runtime::Error`.
+pub type ServiceError = lambda_idempotency::Error<BoxError>;
 
 /// A wrapped handler that counts its runs and echoes the order id.
 pub fn counting_service<S: IdempotencyStore>(
     idempotency: &Idempotency<S>,
     runs: &Counter,
-) -> impl Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static {
+) -> impl Service<LambdaEvent<Value>, Response = Value, Error = ServiceError> + Clone + Send + 'static
+{
     let runs = runs.clone();
     idempotency.wrap(service_fn(move |event: LambdaEvent<Value>| {
         let run = runs.hit();
@@ -48,9 +51,9 @@ pub fn counting_service<S: IdempotencyStore>(
 }
 
 /// One invocation with a minute left before the deadline.
-pub async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, BoxError>
+pub async fn invoke<Svc>(service: &mut Svc, payload: Value) -> Result<Value, Svc::Error>
 where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError>,
+    Svc: Service<LambdaEvent<Value>, Response = Value>,
 {
     service
         .ready()
@@ -65,7 +68,8 @@ pub fn spawn_call<Svc>(
     payload: Value,
 ) -> tokio::task::JoinHandle<Result<Value, String>>
 where
-    Svc: Service<LambdaEvent<Value>, Response = Value, Error = BoxError> + Clone + Send + 'static,
+    Svc: Service<LambdaEvent<Value>, Response = Value> + Clone + Send + 'static,
+    Svc::Error: std::fmt::Display,
     Svc::Future: Send + 'static,
 {
     let mut service = service.clone();
@@ -78,9 +82,13 @@ where
     })
 }
 
-pub fn idempotency_error(err: &BoxError) -> &IdempotencyError {
-    err.downcast_ref::<IdempotencyError>()
-        .unwrap_or_else(|| panic!("not an IdempotencyError: {err:?}"))
+pub fn idempotency_error<E: std::fmt::Debug>(
+    err: &lambda_idempotency::Error<E>,
+) -> &IdempotencyError {
+    match err {
+        lambda_idempotency::Error::Idempotency(e) => e,
+        other => panic!("not an IdempotencyError: {other:?}"),
+    }
 }
 
 /// The key the engine stores for a string key material `order_id` under `prefix`.
@@ -172,4 +180,14 @@ pub async fn expire_in_place(store: &lambda_idempotency::MemoryStore, key: &str)
         .reserve(&stale, now_ms() + 86_400_000)
         .await
         .expect("overwrite with a stale record");
+}
+
+/// The permanent error a wrapped service failed with: the handler's own (boxed)
+/// or a stored one replayed.
+pub fn permanent(err: &ServiceError) -> Option<&lambda_idempotency::PermanentError> {
+    match err {
+        lambda_idempotency::Error::Handler(e) => e.downcast_ref(),
+        lambda_idempotency::Error::Replayed(p) => Some(p),
+        _ => None,
+    }
 }
