@@ -194,6 +194,16 @@ pub struct IdempotencyConfigBuilder {
     validation_expression: Option<String>,
 }
 
+impl std::fmt::Debug for IdempotencyConfigBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyConfigBuilder")
+            .field("config", &self.config)
+            .field("key_expression", &self.key_expression)
+            .field("validation_expression", &self.validation_expression)
+            .finish()
+    }
+}
+
 impl IdempotencyConfigBuilder {
     /// Selects the key material with a JMESPath expression over the event's JSON.
     /// The Powertools functions `powertools_json`, `powertools_base64` and

@@ -277,6 +277,15 @@ pub struct Outbox<'a> {
     effects: &'a Effects,
 }
 
+impl std::fmt::Debug for Outbox<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("scope", &self.effects.inner.scope)
+            .field("staged", &self.effects.state().staged.len())
+            .finish()
+    }
+}
+
 impl Outbox<'_> {
     /// Stages `message`. It is written with the completed record, in one
     /// transaction, and delivered after that with its derived key (returned here),

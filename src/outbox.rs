@@ -22,6 +22,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// An effect staged with [`Outbox::push`](crate::Outbox::push).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum OutboxMessage {
     /// An SQS message. On a FIFO queue (URL ending in `.fifo`) the derived key is
     /// the `MessageDeduplicationId`; on every queue it is the `idempotency-key`
@@ -67,6 +68,7 @@ pub trait Sink: Send + Sync + 'static {
 
 /// Why a delivery failed. The message stays pending for the relay or the sweep.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeliveryError {
     /// The dispatcher has no client or sink for this kind of message.
     #[error("no {0} configured on the dispatcher")]
@@ -276,6 +278,14 @@ mod webhook {
 pub struct Relay<S> {
     idempotency: Idempotency<S>,
     dispatcher: Dispatcher,
+}
+
+impl<S> std::fmt::Debug for Relay<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("dispatcher", &self.dispatcher)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a sweep did.

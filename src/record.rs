@@ -2,6 +2,7 @@
 
 /// Whether the key's handler is running or has finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Status {
     /// Reserved by an invocation that has not completed yet.
     InProgress,

@@ -118,6 +118,14 @@ impl<S> std::fmt::Debug for IdempotencyLayer<S> {
     }
 }
 
+impl<S: IdempotencyStore> IdempotencyLayer<S> {
+    /// A layer over `idempotency`, as tower's layers are made: the same as
+    /// [`Idempotency::layer`] (it takes the default key prefix).
+    pub fn new(idempotency: &Idempotency<S>) -> Result<Self, ConfigError> {
+        idempotency.layer()
+    }
+}
+
 impl<S> Clone for IdempotencyLayer<S> {
     fn clone(&self) -> Self {
         Self {
@@ -149,6 +157,14 @@ pub struct IdempotentService<Svc, S> {
     inner: Svc,
     idempotency: Idempotency<S>,
     scope: Arc<str>,
+}
+
+impl<Svc, S> std::fmt::Debug for IdempotentService<Svc, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentService")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<Svc: Clone, S> Clone for IdempotentService<Svc, S> {
@@ -206,6 +222,14 @@ pub struct IdempotentFunction<F, S> {
     f: F,
     idempotency: Idempotency<S>,
     scope: Arc<str>,
+}
+
+impl<F, S> std::fmt::Debug for IdempotentFunction<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentFunction")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<F: Clone, S> Clone for IdempotentFunction<F, S> {

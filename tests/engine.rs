@@ -3,8 +3,8 @@
 mod support;
 
 use lambda_idempotency::{
-    Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotencyStore, MemoryStore,
-    PermanentError, Status,
+    ConfigError, Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotencyLayer,
+    IdempotencyStore, MemoryStore, PermanentError, Status,
 };
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
@@ -880,12 +880,19 @@ async fn the_layer_wraps_a_handler_in_a_service_builder() {
     let mut service = {
         let runs = runs.clone();
         tower::ServiceBuilder::new()
-            .layer(idempotency.layer().expect("the key prefix is free"))
+            .layer(IdempotencyLayer::new(&idempotency).expect("the key prefix is free"))
             .service(service_fn(move |e: LambdaEvent<Value>| {
                 runs.hit();
                 async move { Ok::<_, BoxError>(e.payload) }
             }))
     };
+    assert!(
+        matches!(
+            idempotency.layer(),
+            Err(ConfigError::SharedKeyPrefix { .. })
+        ),
+        "a second layer would share the first one's keys"
+    );
     invoke(&mut service, json!({"order_id": "l"}))
         .await
         .expect("first");

@@ -95,6 +95,16 @@ pub struct HttpIdempotency<F, S> {
     require_key: bool,
 }
 
+impl<F, S> std::fmt::Debug for HttpIdempotency<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpIdempotency")
+            .field("scope", &self.scope)
+            .field("caller", &self.caller)
+            .field("require_key", &self.require_key)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     /// A JMESPath expression over the request selecting the caller's identity,
     /// which scopes every key. Rejected here if invalid.

@@ -61,6 +61,15 @@ pub struct SqsBatch<F, S> {
     concurrency: usize,
 }
 
+impl<F, S> std::fmt::Debug for SqsBatch<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsBatch")
+            .field("scope", &self.scope)
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, S: IdempotencyStore> SqsBatch<F, S> {
     /// Runs up to `limit` messages at a time (default 1: in order). On a FIFO queue,
     /// messages of one group always run in order, one at a time.

@@ -48,6 +48,14 @@ pub struct StreamBatch<F, S> {
     scope: Arc<str>,
 }
 
+impl<F, S> std::fmt::Debug for StreamBatch<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamBatch")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<F, S: IdempotencyStore> StreamBatch<F, S> {
     /// Processes a DynamoDB Streams batch.
     pub async fn process_dynamodb<R, E, Fut>(

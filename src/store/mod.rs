@@ -13,6 +13,7 @@ use std::future::Future;
 
 /// Why a store refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The conditional write found a live record. `existing` is that record when the
     /// store returned it (DynamoDB does, with `ReturnValuesOnConditionCheckFailure`).
