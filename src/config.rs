@@ -38,7 +38,7 @@ pub enum ConfigError {
     },
 }
 
-type KeyClosure = dyn Fn(&dyn Any) -> Option<Result<Value, String>> + Send + Sync;
+pub(crate) type KeyClosure = dyn Fn(&dyn Any) -> Option<Result<Value, String>> + Send + Sync;
 type ReplayHook = dyn Fn(&Value, &IdempotencyRecord) + Send + Sync;
 
 /// How key material is taken from the event.

@@ -274,7 +274,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 let now = now_ms();
                 if let Some(record) = self.cached(&key, now) {
                     return self
-                        .replay(record, validation.as_deref())
+                        .replay(&record, validation.as_deref())
                         .map(|response| Executed {
                             response,
                             replayed: true,
@@ -296,12 +296,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 let resumed = match self.reserve(&mut reservation).await? {
                     Reserved::Ours { resumed } => resumed,
                     Reserved::Completed(existing) => {
-                        return self
-                            .replay(existing, validation.as_deref())
-                            .map(|response| Executed {
-                                response,
-                                replayed: true,
-                            });
+                        let replayed = self.replay(&existing, validation.as_deref());
+                        if matches!(replayed, Ok(_) | Err(Error::Replayed(_))) {
+                            self.remember(existing);
+                        }
+                        return replayed.map(|response| Executed {
+                            response,
+                            replayed: true,
+                        });
                     }
                 };
 
@@ -357,6 +359,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
         source_default: Option<&JsonPath>,
     ) -> Result<Option<(String, Option<String>)>, IdempotencyError> {
         let config = &self.inner.config;
+        // A key closure reads the typed event: serialize it only for validation.
+        if let (KeySource::Closure { f, event_type }, None) = (&config.key, &config.validation) {
+            let material = closure_material(f.as_ref(), event_type, event)?;
+            return hashed(&material, None, config.key_hash);
+        }
         // A `Value` event is read where it is: no copy, and no recursive
         // serialization of a deeply nested value built in code.
         let converted;
@@ -374,15 +381,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
             (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => {
                 Some(search(path)?)
             }
-            (KeySource::Closure { f, event_type }, _) => match f(event as &dyn Any) {
-                Some(result) => Some(result.map_err(IdempotencyError::InvalidEvent)?),
-                None => {
-                    return Err(IdempotencyError::InvalidEvent(format!(
-                        "the key closure takes {event_type}, the handler's event is {}",
-                        std::any::type_name::<T>()
-                    )))
-                }
-            },
+            (KeySource::Closure { f, event_type }, _) => {
+                Some(closure_material(f.as_ref(), event_type, event)?)
+            }
         };
         let validation = config.validation.as_ref().map(search).transpose()?;
         hashed(
@@ -519,10 +520,10 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// Returns a completed record's response (or stored permanent error).
     fn replay<R: DeserializeOwned, E>(
         &self,
-        record: IdempotencyRecord,
+        record: &IdempotencyRecord,
         validation: Option<&str>,
     ) -> Result<R, Error<E>> {
-        check_payload(&record, validation)?;
+        check_payload(record, validation)?;
         let key = &record.key;
         let malformed = |problem: &str| IdempotencyError::MalformedRecord {
             key: key.clone(),
@@ -536,17 +537,16 @@ impl<S: IdempotencyStore> Idempotency<S> {
         let value: Value =
             serde_json::from_str(data).map_err(|_| malformed("does not hold JSON"))?;
         tracing::Span::current().record("replayed", true);
-        tracing::info!(
+        tracing::debug!(
             "replaying the stored {}",
             if record.is_error { "error" } else { "response" }
         );
         if let Some(hook) = &self.inner.config.on_replay {
-            hook(&value, &record);
+            hook(&value, record);
         }
         if record.is_error {
             let err: PermanentError = serde_json::from_value(value)
                 .map_err(|_| malformed("does not hold a stored permanent error"))?;
-            self.remember(&record);
             return Err(Error::Replayed(err));
         }
         let response =
@@ -554,7 +554,6 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 key: key.clone(),
                 source,
             })?;
-        self.remember(&record);
         Ok(response)
     }
 
@@ -597,7 +596,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             return Err(err);
         }
         match store.complete(&record, &outbox).await {
-            Ok(()) => self.remember(&record),
+            Ok(()) => self.remember(record),
             Err(StoreError::NotOwner) => {
                 tracing::error!(
                     "reservation expired and was taken over before completion; the late result was not stored"
@@ -666,12 +665,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
-    fn remember(&self, record: &IdempotencyRecord) {
+    /// Keeps a completed record for replays from this execution environment.
+    fn remember(&self, record: IdempotencyRecord) {
         if let (Some(cache), Status::Completed) = (&self.inner.cache, record.status) {
             cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .put(record.key.clone(), record.clone());
+                .put(record.key.clone(), record);
         }
     }
 }
@@ -740,6 +740,21 @@ fn check_transaction<S: IdempotencyStore>(
         bytes,
         limit,
     })
+}
+
+/// The key material a key closure selects from the typed event.
+fn closure_material<T: 'static>(
+    f: &crate::config::KeyClosure,
+    event_type: &str,
+    event: &T,
+) -> Result<Value, IdempotencyError> {
+    match f(event as &dyn Any) {
+        Some(result) => result.map_err(IdempotencyError::InvalidEvent),
+        None => Err(IdempotencyError::InvalidEvent(format!(
+            "the key closure takes {event_type}, the handler's event is {}",
+            std::any::type_name::<T>()
+        ))),
+    }
 }
 
 /// The hashes of key material and validation fields; `None` when the material
