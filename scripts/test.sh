@@ -44,7 +44,7 @@ step "powertools-compat feature: its tests, and the round trip with Powertools f
 POWERTOOLS_PYTHON="$(bash scripts/powertools-venv.sh)"
 export POWERTOOLS_PYTHON
 cargo test --locked --features powertools-compat --lib --test powertools
-cargo test --doc --locked --features powertools-compat
+cargo test --doc --locked --features "powertools-compat,$sources_and_sinks"
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
 step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
