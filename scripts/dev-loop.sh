@@ -96,6 +96,8 @@ port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 watch_log="$work/watch.log"
 env_vars="IDEMPOTENCY_TABLE=$table,AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL,AWS_REGION=$region"
 env_vars+=",AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test},AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test}"
+# Replays log at DEBUG (Lambda's own log-level control; --env-var splits on commas).
+env_vars+=",AWS_LAMBDA_LOG_LEVEL=debug"
 log "cargo lambda watch --package $package on 127.0.0.1:$port (log: $watch_log)"
 setsid cargo lambda watch --package "$package" --ignore-changes \
   --invoke-address 127.0.0.1 --invoke-port "$port" --env-var "$env_vars" >"$watch_log" 2>&1 &
