@@ -404,10 +404,32 @@ pub(crate) fn is_missing(value: &Value) -> bool {
 /// their canonical text (see [`number`]), so that equal values hash equally
 /// whatever their field order and spelling. Hand-written because `serde_json`
 /// only sorts keys while its `preserve_order` feature is off, and any crate in a
-/// user's tree can turn that feature on. Iterative, with an explicit stack: a
-/// `Value` built in code can be nested far deeper than the thread's stack allows
-/// recursion.
+/// user's tree can turn that feature on.
 pub(crate) fn canonical_json(value: &Value) -> String {
+    sorted_json(
+        value,
+        &JsonStyle {
+            item_separator: ",",
+            key_separator: ":",
+            string: |out, s| out.push_str(&Value::String(s.to_owned()).to_string()),
+            number: |out, n| out.push_str(&canonical_number(n)),
+        },
+    )
+}
+
+/// What two hashed renderings of JSON spell differently: separators, strings and
+/// numbers. Object keys are sorted in both; `true`, `false` and `null` are alike.
+pub(crate) struct JsonStyle {
+    pub(crate) item_separator: &'static str,
+    pub(crate) key_separator: &'static str,
+    pub(crate) string: fn(&mut String, &str),
+    pub(crate) number: fn(&mut String, &serde_json::Number),
+}
+
+/// `value` as JSON in `style`, object keys sorted by code point (UTF-8 byte
+/// order) at every level. Iterative, with an explicit stack: a `Value` built in
+/// code can be nested far deeper than the thread's stack allows recursion.
+pub(crate) fn sorted_json(value: &Value, style: &JsonStyle) -> String {
     enum Work<'a> {
         Value(&'a Value),
         Key(&'a str),
@@ -419,8 +441,8 @@ pub(crate) fn canonical_json(value: &Value) -> String {
         match work {
             Work::Text(text) => out.push_str(text),
             Work::Key(key) => {
-                out.push_str(&Value::String(key.to_owned()).to_string());
-                out.push(':');
+                (style.string)(&mut out, key);
+                out.push_str(style.key_separator);
             }
             Work::Value(Value::Object(map)) => {
                 let mut entries: Vec<_> = map.iter().collect();
@@ -431,7 +453,7 @@ pub(crate) fn canonical_json(value: &Value) -> String {
                     stack.push(Work::Value(v));
                     stack.push(Work::Key(k));
                     if i > 0 {
-                        stack.push(Work::Text(","));
+                        stack.push(Work::Text(style.item_separator));
                     }
                 }
             }
@@ -441,12 +463,15 @@ pub(crate) fn canonical_json(value: &Value) -> String {
                 for (i, v) in items.iter().enumerate().rev() {
                     stack.push(Work::Value(v));
                     if i > 0 {
-                        stack.push(Work::Text(","));
+                        stack.push(Work::Text(style.item_separator));
                     }
                 }
             }
-            Work::Value(Value::Number(n)) => out.push_str(&canonical_number(n)),
-            Work::Value(scalar) => out.push_str(&scalar.to_string()),
+            Work::Value(Value::String(s)) => (style.string)(&mut out, s),
+            Work::Value(Value::Number(n)) => (style.number)(&mut out, n),
+            Work::Value(Value::Bool(true)) => out.push_str("true"),
+            Work::Value(Value::Bool(false)) => out.push_str("false"),
+            Work::Value(Value::Null) => out.push_str("null"),
         }
     }
     out

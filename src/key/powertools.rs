@@ -70,55 +70,18 @@ pub(crate) fn is_missing(value: &Value) -> bool {
 }
 
 /// `json.dumps(value, sort_keys=True)` of Python's `json` module, for the value
-/// Python's `json.loads` makes of the same JSON text. Iterative, like
-/// [`canonical_json`](super::canonical_json).
+/// Python's `json.loads` makes of the same JSON text (Python sorts `str` keys by
+/// code point, as [`sorted_json`](super::sorted_json) does).
 pub(crate) fn python_json(value: &Value) -> String {
-    enum Work<'a> {
-        Value(&'a Value),
-        Key(&'a str),
-        Text(&'static str),
-    }
-    let mut out = String::new();
-    let mut stack = vec![Work::Value(value)];
-    while let Some(work) = stack.pop() {
-        match work {
-            Work::Text(text) => out.push_str(text),
-            Work::Key(key) => {
-                push_string(&mut out, key);
-                out.push_str(": ");
-            }
-            Work::Value(Value::Object(map)) => {
-                // Python sorts str keys by code point, which is UTF-8 byte order.
-                let mut entries: Vec<_> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                out.push('{');
-                stack.push(Work::Text("}"));
-                for (i, (k, v)) in entries.into_iter().enumerate().rev() {
-                    stack.push(Work::Value(v));
-                    stack.push(Work::Key(k));
-                    if i > 0 {
-                        stack.push(Work::Text(", "));
-                    }
-                }
-            }
-            Work::Value(Value::Array(items)) => {
-                out.push('[');
-                stack.push(Work::Text("]"));
-                for (i, v) in items.iter().enumerate().rev() {
-                    stack.push(Work::Value(v));
-                    if i > 0 {
-                        stack.push(Work::Text(", "));
-                    }
-                }
-            }
-            Work::Value(Value::String(s)) => push_string(&mut out, s),
-            Work::Value(Value::Number(n)) => out.push_str(&python_number(n)),
-            Work::Value(Value::Bool(true)) => out.push_str("true"),
-            Work::Value(Value::Bool(false)) => out.push_str("false"),
-            Work::Value(Value::Null) => out.push_str("null"),
-        }
-    }
-    out
+    super::sorted_json(
+        value,
+        &super::JsonStyle {
+            item_separator: ", ",
+            key_separator: ": ",
+            string: push_string,
+            number: |out, n| out.push_str(&python_number(n)),
+        },
+    )
 }
 
 /// A string as `json.dumps` writes it with `ensure_ascii=True`: `"` and `\`
