@@ -62,8 +62,7 @@ impl Sink for NullSink {
         &'a self,
         _: &'a Value,
         _: &'a str,
-    ) -> futures_util::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>
-    {
+    ) -> lambda_idempotency::store::BoxFuture<'a, Result<(), lambda_idempotency::BoxError>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -149,6 +148,51 @@ fn benches(c: &mut Criterion) {
         b.to_async(&runtime)
             .iter(|| cached_fn.call(replayed.clone(), None))
     });
+    group.finish();
+
+    #[cfg(feature = "sqs")]
+    sqs_batches(c, &runtime, plain.store());
+}
+
+/// A batch of 10 SQS messages (each a first execution: 2 DynamoDB writes), one at
+/// a time and with the default concurrency. `--features sqs`.
+#[cfg(feature = "sqs")]
+fn sqs_batches(c: &mut Criterion, runtime: &tokio::runtime::Runtime, store: &DynamoDbStore) {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    let config = IdempotencyConfig::builder()
+        .key_expression("powertools_json(body).order_id")
+        .build()
+        .expect("valid config");
+    let idempotency = Idempotency::new(store.clone(), config);
+    let next = AtomicU64::new(0);
+    let batch_of_10 = || {
+        let mut event = SqsEvent::default();
+        event.records = (0..10)
+            .map(|_| {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let mut message = SqsMessage::default();
+                message.message_id = Some(format!("m-{n}"));
+                message.body = Some(json!({"order_id": format!("sqs-{n}")}).to_string());
+                message
+            })
+            .collect();
+        let mut context = lambda_runtime::Context::default();
+        context.deadline = u64::try_from(now_ms() + 60_000).unwrap_or(0);
+        lambda_runtime::LambdaEvent::new(event, context)
+    };
+    let ship = |_: SqsMessage| async { Ok::<_, std::io::Error>(json!("shipped")) };
+    let mut group = c.benchmark_group("sqs_batch_of_10");
+    group.sample_size(20);
+    for (name, concurrency) in [("one_at_a_time", 1), ("default_concurrency", 10)] {
+        let batch = idempotency.sqs_batch(name, ship).concurrency(concurrency);
+        group.bench_function(name, |b| {
+            b.to_async(runtime).iter_batched(
+                batch_of_10,
+                |e| batch.process(e),
+                BatchSize::SmallInput,
+            )
+        });
+    }
     group.finish();
 }
 

@@ -3,11 +3,9 @@
 //! the response.
 
 use crate::error::{Error, IdempotencyError};
-use crate::idempotency::Idempotency;
 use crate::key::hash_value;
 use crate::outbox::OutboxMessage;
-use crate::store::{IdempotencyStore, StepRecord, StoreError};
-use futures_util::future::BoxFuture;
+use crate::store::{IdempotencyStore, StepJournal, StepRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
@@ -62,7 +60,7 @@ impl std::fmt::Debug for Effects {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Effects")
             .field("scope", &self.inner.scope)
-            .field("journaled", &self.inner.journal.is_some())
+            .field("journaled", &self.inner.store.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -73,8 +71,8 @@ struct Inner {
     /// What derived keys, journal entries and outbox records hang off:
     /// `{key}#{execution}`, or `unprotected#{invocation id}`.
     scope: String,
-    /// `None` when unprotected: steps are not journaled.
-    journal: Option<Arc<dyn Journal>>,
+    /// The store whose journal keeps the steps; `None` when unprotected.
+    store: Option<Arc<dyn JournalSource>>,
     /// Only a resumed execution can find journaled steps; a new one skips the reads.
     resumed: bool,
     expiration: i64,
@@ -94,8 +92,8 @@ struct State {
 impl Effects {
     /// The effects of a protected invocation: attempt of execution `execution`
     /// of `key`, `resumed` when an earlier attempt of that execution ran.
-    pub(crate) fn journaled<S: IdempotencyStore>(
-        idempotency: &Idempotency<S>,
+    pub(crate) fn journaled(
+        store: Arc<dyn JournalSource>,
         key: &str,
         execution: &str,
         resumed: bool,
@@ -104,7 +102,7 @@ impl Effects {
         Self::with(Inner {
             key: Some(key.to_owned()),
             scope: format!("{key}#{execution}"),
-            journal: Some(Arc::new(idempotency.clone())),
+            store: Some(store),
             resumed,
             expiration,
             state: Mutex::default(),
@@ -117,7 +115,7 @@ impl Effects {
         Self::with(Inner {
             key: None,
             scope: format!("unprotected#{invocation}"),
-            journal: None,
+            store: None,
             resumed: false,
             expiration: 0,
             state: Mutex::default(),
@@ -166,9 +164,12 @@ impl Effects {
             *occurrence += 1;
             (position, derived)
         };
-        let Some(journal) = &self.inner.journal else {
+        let Some(store) = &self.inner.store else {
             return f(derived).await.map_err(Error::Handler);
         };
+        let journal = store.journal().ok_or(IdempotencyError::Unsupported {
+            missing: "step journal",
+        })?;
         let journal_key = format!("{}#step#{position}", self.inner.scope);
 
         if self.inner.resumed {
@@ -313,15 +314,9 @@ fn derive_key(scope: &str, name: &str, occurrence: usize) -> String {
     hash_value(&json!([scope, name, occurrence]))
 }
 
-/// The `Idempotency-Key` header for an outgoing HTTP request.
-pub fn idempotency_key_header(
-    derived_key: &str,
-) -> Result<(http::HeaderName, http::HeaderValue), http::header::InvalidHeaderValue> {
-    Ok((
-        http::HeaderName::from_static("idempotency-key"),
-        http::HeaderValue::from_str(derived_key)?,
-    ))
-}
+/// The `Idempotency-Key` header: send a derived key in it with any HTTP client
+/// (a derived key is always a valid header value).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A derived key as the `ClientRequestToken` of AWS APIs that take one (at most
 /// 64 characters of `[a-zA-Z0-9-]`; a derived key always fits).
@@ -333,31 +328,14 @@ pub fn client_request_token(derived_key: &str) -> String {
         .collect()
 }
 
-/// The journal operations of a store, object-safe so that [`Effects`] is one type
-/// whatever the store.
-trait Journal: Send + Sync {
-    fn get_step<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
-    fn put_step<'a>(
-        &'a self,
-        step: &'a StepRecord,
-    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
+/// A store as `dyn`, for its journal: [`Effects`] is one type whatever the store.
+pub(crate) trait JournalSource: Send + Sync {
+    fn journal(&self) -> Option<&dyn StepJournal>;
 }
 
-impl<S: IdempotencyStore> Journal for Idempotency<S> {
-    fn get_step<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
-        Box::pin(self.store().get_step(key))
-    }
-    fn put_step<'a>(
-        &'a self,
-        step: &'a StepRecord,
-    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
-        Box::pin(self.store().put_step(step))
+impl<S: IdempotencyStore> JournalSource for S {
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        IdempotencyStore::journal(self)
     }
 }
 
@@ -375,11 +353,9 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert_eq!(client_request_token(&a), a);
         assert_eq!(client_request_token("a_b!c"), "abc");
-        let (name, value) =
-            idempotency_key_header(&a).expect("a derived key is a valid header value");
-        assert_eq!(
-            (name.as_str(), value.to_str().ok()),
-            ("idempotency-key", Some(a.as_str()))
+        assert!(
+            a.bytes().all(|b| b.is_ascii_hexdigit()),
+            "a valid header value"
         );
     }
 }

@@ -1,6 +1,8 @@
 //! Errors of the idempotency layer.
 
-use aws_sdk_dynamodb::error::BoxError;
+/// A boxed error from a store, a sink or a client: the source of
+/// [`IdempotencyError::Store`] and [`IdempotencyError::Delivery`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why an idempotent call did not produce the handler's result.
 ///
@@ -104,6 +106,15 @@ pub enum IdempotencyError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The handler staged outbox messages or called a step, and the store keeps no
+    /// outbox or no step journal ([`IdempotencyStore::outbox`](crate::IdempotencyStore::outbox),
+    /// [`IdempotencyStore::journal`](crate::IdempotencyStore::journal)). Nothing was
+    /// committed and the reservation was released.
+    #[error("the idempotency store keeps no {missing}")]
+    Unsupported {
+        /// `step journal` or `outbox`.
+        missing: &'static str,
+    },
     /// The store failed (network, throttling, permissions). When this happens while
     /// reserving, the handler has not run.
     #[error("idempotency store failure: {0}")]
@@ -182,6 +193,7 @@ impl IdempotencyError {
             Self::NoEffects => "IdempotencyNoEffectsError",
             Self::OutboxTooLarge { .. } => "IdempotencyOutboxTooLargeError",
             Self::MalformedRecord { .. } => "IdempotencyMalformedRecordError",
+            Self::Unsupported { .. } => "IdempotencyUnsupportedError",
             Self::Store(_) => "IdempotencyPersistenceLayerError",
         }
     }

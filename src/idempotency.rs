@@ -5,9 +5,9 @@ use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
 use crate::key::{rounded_integer, JsonPath};
-use crate::outbox::{deliver_and_mark, Dispatcher, OutboxMessage};
+use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
-use crate::store::{IdempotencyStore, OutboxRecord, StoreError};
+use crate::store::{IdempotencyStore, StoreError};
 use crate::ConfigError;
 use lru::LruCache;
 use serde::de::DeserializeOwned;
@@ -65,9 +65,11 @@ impl<S> std::fmt::Debug for Idempotency<S> {
 }
 
 struct Inner<S> {
-    store: S,
+    /// Shared with the invocations' [`Effects`] (for the journal) and with relays.
+    store: Arc<S>,
     config: IdempotencyConfig,
-    cache: Option<Mutex<LruCache<String, IdempotencyRecord>>>,
+    /// Completed records, shared: a cached replay copies no record.
+    cache: Option<Mutex<LruCache<String, Arc<IdempotencyRecord>>>>,
     function_name: String,
     dispatcher: OnceLock<Dispatcher>,
     /// Key prefixes taken by wrapped handlers and layers.
@@ -148,7 +150,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".to_owned());
         Self {
             inner: Arc::new(Inner {
-                store,
+                store: Arc::new(store),
                 config,
                 cache,
                 function_name,
@@ -177,6 +179,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// The config.
     pub fn config(&self) -> &IdempotencyConfig {
         &self.inner.config
+    }
+
+    /// A relay delivering this store's pending outbox messages with `dispatcher`.
+    pub fn relay(&self, dispatcher: Dispatcher) -> Relay<S> {
+        Relay::shared(Arc::clone(&self.inner.store), dispatcher)
     }
 
     /// The key prefix of handlers wrapped without a name: the configured prefix,
@@ -310,7 +317,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 // 4. Run the handler, then complete or release. Its steps and outbox
                 // hang off the execution.
                 let effects = Effects::journaled(
-                    self,
+                    self.inner.store.clone(),
                     &key,
                     &reservation.execution,
                     resumed,
@@ -534,14 +541,28 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .data
             .as_deref()
             .ok_or_else(|| malformed("is missing from a completed record"))?;
-        let value: Value =
-            serde_json::from_str(data).map_err(|_| malformed("does not hold JSON"))?;
         tracing::Span::current().record("replayed", true);
         tracing::debug!(
             "replaying the stored {}",
             if record.is_error { "error" } else { "response" }
         );
-        if let Some(hook) = &self.inner.config.on_replay {
+        // The common replay parses the stored text once, straight into the response.
+        let hook = self.inner.config.on_replay.as_ref();
+        if hook.is_none() && !record.is_error {
+            return serde_json::from_str(data).map_err(|source| {
+                match serde_json::from_str::<serde::de::IgnoredAny>(data) {
+                    Ok(_) => IdempotencyError::Serialization {
+                        key: key.clone(),
+                        source,
+                    },
+                    Err(_) => malformed("does not hold JSON"),
+                }
+                .into()
+            });
+        }
+        let value: Value =
+            serde_json::from_str(data).map_err(|_| malformed("does not hold JSON"))?;
+        if let Some(hook) = hook {
             hook(&value, record);
         }
         if record.is_error {
@@ -549,12 +570,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 .map_err(|_| malformed("does not hold a stored permanent error"))?;
             return Err(Error::Replayed(err));
         }
-        let response =
-            serde_json::from_str(data).map_err(|source| IdempotencyError::Serialization {
+        serde_json::from_value(value).map_err(|source| {
+            IdempotencyError::Serialization {
                 key: key.clone(),
                 source,
-            })?;
-        Ok(response)
+            }
+            .into()
+        })
     }
 
     /// Stores the response under our reservation, with the outbox messages the
@@ -574,29 +596,45 @@ impl<S: IdempotencyStore> Idempotency<S> {
             is_error,
             ..reservation
         };
-        let store = &self.inner.store;
-        let size = store.item_size(&record);
-        if size > MAX_ITEM_BYTES {
-            self.release(&record, effects, resumed).await;
-            return Err(IdempotencyError::ResponseTooLarge {
-                key: record.key,
-                size,
-                limit: MAX_ITEM_BYTES,
-            });
-        }
+        let store = &*self.inner.store;
         // A failed handler's staged messages are dropped with it.
         let staged = if is_error {
             Vec::new()
         } else {
             effects.take_staged()
         };
-        let outbox = outbox_records(&record, staged)?;
-        if let Err(err) = check_transaction(store, &record.key, size, &outbox) {
-            self.release(&record, effects, resumed).await;
-            return Err(err);
-        }
-        match store.complete(&record, &outbox).await {
+        let outbox = outbox::records(record.expiration, staged)?;
+        let committed = match (outbox.is_empty(), store.outbox()) {
+            (true, _) => store.complete(&record).await,
+            (false, Some(outbox_store)) => outbox_store.commit(&record, &outbox).await,
+            (false, None) => {
+                self.release(&record, effects, resumed).await;
+                return Err(IdempotencyError::Unsupported { missing: "outbox" });
+            }
+        };
+        match committed {
             Ok(()) => self.remember(record),
+            Err(StoreError::TooLarge {
+                items,
+                bytes,
+                limit,
+            }) => {
+                self.release(&record, effects, resumed).await;
+                return Err(if outbox.is_empty() {
+                    IdempotencyError::ResponseTooLarge {
+                        key: record.key,
+                        size: bytes,
+                        limit: MAX_ITEM_BYTES,
+                    }
+                } else {
+                    IdempotencyError::OutboxTooLarge {
+                        key: record.key,
+                        items,
+                        bytes,
+                        limit,
+                    }
+                });
+            }
             Err(StoreError::NotOwner) => {
                 tracing::error!(
                     "reservation expired and was taken over before completion; the late result was not stored"
@@ -609,9 +647,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 return Err(err.into());
             }
         }
-        if let Some(dispatcher) = self.inner.dispatcher.get() {
+        if let (Some(dispatcher), Some(outbox_store)) =
+            (self.inner.dispatcher.get(), store.outbox())
+        {
             for message in &outbox {
-                if let Err(err) = deliver_and_mark(store, dispatcher, message).await {
+                if let Err(err) = deliver_and_mark(outbox_store, dispatcher, message).await {
                     tracing::warn!(key = %message.key, error = %err, "outbox message committed but not delivered; the relay will");
                 }
             }
@@ -635,7 +675,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 data: None,
                 ..reservation.clone()
             };
-            store.complete(&open, &[]).await
+            store.complete(&open).await
         } else {
             store.release(&reservation.key, &reservation.owner).await
         };
@@ -652,11 +692,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
-    fn cached(&self, key: &str, now: i64) -> Option<IdempotencyRecord> {
+    fn cached(&self, key: &str, now: i64) -> Option<Arc<IdempotencyRecord>> {
         let cache = self.inner.cache.as_ref()?;
         let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(key) {
-            Some(record) if !record.is_expired(now) => Some(record.clone()),
+            Some(record) if !record.is_expired(now) => Some(Arc::clone(record)),
             Some(_) => {
                 cache.pop(key);
                 None
@@ -671,7 +711,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .put(record.key.clone(), record);
+                .put(record.key.clone(), Arc::new(record));
         }
     }
 }
@@ -684,62 +724,6 @@ enum Reserved {
         resumed: bool,
     },
     Completed(IdempotencyRecord),
-}
-
-/// The staged messages as records with the completed record's expiry.
-fn outbox_records(
-    record: &IdempotencyRecord,
-    staged: Vec<(String, String, OutboxMessage)>,
-) -> Result<Vec<OutboxRecord>, IdempotencyError> {
-    staged
-        .into_iter()
-        .map(|(key, derived_key, message)| {
-            let message = serde_json::to_string(&message).map_err(|source| {
-                IdempotencyError::Serialization {
-                    key: key.clone(),
-                    source,
-                }
-            })?;
-            Ok(OutboxRecord {
-                key,
-                derived_key,
-                message,
-                delivered: false,
-                expiration: record.expiration,
-            })
-        })
-        .collect()
-}
-
-/// Refuses a record plus outbox that would exceed a DynamoDB transaction limit.
-fn check_transaction<S: IdempotencyStore>(
-    store: &S,
-    key: &str,
-    record_size: usize,
-    outbox: &[OutboxRecord],
-) -> Result<(), IdempotencyError> {
-    const MAX_ITEMS: usize = 100;
-    const MAX_BYTES: usize = 4 * 1024 * 1024;
-    if outbox.is_empty() {
-        return Ok(());
-    }
-    let sizes: Vec<usize> = outbox.iter().map(|r| store.outbox_size(r)).collect();
-    let bytes = record_size + sizes.iter().sum::<usize>();
-    let limit = if outbox.len() + 1 > MAX_ITEMS {
-        "100 items per transaction"
-    } else if sizes.iter().any(|&size| size > MAX_ITEM_BYTES) {
-        "400 KB per item"
-    } else if bytes > MAX_BYTES {
-        "4 MB per transaction"
-    } else {
-        return Ok(());
-    };
-    Err(IdempotencyError::OutboxTooLarge {
-        key: key.to_owned(),
-        items: outbox.len() + 1,
-        bytes,
-        limit,
-    })
 }
 
 /// The key material a key closure selects from the typed event.

@@ -8,7 +8,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::cell::Cell;
 use std::io::Read as _;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 mod number;
 #[cfg(feature = "powertools-compat")]
@@ -26,10 +26,21 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             string_arg(),
             Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
                 let text = first_string(args);
-                // serde_json's parser stops at 128 levels, so the conversion is bounded.
-                let value: Value =
-                    serde_json::from_str(text).map_err(|_| invalid(ctx, "a JSON string", text))?;
-                Ok(to_variable(&value))
+                let offset = ctx.offset;
+                JSON_FIELDS
+                    .with_borrow(|calls| {
+                        let fields = calls
+                            .as_deref()
+                            .and_then(|calls| calls.iter().find(|(at, _)| *at == offset))
+                            .map(|(_, fields)| fields.as_slice());
+                        match fields {
+                            Some(fields) if text.trim_start().starts_with('{') => {
+                                parse_fields(text, fields)
+                            }
+                            _ => parse_variable(text),
+                        }
+                    })
+                    .map_err(|_| invalid(ctx, "a JSON string", text))
             }),
         )),
     );
@@ -86,19 +97,81 @@ thread_local! {
     /// Why the current search failed, when a Powertools function knows better than
     /// the JMESPath error it has to return.
     static FAILURE: Cell<Option<String>> = const { Cell::new(None) };
+    /// The fields each `powertools_json` call of the current search reads from
+    /// the document it parses, by the call's offset in the expression.
+    static JSON_FIELDS: std::cell::RefCell<Option<CallFields>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Sets this thread's inflation bound for one search; restores the previous one
-/// when dropped, also on unwinding.
+/// A JSON document as a JMESPath variable, parsed straight into it. serde_json's
+/// parser stops at 128 levels, so the result is bounded. With `exact-numbers`,
+/// serde_json hands numbers to a deserializer as a private one-field map, which
+/// jmespath's `Variable` would keep as an object: values go through a `Value`.
+fn parse_variable(text: &str) -> Result<Rcvar, serde_json::Error> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let variable = variable(&mut deserializer)?;
+    deserializer.end()?;
+    Ok(variable)
+}
+
+/// A JSON object as a JMESPath object of only `fields`: the other members are
+/// checked and skipped, never built. The expression reads nothing else, so it
+/// finds what it would in the whole document.
+fn parse_fields(text: &str, fields: &[String]) -> Result<Rcvar, serde_json::Error> {
+    struct Fields<'a>(&'a [String]);
+    impl<'de> serde::de::Visitor<'de> for Fields<'_> {
+        type Value = Rcvar;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Rcvar, A::Error> {
+            let mut object = std::collections::BTreeMap::new();
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if self.0.iter().any(|field| *field == key) {
+                    object.insert(key.into_owned(), map.next_value_seed(VariableSeed)?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(Rcvar::new(Variable::Object(object)))
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    let variable = serde::Deserializer::deserialize_map(&mut deserializer, Fields(fields))?;
+    deserializer.end()?;
+    Ok(variable)
+}
+
+/// One JSON value as a variable (see [`parse_variable`]).
+struct VariableSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for VariableSeed {
+    type Value = Rcvar;
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Rcvar, D::Error> {
+        variable(deserializer)
+    }
+}
+
+fn variable<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Rcvar, D::Error> {
+    #[cfg(not(feature = "exact-numbers"))]
+    return serde::Deserialize::deserialize(deserializer).map(Rcvar::new);
+    #[cfg(feature = "exact-numbers")]
+    return <Value as serde::Deserialize>::deserialize(deserializer).map(|v| to_variable(&v));
+}
+
+/// Sets this thread's inflation bound and `powertools_json` fields for one search;
+/// restores the previous ones when dropped, also on unwinding.
 struct SearchScope {
     previous: usize,
+    previous_fields: Option<CallFields>,
 }
 
 impl SearchScope {
-    fn enter(max_inflated_bytes: usize) -> Self {
+    fn enter(max_inflated_bytes: usize, json_fields: &CallFields) -> Self {
         FAILURE.set(None);
         Self {
             previous: MAX_INFLATED_BYTES.replace(max_inflated_bytes),
+            previous_fields: JSON_FIELDS.replace(Some(Arc::clone(json_fields))),
         }
     }
 
@@ -111,6 +184,7 @@ impl SearchScope {
 impl Drop for SearchScope {
     fn drop(&mut self) {
         MAX_INFLATED_BYTES.set(self.previous);
+        JSON_FIELDS.set(self.previous_fields.take());
     }
 }
 
@@ -193,11 +267,20 @@ fn to_variable(value: &Value) -> Rcvar {
     })
 }
 
+/// The fields `powertools_json` call sites read, by the call's offset in the
+/// expression ([`json_fields`]).
+type CallFields = Arc<[(usize, Vec<String>)]>;
+
 /// A compiled JMESPath expression.
 #[derive(Clone)]
 pub(crate) struct JsonPath {
     expression: jmespath::Expression<'static>,
     max_inflated_bytes: usize,
+    /// The top-level fields the expression can read ([`root_fields`]): only
+    /// those are converted for a search, not the whole event.
+    root_fields: Option<Vec<String>>,
+    /// Likewise for the documents `powertools_json` parses, by call site.
+    json_fields: CallFields,
 }
 
 impl std::fmt::Debug for JsonPath {
@@ -220,9 +303,13 @@ impl JsonPath {
         }
         let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
         check_ast(compiled.as_ast())?;
+        let root_fields = root_fields(compiled.as_ast()).map(sorted);
+        let json_fields = json_fields(compiled.as_ast()).into();
         Ok(Self {
             expression: compiled,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
+            root_fields,
+            json_fields,
         })
     }
 
@@ -238,16 +325,32 @@ impl JsonPath {
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
-        if depth_exceeds(data, MAX_DATA_DEPTH) {
-            return Err(format!(
-                "the event is nested more than {MAX_DATA_DEPTH} levels deep"
-            ));
-        }
-        let scope = SearchScope::enter(self.max_inflated_bytes);
+        let root = self.root_variable(data)?;
+        let scope = SearchScope::enter(self.max_inflated_bytes, &self.json_fields);
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
-        let found = jmespath::interpret(&to_variable(data), self.expression.as_ast(), &mut ctx)
+        let found = jmespath::interpret(&root, self.expression.as_ast(), &mut ctx)
             .map_err(|e| scope.failure().unwrap_or_else(|| e.to_string()))?;
         serde_json::to_value(&*found).map_err(|e| e.to_string())
+    }
+
+    /// The event as a JMESPath variable: of an object, only the fields the
+    /// expression can read (the same result, without copying the rest).
+    fn root_variable(&self, data: &Value) -> Result<Rcvar, String> {
+        let too_deep = || format!("the event is nested more than {MAX_DATA_DEPTH} levels deep");
+        match (&self.root_fields, data) {
+            (Some(fields), Value::Object(map)) => {
+                let mut object = std::collections::BTreeMap::new();
+                for (name, value) in fields.iter().filter_map(|f| Some((f, map.get(f)?))) {
+                    if depth_exceeds(value, MAX_DATA_DEPTH - 1) {
+                        return Err(too_deep());
+                    }
+                    object.insert(name.clone(), to_variable(value));
+                }
+                Ok(Rcvar::new(Variable::Object(object)))
+            }
+            _ if depth_exceeds(data, MAX_DATA_DEPTH) => Err(too_deep()),
+            _ => Ok(to_variable(data)),
+        }
     }
 }
 
@@ -277,6 +380,69 @@ fn check_ast(root: &Ast) -> Result<(), String> {
         stack.extend(children(ast).into_iter().map(|child| (child, depth + 1)));
     }
     Ok(())
+}
+
+/// The top-level fields an expression can read from the event, or `None` when it
+/// may read the event as a whole (`@`, `*`, `keys(@)`...). Follows where JMESPath
+/// evaluates each node: the left side of `a.b` and of a projection, a function's
+/// arguments, the items of a multi-select and the operands of comparisons and
+/// logic all see the event itself; everything else sees a value selected from it.
+/// Indexes and slices read the event as an array, and read nothing from an object.
+/// Called after [`check_ast`], which bounds the depth.
+fn root_fields(ast: &Ast) -> Option<Vec<String>> {
+    fn union<'a>(nodes: impl IntoIterator<Item = &'a Ast>) -> Option<Vec<String>> {
+        nodes.into_iter().try_fold(Vec::new(), |mut fields, node| {
+            fields.extend(root_fields(node)?);
+            Some(fields)
+        })
+    }
+    match ast {
+        Ast::Field { name, .. } => Some(vec![name.clone()]),
+        Ast::Subexpr { lhs, .. } | Ast::Projection { lhs, .. } => root_fields(lhs),
+        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => {
+            root_fields(node)
+        }
+        Ast::Comparison { lhs, rhs, .. } | Ast::And { lhs, rhs, .. } | Ast::Or { lhs, rhs, .. } => {
+            union([&**lhs, &**rhs])
+        }
+        Ast::Condition {
+            predicate, then, ..
+        } => union([&**predicate, &**then]),
+        Ast::Function { args, .. } => union(args),
+        Ast::MultiList { elements, .. } => union(elements),
+        Ast::MultiHash { elements, .. } => union(elements.iter().map(|kv| &kv.value)),
+        // A function applies `&expr` to the values of its other arguments.
+        Ast::Expref { .. } | Ast::Literal { .. } | Ast::Index { .. } | Ast::Slice { .. } => {
+            Some(Vec::new())
+        }
+        Ast::Identity { .. } => None,
+    }
+}
+
+/// The fields each `powertools_json(...)` call site reads from its document: the
+/// call followed by `.rest` reads what `rest` reads from its top level
+/// ([`root_fields`]); a call used any other way reads the whole document and is
+/// not listed.
+fn json_fields(root: &Ast) -> Vec<(usize, Vec<String>)> {
+    let mut calls = Vec::new();
+    let mut stack = vec![root];
+    while let Some(ast) = stack.pop() {
+        if let Ast::Subexpr { lhs, rhs, .. } = ast {
+            if let Ast::Function { name, offset, .. } = &**lhs {
+                if let (POWERTOOLS_JSON, Some(fields)) = (name.as_str(), root_fields(rhs)) {
+                    calls.push((*offset, sorted(fields)));
+                }
+            }
+        }
+        stack.extend(children(ast));
+    }
+    calls
+}
+
+fn sorted(mut fields: Vec<String>) -> Vec<String> {
+    fields.sort_unstable();
+    fields.dedup();
+    fields
 }
 
 fn children(ast: &Ast) -> Vec<&Ast> {
@@ -411,7 +577,7 @@ pub(crate) fn canonical_json(value: &Value) -> String {
         &JsonStyle {
             item_separator: ",",
             key_separator: ":",
-            string: |out, s| out.push_str(&Value::String(s.to_owned()).to_string()),
+            string: |out, s| out.push_str(&serde_json::to_string(s).unwrap_or_default()),
             number: |out, n| out.push_str(&canonical_number(n)),
         },
     )
@@ -535,10 +701,19 @@ pub(crate) fn rounded_integer(value: &Value) -> Option<&serde_json::Number> {
 
 /// Lowercase hex SHA-256 of `data`.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(data))
+}
+
+/// Lowercase hex, without a formatting call per byte (the hot path hashes twice
+/// per invocation).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Hash of the canonical form of `value`.
@@ -1014,6 +1189,128 @@ mod properties {
 
     fn key(text: &str) -> String {
         hash_value(&serde_json::from_str::<Value>(text).expect("valid JSON"))
+    }
+
+    /// Expressions covering every kind of node at the event's level, and some
+    /// that read the event as a whole (not pruned).
+    const PRUNED_EXPRESSIONS: &[&str] = &[
+        "a",
+        "a.b",
+        "a[0]",
+        "[0]",
+        "a[*].b",
+        "a[].c",
+        "a[?b == `1`]",
+        "[a, b.c]",
+        "{x: a, y: c.d}",
+        "a || b",
+        "a && !c",
+        "a == b",
+        "length(a) > `1`",
+        "not_null(a, b)",
+        "sort_by(a, &b)",
+        "max_by(a, &c)",
+        "keys(@)",
+        "*",
+        "@",
+        "[*].a",
+        "to_string(a)",
+        "[?a == `1`]",
+        "values(a)",
+        "a.*",
+        "c[1:2]",
+        "\"a\"",
+        "d.c || d",
+        "type(b)",
+    ];
+
+    /// A search of the whole event, the reference the pruned search must equal.
+    fn unpruned(path: &JsonPath, data: &Value) -> Result<Value, String> {
+        let whole = JsonPath {
+            root_fields: None,
+            json_fields: Arc::new([]),
+            ..path.clone()
+        };
+        whole.search(data)
+    }
+
+    #[test]
+    fn pruning_is_applied_where_the_expression_reads_named_fields_only() {
+        let fields = |e: &str| JsonPath::compile(e).expect("valid").root_fields;
+        assert_eq!(
+            fields("powertools_json(body).order_id"),
+            Some(vec!["body".into()])
+        );
+        assert_eq!(fields("[b, a.x, b]"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(fields("sort_by(a, &b)"), Some(vec!["a".into()]));
+        assert_eq!(fields("keys(@)"), None);
+        assert_eq!(fields("*"), None);
+        assert_eq!(fields("[?a == `1`]"), None);
+
+        let calls = |e: &str| {
+            let path = JsonPath::compile(e).expect("valid");
+            path.json_fields
+                .iter()
+                .map(|(_, f)| f.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            calls("powertools_json(body).order_id"),
+            [vec!["order_id".to_owned()]]
+        );
+        assert_eq!(
+            calls("powertools_json(body).[b, a.c]"),
+            [vec!["a".to_owned(), "b".to_owned()]]
+        );
+        assert!(calls("powertools_json(body)").is_empty());
+        assert!(calls("powertools_json(body).*").is_empty());
+        assert!(calls("length(powertools_json(body))").is_empty());
+    }
+
+    /// Expressions over a document embedded as text in field `j`.
+    const EMBEDDED_EXPRESSIONS: &[&str] = &[
+        "powertools_json(j).a",
+        "powertools_json(j).[a, b.c]",
+        "powertools_json(j).{x: d}",
+        "powertools_json(j)",
+        "powertools_json(j).*",
+        "powertools_json(j).a || powertools_json(j).b",
+        "powertools_json(j).a[0]",
+        "length(powertools_json(j))",
+        "powertools_json(j)[0]",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_document_read_for_some_fields_gives_what_the_whole_document_gives(
+            document in json_value(), at in any::<prop::sample::Index>(), spaced in any::<bool>()
+        ) {
+            let text = if spaced { format!(" \n{document:#}") } else { document.to_string() };
+            let event = json!({ "j": text });
+            let expression = EMBEDDED_EXPRESSIONS[at.index(EMBEDDED_EXPRESSIONS.len())];
+            let path = JsonPath::compile(expression).expect("valid");
+            prop_assert_eq!(path.search(&event), unpruned(&path, &event), "{}", expression);
+        }
+
+        #[test]
+        // With `exact-numbers` the parse goes through a `Value` by construction.
+        #[cfg(not(feature = "exact-numbers"))]
+        fn a_document_parses_to_the_variable_its_value_converts_to(value in json_value()) {
+            let text = value.to_string();
+            let parsed = parse_variable(&text).expect("valid JSON");
+            prop_assert_eq!(parsed, to_variable(&value));
+        }
+
+        #[test]
+        fn a_pruned_search_finds_what_a_search_of_the_whole_event_finds(
+            event in json_value(), at in any::<prop::sample::Index>()
+        ) {
+            let expression = PRUNED_EXPRESSIONS[at.index(PRUNED_EXPRESSIONS.len())];
+            let path = JsonPath::compile(expression).expect("valid");
+            prop_assert_eq!(path.search(&event), unpruned(&path, &event), "{}", expression);
+        }
     }
 
     proptest! {

@@ -57,8 +57,8 @@ mod sources;
 pub mod store;
 
 pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
-pub use effects::{client_request_token, effects, idempotency_key_header, Effects, Outbox};
-pub use error::{Error, IdempotencyError, PermanentError};
+pub use effects::{client_request_token, effects, Effects, Outbox, IDEMPOTENCY_KEY};
+pub use error::{BoxError, Error, IdempotencyError, PermanentError};
 pub use idempotency::Idempotency;
 #[cfg(feature = "powertools-compat")]
 pub use key::powertools::PowertoolsHash;
@@ -73,8 +73,8 @@ pub use sources::SqsBatch;
 pub use sources::StreamBatch;
 #[cfg(feature = "apigw")]
 #[cfg_attr(docsrs, doc(cfg(feature = "apigw")))]
-pub use sources::{HttpIdempotency, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore};
+pub use sources::{HttpIdempotency, IDEMPOTENT_REPLAYED};
+pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore, OutboxStore, StepJournal};
 
 /// Compiles the README's Rust snippets as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,23 +1,19 @@
 //! Outbox messages, their delivery after commit, and the relay that delivers
 //! what a crash left behind.
 
-use crate::error::IdempotencyError;
-use crate::idempotency::Idempotency;
-use crate::store::{IdempotencyStore, OutboxRecord};
+use crate::error::{BoxError, IdempotencyError};
+use crate::store::{BoxFuture, IdempotencyStore, OutboxRecord, OutboxStore};
 #[cfg(feature = "streams")]
 use aws_lambda_events::event::{
     dynamodb::Event as DynamoDbEvent,
     streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse},
 };
-use futures_util::future::BoxFuture;
 #[cfg(feature = "streams")]
 use lambda_runtime::LambdaEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An effect staged with [`Outbox::push`](crate::Outbox::push).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,7 +272,7 @@ mod webhook {
 /// died between commit and dispatch, or the destination was down): as a Lambda
 /// handler on the table's DynamoDB Stream, or as a sweep run by an operator.
 pub struct Relay<S> {
-    idempotency: Idempotency<S>,
+    store: Arc<S>,
     dispatcher: Dispatcher,
 }
 
@@ -297,17 +293,23 @@ pub struct SweepReport {
     pub failed: usize,
 }
 
-impl<S: IdempotencyStore> Idempotency<S> {
-    /// A relay delivering this store's pending outbox messages with `dispatcher`.
-    pub fn relay(&self, dispatcher: Dispatcher) -> Relay<S> {
-        Relay {
-            idempotency: self.clone(),
-            dispatcher,
-        }
-    }
-}
-
 impl<S: IdempotencyStore> Relay<S> {
+    /// A relay delivering `store`'s pending outbox messages with `dispatcher`
+    /// (see also [`Idempotency::relay`](crate::Idempotency::relay)).
+    pub fn new(store: S, dispatcher: Dispatcher) -> Self {
+        Self::shared(Arc::new(store), dispatcher)
+    }
+
+    pub(crate) fn shared(store: Arc<S>, dispatcher: Dispatcher) -> Self {
+        Self { store, dispatcher }
+    }
+
+    fn outbox(&self) -> Result<&dyn OutboxStore, IdempotencyError> {
+        self.store
+            .outbox()
+            .ok_or(IdempotencyError::Unsupported { missing: "outbox" })
+    }
+
     /// Handles a batch of the idempotency table's stream (`NEW_IMAGE` or
     /// `NEW_AND_OLD_IMAGES`): each inserted outbox record still pending is
     /// delivered and marked. At the first failure, that record and the later ones
@@ -351,7 +353,7 @@ impl<S: IdempotencyStore> Relay<S> {
     /// Delivers every pending outbox message of the store (a full scan on
     /// DynamoDB: for operators, after an outage).
     pub async fn sweep(&self) -> Result<SweepReport, IdempotencyError> {
-        let pending = self.idempotency.store().pending_outbox().await?;
+        let pending = self.outbox()?.pending_outbox().await?;
         let mut report = SweepReport::default();
         for record in pending {
             match self.deliver(&record).await {
@@ -368,20 +370,20 @@ impl<S: IdempotencyStore> Relay<S> {
     /// Delivers the record under `key` if it is still pending; returns whether it did.
     #[cfg(feature = "streams")]
     async fn deliver_pending(&self, key: &str) -> Result<bool, IdempotencyError> {
-        match self.idempotency.store().get_outbox(key).await? {
+        match self.outbox()?.get_outbox(key).await? {
             Some(record) if !record.delivered => self.deliver(&record).await.map(|()| true),
             _ => Ok(false),
         }
     }
 
     async fn deliver(&self, record: &OutboxRecord) -> Result<(), IdempotencyError> {
-        deliver_and_mark(self.idempotency.store(), &self.dispatcher, record).await
+        deliver_and_mark(self.outbox()?, &self.dispatcher, record).await
     }
 }
 
 /// Delivers one committed message and marks it delivered.
-pub(crate) async fn deliver_and_mark<S: IdempotencyStore>(
-    store: &S,
+pub(crate) async fn deliver_and_mark(
+    store: &dyn OutboxStore,
     dispatcher: &Dispatcher,
     record: &OutboxRecord,
 ) -> Result<(), IdempotencyError> {
@@ -396,6 +398,31 @@ pub(crate) async fn deliver_and_mark<S: IdempotencyStore>(
         .await
         .map_err(|e| IdempotencyError::Delivery(Box::new(e)))?;
     Ok(store.mark_delivered(&record.key).await?)
+}
+
+/// The staged messages as outbox records expiring with their completed record.
+pub(crate) fn records(
+    expiration: i64,
+    staged: Vec<(String, String, OutboxMessage)>,
+) -> Result<Vec<OutboxRecord>, IdempotencyError> {
+    staged
+        .into_iter()
+        .map(|(key, derived_key, message)| {
+            let message = serde_json::to_string(&message).map_err(|source| {
+                IdempotencyError::Serialization {
+                    key: key.clone(),
+                    source,
+                }
+            })?;
+            Ok(OutboxRecord {
+                key,
+                derived_key,
+                message,
+                delivered: false,
+                expiration,
+            })
+        })
+        .collect()
 }
 
 /// The outbox record key among a stream record's keys, if it is one.

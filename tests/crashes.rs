@@ -267,7 +267,13 @@ async fn run_case<S: IdempotencyStore + Clone>(
     // The outbox: what a crash left pending, the relay delivers; one derived key.
     idempotency.relay(dispatcher).sweep().await.expect("sweep");
     assert!(
-        inner.pending_outbox().await.expect("pending").is_empty(),
+        inner
+            .outbox()
+            .expect("an outbox")
+            .pending_outbox()
+            .await
+            .expect("pending")
+            .is_empty(),
         "{}: nothing left pending",
         case.name
     );

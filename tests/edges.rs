@@ -400,7 +400,7 @@ async fn a_completed_record_without_a_json_response_is_malformed_not_null() {
             data: data.clone(),
             ..stored.clone()
         };
-        store.complete(&broken, &[]).await.expect("overwrite");
+        store.complete(&broken).await.expect("overwrite");
         let replay: Outcome = place.call(order("m-1", "ok"), None).await;
         match replay {
             Err(Error::Idempotency(IdempotencyError::MalformedRecord {

@@ -415,8 +415,9 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
         other => panic!("{other}"),
     }
     assert!(store.inner.is_empty(), "released");
-    // reserve + release; no complete was attempted.
-    assert_eq!(store.calls.get(), 2);
+    // reserve, the complete the store refused without writing, release (the
+    // DynamoDB test checks that no write request is sent).
+    assert_eq!(store.calls.get(), 3);
     invoke(&mut service, json!({"order_id": "big"}))
         .await
         .expect_err("runs again, refused again");
@@ -963,4 +964,79 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
     }
     assert_eq!(runs.get(), 1);
     assert_eq!(store.calls.get(), before);
+}
+
+#[tokio::test]
+async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_without_running_them(
+) {
+    let memory = MemoryStore::new();
+    let store = CountingStore::new(memory.clone()).records_only();
+    assert!(store.journal().is_none() && store.outbox().is_none());
+    let idempotency = Idempotency::new(store, config().build().expect("config"));
+
+    // A plain handler needs nothing but the record contract.
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let first = invoke(&mut service, json!({"order_id": "plain"}))
+        .await
+        .expect("first");
+    let replay = invoke(&mut service, json!({"order_id": "plain"}))
+        .await
+        .expect("replay");
+    assert_eq!((runs.get(), &first), (1, &replay));
+
+    // A step is refused before its closure runs, and the key is given back.
+    let effect_runs = Counter::default();
+    let step_runs = effect_runs.clone();
+    let with_step = idempotency.function("with_step", move |order: Value| {
+        let step_runs = step_runs.clone();
+        async move {
+            let effects = lambda_idempotency::effects()?;
+            effects
+                .step("charge", |key| async move {
+                    step_runs.hit();
+                    Ok::<_, std::io::Error>(key)
+                })
+                .await?;
+            Ok::<_, Error<std::io::Error>>(order)
+        }
+    });
+    let refused = with_step.call(json!({"order_id": "step"}), None).await;
+    assert!(
+        matches!(
+            refused,
+            // The handler passed the step's error on with `?`.
+            Err(Error::Handler(Error::Idempotency(
+                IdempotencyError::Unsupported {
+                    missing: "step journal"
+                }
+            )))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(effect_runs.get(), 0);
+
+    // Staged messages cannot be committed: refused, nothing kept, key released.
+    let with_outbox = idempotency.function("with_outbox", |order: Value| async move {
+        let effects = lambda_idempotency::effects()?;
+        effects
+            .outbox()
+            .push(lambda_idempotency::OutboxMessage::Custom {
+                sink: "audit".into(),
+                payload: order.clone(),
+            });
+        Ok::<_, Error<std::io::Error>>(order)
+    });
+    let refused = with_outbox.call(json!({"order_id": "outbox"}), None).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Idempotency(IdempotencyError::Unsupported {
+                missing: "outbox"
+            }))
+        ),
+        "{refused:?}"
+    );
+    // Only the plain handler's completed record is left: both refusals released theirs.
+    assert_eq!(memory.len(), 1);
 }

@@ -367,6 +367,60 @@ async fn bad_sqs_records_fail_alone_and_concurrent_results_map_to_their_message_
     assert_eq!(runs.get(), 5, "the bad records never reached the handler");
 }
 
+/// Runs `messages` through a batch with the default concurrency; returns the
+/// most messages that were running at once.
+async fn most_at_once(messages: Vec<SqsMessage>) -> usize {
+    let (running, most) = (Arc::new(Mutex::new(0usize)), Arc::new(Mutex::new(0usize)));
+    let batch = {
+        let (running, most) = (running.clone(), most.clone());
+        idempotency().sqs_batch("ship", move |_: SqsMessage| {
+            let (running, most) = (running.clone(), most.clone());
+            async move {
+                {
+                    let mut now = running.lock().expect("lock");
+                    *now += 1;
+                    let mut most = most.lock().expect("lock");
+                    *most = (*most).max(*now);
+                }
+                // Let every other message that may run start before this one ends.
+                for _ in 0..20 {
+                    tokio::task::yield_now().await;
+                }
+                *running.lock().expect("lock") -= 1;
+                Ok::<_, String>(json!("shipped"))
+            }
+        })
+    };
+    let response = batch
+        .process(LambdaEvent::new(sqs_batch_event(messages), context(30_000)))
+        .await
+        .expect("batch");
+    assert!(response.batch_item_failures.is_empty());
+    let most = *most.lock().expect("lock");
+    most
+}
+
+#[tokio::test]
+async fn a_standard_batch_of_ten_runs_at_once_and_a_fifo_group_one_at_a_time() {
+    let standard: Vec<_> = (0..10)
+        .map(|i| sqs_message(&format!(r#"{{"order_id": "s{i}"}}"#), &format!("s-{i}")))
+        .collect();
+    assert_eq!(most_at_once(standard).await, 10);
+
+    let fifo: Vec<_> = (0..10)
+        .map(|i| {
+            let mut message = sqs_message(&format!(r#"{{"order_id": "f{i}"}}"#), &format!("f-{i}"));
+            message.event_source_arn =
+                Some("arn:aws:sqs:eu-west-1:123456789012:orders.fifo".into());
+            message
+                .attributes
+                .insert("MessageGroupId".into(), format!("g{}", i % 2));
+            message
+        })
+        .collect();
+    assert_eq!(most_at_once(fifo).await, 2, "two groups, each in order");
+}
+
 fn lambda_http_request(fixture_name: &str, edit: impl FnOnce(&mut Value)) -> lambda_http::Request {
     let path = format!(
         "{}/tests/fixtures/{fixture_name}",

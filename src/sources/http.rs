@@ -7,6 +7,7 @@ use crate::error::{Error, IdempotencyError};
 use crate::idempotency::{Call, CallKey, Executed, Idempotency};
 use crate::key::JsonPath;
 use crate::store::IdempotencyStore;
+use crate::IDEMPOTENCY_KEY;
 use aws_lambda_events::apigw::{
     ApiGatewayProxyRequest, ApiGatewayProxyResponse, ApiGatewayV2httpRequest,
     ApiGatewayV2httpResponse,
@@ -24,8 +25,6 @@ use serde_json::{json, Value};
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 
-/// The request header carrying the client's key.
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Set to `true` on replayed responses.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 

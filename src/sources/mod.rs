@@ -13,7 +13,7 @@ mod sqs;
 mod stream;
 
 #[cfg(feature = "apigw")]
-pub use http::{HttpIdempotency, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use http::{HttpIdempotency, IDEMPOTENT_REPLAYED};
 #[cfg(feature = "sqs")]
 pub use sqs::SqsBatch;
 #[cfg(feature = "streams")]

@@ -15,6 +15,12 @@ use std::sync::{Arc, LazyLock};
 
 static MESSAGE_ID: LazyLock<JsonPath> = LazyLock::new(|| field("messageId"));
 
+/// Messages run at once by default: a batch of 10 (the event source mapping's
+/// default batch size) costs the DynamoDB round trips of one message, not ten
+/// times them, while a large batch (up to 10,000 with a batching window) does not
+/// open thousands of requests at once.
+const DEFAULT_CONCURRENCY: usize = 10;
+
 /// Messages that run in order, with their positions in the batch.
 type Lane = Vec<(usize, SqsMessage)>;
 
@@ -48,7 +54,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             handler,
             idempotency: self.clone(),
             scope: self.function_scope(name).into(),
-            concurrency: 1,
+            concurrency: DEFAULT_CONCURRENCY,
         }
     }
 }
@@ -71,8 +77,9 @@ impl<F, S> std::fmt::Debug for SqsBatch<F, S> {
 }
 
 impl<F, S: IdempotencyStore> SqsBatch<F, S> {
-    /// Runs up to `limit` messages at a time (default 1: in order). On a FIFO queue,
-    /// messages of one group always run in order, one at a time.
+    /// Runs up to `limit` messages at a time (default 10; 1 runs a batch in
+    /// order). On a FIFO queue, messages of one group always run in order, one at
+    /// a time, whatever the limit: the limit applies to groups.
     pub fn concurrency(mut self, limit: usize) -> Self {
         self.concurrency = limit.max(1);
         self

@@ -1,4 +1,7 @@
-use super::{IdempotencyStore, OutboxRecord, StepRecord, StoreError};
+use super::{
+    check_limits, BoxFuture, IdempotencyStore, OutboxRecord, OutboxStore, StepJournal, StepRecord,
+    StoreError,
+};
 use crate::record::{IdempotencyRecord, Status};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
@@ -342,19 +345,14 @@ impl IdempotencyStore for DynamoDbStore {
         }
     }
 
-    async fn complete(
-        &self,
-        record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
-    ) -> Result<(), StoreError> {
-        if !outbox.is_empty() {
-            return self.complete_with_outbox(record, outbox).await;
-        }
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        let item = self.to_item(record);
+        check_limits(item_bytes(&item), [])?;
         let result = self
             .client
             .put_item()
             .table_name(&self.table)
-            .set_item(Some(self.to_item(record)))
+            .set_item(Some(item))
             .condition_expression("#owner = :owner")
             .expression_attribute_names("#owner", &self.names.owner)
             .expression_attribute_values(":owner", AttributeValue::S(record.owner.clone()))
@@ -408,7 +406,88 @@ impl IdempotencyStore for DynamoDbStore {
             .transpose()
     }
 
-    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        Some(self)
+    }
+
+    fn outbox(&self) -> Option<&dyn OutboxStore> {
+        Some(self)
+    }
+}
+
+impl StepJournal for DynamoDbStore {
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
+        Box::pin(self.put_step_item(step))
+    }
+
+    fn get_step<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
+        Box::pin(async move {
+            match self.get_item(key).await? {
+                Some(item) => self.parse_step(key, &item).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+impl OutboxStore for DynamoDbStore {
+    fn commit<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.commit_with_outbox(record, outbox))
+    }
+
+    fn get_outbox<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OutboxRecord>, StoreError>> {
+        Box::pin(async move {
+            match self.get_item(key).await? {
+                Some(item) => self.parse_outbox(key, &item).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn mark_delivered<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.mark_delivered_item(key))
+    }
+
+    fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
+        Box::pin(self.scan_pending_outbox())
+    }
+}
+
+/// The size DynamoDB counts for an item: attribute names and values in UTF-8
+/// bytes; a number takes at most 21 bytes and a boolean 1.
+fn item_bytes(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(s) => s.len(),
+                    AttributeValue::N(_) => 21,
+                    _ => 1,
+                }
+        })
+        .sum()
+}
+
+/// `status` values of journal and outbox items (records use `INPROGRESS`/`COMPLETED`).
+const STEP: &str = "STEP";
+const PENDING: &str = "PENDING";
+const DELIVERED: &str = "DELIVERED";
+
+impl DynamoDbStore {
+    async fn put_step_item(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
         let n = &self.names;
         let mut item = self.primary_key(&step.key);
         item.insert(n.status.clone(), AttributeValue::S(STEP.into()));
@@ -448,21 +527,7 @@ impl IdempotencyStore for DynamoDbStore {
         }
     }
 
-    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        match self.get_item(key).await? {
-            Some(item) => self.parse_step(key, &item).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        match self.get_item(key).await? {
-            Some(item) => self.parse_outbox(key, &item).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+    async fn mark_delivered_item(&self, key: &str) -> Result<(), StoreError> {
         self.client
             .update_item()
             .table_name(&self.table)
@@ -477,7 +542,7 @@ impl IdempotencyStore for DynamoDbStore {
             .map_err(|e| backend("UpdateItem (mark delivered)", e))
     }
 
-    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+    async fn scan_pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
         let mut pending = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -508,50 +573,29 @@ impl IdempotencyStore for DynamoDbStore {
         Ok(pending)
     }
 
-    fn outbox_size(&self, record: &OutboxRecord) -> usize {
-        item_bytes(&self.outbox_item(record))
-    }
-
-    fn item_size(&self, record: &IdempotencyRecord) -> usize {
-        item_bytes(&self.to_item(record))
-    }
-}
-
-/// The size DynamoDB counts for an item: attribute names and values in UTF-8
-/// bytes; a number takes at most 21 bytes and a boolean 1.
-fn item_bytes(item: &Item) -> usize {
-    item.iter()
-        .map(|(name, value)| {
-            name.len()
-                + match value {
-                    AttributeValue::S(s) => s.len(),
-                    AttributeValue::N(_) => 21,
-                    _ => 1,
-                }
-        })
-        .sum()
-}
-
-/// `status` values of journal and outbox items (records use `INPROGRESS`/`COMPLETED`).
-const STEP: &str = "STEP";
-const PENDING: &str = "PENDING";
-const DELIVERED: &str = "DELIVERED";
-
-impl DynamoDbStore {
     /// The completed record and the outbox messages in one transaction, the record
     /// conditional on our ownership: all written or none.
-    async fn complete_with_outbox(
+    async fn commit_with_outbox(
         &self,
         record: &IdempotencyRecord,
         outbox: &[OutboxRecord],
     ) -> Result<(), StoreError> {
+        if outbox.is_empty() {
+            return self.complete(record).await;
+        }
+        let record_item = self.to_item(record);
+        let outbox_items: Vec<Item> = outbox.iter().map(|m| self.outbox_item(m)).collect();
+        check_limits(
+            item_bytes(&record_item),
+            outbox_items.iter().map(item_bytes),
+        )?;
         let put = |item: Item| Put::builder().table_name(&self.table).set_item(Some(item));
-        let owned = put(self.to_item(record))
+        let owned = put(record_item)
             .condition_expression("#owner = :owner")
             .expression_attribute_names("#owner", &self.names.owner)
             .expression_attribute_values(":owner", AttributeValue::S(record.owner.clone()));
         let mut items = vec![owned];
-        items.extend(outbox.iter().map(|message| put(self.outbox_item(message))));
+        items.extend(outbox_items.into_iter().map(put));
         let items = items
             .into_iter()
             .map(|put| {

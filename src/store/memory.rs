@@ -1,4 +1,7 @@
-use super::{IdempotencyStore, OutboxRecord, StepRecord, StoreError};
+use super::{
+    check_limits, BoxFuture, IdempotencyStore, OutboxRecord, OutboxStore, StepJournal, StepRecord,
+    StoreError,
+};
 use crate::record::IdempotencyRecord;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,7 +49,36 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Replaces an owned record (and adds its outbox) if it fits DynamoDB's limits.
+    fn commit_now(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
+        check_limits(
+            record.approximate_size(),
+            outbox.iter().map(OutboxRecord::approximate_size),
+        )?;
+        let mut tables = self.lock();
+        match tables.records.get(&record.key) {
+            Some(current) if current.owner == record.owner => {
+                tables.records.insert(record.key.clone(), record.clone());
+                for message in outbox {
+                    tables.outbox.insert(message.key.clone(), message.clone());
+                }
+                Ok(())
+            }
+            _ => Err(StoreError::NotOwner),
+        }
+    }
+}
+
 impl IdempotencyStore for MemoryStore {
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self.lock().records.get(key).cloned())
+    }
+
     async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
         let mut tables = self.lock();
         if let Some(existing) = tables.records.get(&record.key) {
@@ -60,22 +92,8 @@ impl IdempotencyStore for MemoryStore {
         Ok(())
     }
 
-    async fn complete(
-        &self,
-        record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
-    ) -> Result<(), StoreError> {
-        let mut tables = self.lock();
-        match tables.records.get(&record.key) {
-            Some(current) if current.owner == record.owner => {
-                tables.records.insert(record.key.clone(), record.clone());
-                for message in outbox {
-                    tables.outbox.insert(message.key.clone(), message.clone());
-                }
-                Ok(())
-            }
-            _ => Err(StoreError::NotOwner),
-        }
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        self.commit_now(record, &[])
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
@@ -89,35 +107,63 @@ impl IdempotencyStore for MemoryStore {
         }
     }
 
-    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        Ok(self.lock().records.get(key).cloned())
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        Some(self)
     }
 
-    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
+    fn outbox(&self) -> Option<&dyn OutboxStore> {
+        Some(self)
+    }
+}
+
+impl StepJournal for MemoryStore {
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
         let mut tables = self.lock();
         let journaled = tables
             .steps
             .entry(step.key.clone())
             .or_insert_with(|| step.clone());
-        Ok((journaled != step).then(|| journaled.clone()))
+        let first = (journaled != step).then(|| journaled.clone());
+        Box::pin(std::future::ready(Ok(first)))
     }
 
-    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        Ok(self.lock().steps.get(key).cloned())
+    fn get_step<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
+        let step = self.lock().steps.get(key).cloned();
+        Box::pin(std::future::ready(Ok(step)))
+    }
+}
+
+impl OutboxStore for MemoryStore {
+    fn commit<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(std::future::ready(self.commit_now(record, outbox)))
     }
 
-    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        Ok(self.lock().outbox.get(key).cloned())
+    fn get_outbox<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OutboxRecord>, StoreError>> {
+        let record = self.lock().outbox.get(key).cloned();
+        Box::pin(std::future::ready(Ok(record)))
     }
 
-    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
+    fn mark_delivered<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         if let Some(record) = self.lock().outbox.get_mut(key) {
             record.delivered = true;
         }
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+    fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
         let mut pending: Vec<_> = self
             .lock()
             .outbox
@@ -126,6 +172,6 @@ impl IdempotencyStore for MemoryStore {
             .cloned()
             .collect();
         pending.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(pending)
+        Box::pin(std::future::ready(Ok(pending)))
     }
 }

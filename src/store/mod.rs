@@ -1,5 +1,19 @@
-//! Where idempotency records live: the [`IdempotencyStore`] trait and its two
+//! Where idempotency records live: the store contracts and their two
 //! implementations, [`DynamoDbStore`] and [`MemoryStore`].
+//!
+//! Three contracts, each with its own rules, so that a backend can offer records
+//! without the rest:
+//!
+//! - [`IdempotencyStore`]: the records. Every backend implements it; it is all a
+//!   wrapped handler needs.
+//! - [`StepJournal`]: the results of a handler's steps, so a retry does not redo
+//!   them ([`Effects::step`](crate::Effects::step)).
+//! - [`OutboxStore`]: messages committed with the completed record and delivered
+//!   after it ([`Outbox::push`](crate::Outbox::push), the [`Relay`](crate::Relay)).
+//!
+//! A store offers the other two through [`IdempotencyStore::journal`] and
+//! [`IdempotencyStore::outbox`]; without them a step or a staged message fails
+//! with [`IdempotencyError::Unsupported`](crate::IdempotencyError::Unsupported).
 
 mod dynamodb;
 mod memory;
@@ -7,9 +21,14 @@ mod memory;
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
 pub use memory::MemoryStore;
 
-use crate::record::IdempotencyRecord;
-use aws_sdk_dynamodb::error::BoxError;
+use crate::error::BoxError;
+use crate::record::{IdempotencyRecord, MAX_ITEM_BYTES};
 use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future: what the [`StepJournal`], [`OutboxStore`] and
+/// [`Sink`](crate::Sink) methods return, so that they can be used as `dyn`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a store refused or failed an operation.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +44,17 @@ pub enum StoreError {
     /// The record is owned by another reservation's token.
     #[error("the record is not owned by this invocation")]
     NotOwner,
+    /// The write exceeds the store's limits (an item over 400 KB, a transaction
+    /// over 100 items or 4 MB on DynamoDB). Nothing was written.
+    #[error("{items} items of {bytes} bytes exceed the store's limit ({limit})")]
+    TooLarge {
+        /// Items in the write (the record, plus outbox messages).
+        items: usize,
+        /// Their total size in bytes, as the store counts it.
+        bytes: usize,
+        /// Which limit was exceeded.
+        limit: &'static str,
+    },
     /// The store holds an item under this key that is not a valid record (written
     /// by something else, or edited by hand): a wrong attribute type, a missing
     /// attribute, an unknown status.
@@ -37,7 +67,7 @@ pub enum StoreError {
         /// What is wrong with it.
         problem: String,
     },
-    /// Anything else: network, throttling, permissions, a malformed stored item.
+    /// Anything else: network, throttling, permissions.
     #[error(transparent)]
     Backend(BoxError),
 }
@@ -88,34 +118,50 @@ pub struct OutboxRecord {
     pub expiration: i64,
 }
 
-/// An async store of idempotency records with conditional writes.
+impl OutboxRecord {
+    /// An upper bound of the record's size as DynamoDB counts it with the default
+    /// attribute names.
+    pub fn approximate_size(&self) -> usize {
+        const NAMES_AND_NUMBERS: usize = 64;
+        NAMES_AND_NUMBERS + self.key.len() + self.derived_key.len() + self.message.len()
+    }
+}
+
+/// The records of idempotent invocations: the contract every backend implements
+/// (a Redis or Postgres store would implement these four methods).
 ///
 /// Every write is conditional and safe to repeat: a store (or its SDK) may retry a
 /// write whose response was lost, and the engine recognises its own owner token
-/// wherever it comes back.
-///
-/// Implementations must make [`reserve`](Self::reserve) atomic: of two concurrent
-/// reservations of the same key, at most one succeeds.
+/// wherever it comes back. Expired records count as absent whether or not the
+/// backend has deleted them yet.
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Writes the `INPROGRESS` `record` if the key is absent or the stored record
-    /// [`may_be_replaced_by`](IdempotencyRecord::may_be_replaced_by) it at `now_ms`;
-    /// otherwise fails with [`StoreError::Exists`] carrying the stored record.
+    /// Reads a record as stored, expired or not.
+    fn get(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
+
+    /// Writes the `INPROGRESS` `record`, atomically, only if the key is absent or
+    /// the stored record [`may_be_replaced_by`](IdempotencyRecord::may_be_replaced_by)
+    /// it at `now_ms`: of two concurrent reservations of a key at most one succeeds.
+    /// Otherwise fails with [`StoreError::Exists`], carrying the stored record when
+    /// the backend can return it in the same request.
     fn reserve(
         &self,
         record: &IdempotencyRecord,
         now_ms: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Replaces the record with `record` if `record.owner` still owns it, and writes
-    /// the `outbox` records in the same atomic write; otherwise
-    /// [`StoreError::NotOwner`] and nothing is written.
+    /// Replaces the stored record with `record` only if the stored one is owned by
+    /// `record.owner`; otherwise [`StoreError::NotOwner`] and nothing is written.
+    /// A record over the backend's item limit is refused with
+    /// [`StoreError::TooLarge`] before anything is sent.
     fn complete(
         &self,
         record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Deletes the record if `owner` still owns it; a record already gone is not an
+    /// Deletes the record only if `owner` owns it; a record already gone is not an
     /// error (a repeated delete). Another owner's record: [`StoreError::NotOwner`].
     fn release(
         &self,
@@ -123,46 +169,90 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         owner: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Reads a record as stored, expired or not (diagnostics and tests).
-    fn get(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
+    /// This store's step journal, if it keeps one (`Some(self)`).
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        None
+    }
 
-    /// Journals a completed step unless an entry exists under its key. The first
-    /// entry wins: returns it when it was not this one (a late attempt of the same
-    /// execution journaled first), so the caller goes on with the journaled result.
-    fn put_step(
-        &self,
-        step: &StepRecord,
-    ) -> impl Future<Output = Result<Option<StepRecord>, StoreError>> + Send;
+    /// This store's outbox, if it keeps one (`Some(self)`).
+    fn outbox(&self) -> Option<&dyn OutboxStore> {
+        None
+    }
+}
+
+/// The journal of a handler's completed steps, one entry per step of an execution.
+pub trait StepJournal: Send + Sync {
+    /// Writes `step` only if no entry exists under its key. The first entry wins:
+    /// returns the stored entry when it is not `step` (a late attempt of the same
+    /// execution journaled first), `None` when `step` is (now) the entry.
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
 
     /// Reads a journaled step.
-    fn get_step(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<StepRecord>, StoreError>> + Send;
+    fn get_step<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>>;
+}
+
+/// Outbox messages, committed atomically with the completed record that staged
+/// them and marked once delivered.
+pub trait OutboxStore: Send + Sync {
+    /// Does what [`IdempotencyStore::complete`] does and writes the `outbox`
+    /// records in the same atomic write: all or nothing, the whole write
+    /// conditional on `record.owner` owning the stored record
+    /// ([`StoreError::NotOwner`] otherwise). A write over the backend's item or
+    /// transaction limits is refused with [`StoreError::TooLarge`] before anything
+    /// is sent.
+    fn commit<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Reads an outbox record.
-    fn get_outbox(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<OutboxRecord>, StoreError>> + Send;
+    fn get_outbox<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OutboxRecord>, StoreError>>;
 
-    /// Marks an outbox record delivered.
-    fn mark_delivered(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Marks an outbox record delivered if it still exists (never recreating one
+    /// that expired). Marking twice is harmless: delivery is at least once.
+    fn mark_delivered<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
 
     /// Every outbox record not yet delivered (for the operator's sweep).
-    fn pending_outbox(&self) -> impl Future<Output = Result<Vec<OutboxRecord>, StoreError>> + Send;
+    fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>>;
+}
 
-    /// The size this record would have as stored, to refuse oversized responses
-    /// before writing them.
-    fn item_size(&self, record: &IdempotencyRecord) -> usize {
-        record.approximate_size()
+/// DynamoDB's limits on one write: an item, and a transaction of the record and
+/// its outbox. Both built-in stores enforce them, so that what passes a test on
+/// the memory store also fits the table.
+fn check_limits(
+    record_bytes: usize,
+    outbox_bytes: impl IntoIterator<Item = usize>,
+) -> Result<(), StoreError> {
+    const MAX_ITEMS: usize = 100;
+    const MAX_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
+    let (mut items, mut bytes, mut largest) = (1, record_bytes, record_bytes);
+    for size in outbox_bytes {
+        items += 1;
+        bytes += size;
+        largest = largest.max(size);
     }
-
-    /// The size an outbox record would have as stored (DynamoDB's 4 MB transaction limit).
-    fn outbox_size(&self, record: &OutboxRecord) -> usize {
-        record.key.len() + record.derived_key.len() + record.message.len() + 64
-    }
+    let limit = if items > MAX_ITEMS {
+        "100 items per transaction"
+    } else if largest > MAX_ITEM_BYTES {
+        "400 KB per item"
+    } else if bytes > MAX_TRANSACTION_BYTES {
+        "4 MB per transaction"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::TooLarge {
+        items,
+        bytes,
+        limit,
+    })
 }

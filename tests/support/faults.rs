@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use super::Counter;
-use lambda_idempotency::store::{OutboxRecord, StepRecord, StoreError};
-use lambda_idempotency::{IdempotencyRecord, IdempotencyStore};
+use lambda_idempotency::store::{BoxFuture, OutboxRecord, StepRecord, StoreError};
+use lambda_idempotency::{IdempotencyRecord, IdempotencyStore, OutboxStore, StepJournal};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,6 +156,7 @@ pub struct FaultStore<S> {
     failing: &'static [Op],
     repeat_writes: bool,
     slow_refusals: Option<Duration>,
+    records_only: bool,
 }
 
 impl<S> FaultStore<S> {
@@ -167,6 +168,7 @@ impl<S> FaultStore<S> {
             failing: &[],
             repeat_writes: false,
             slow_refusals: None,
+            records_only: false,
         }
     }
 
@@ -183,6 +185,15 @@ impl<S> FaultStore<S> {
     pub fn repeating_writes(self) -> Self {
         Self {
             repeat_writes: true,
+            ..self
+        }
+    }
+
+    /// Offers only the record contract: no step journal, no outbox (a backend
+    /// that implements [`IdempotencyStore`] alone).
+    pub fn records_only(self) -> Self {
+        Self {
+            records_only: true,
             ..self
         }
     }
@@ -230,47 +241,87 @@ impl Op {
 }
 
 impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.call(Op::Get, || self.inner.get(key)).await
+    }
     async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
         self.call(Op::Reserve, || self.inner.reserve(record, now_ms))
             .await
     }
-    async fn complete(
-        &self,
-        record: &IdempotencyRecord,
-        outbox: &[OutboxRecord],
-    ) -> Result<(), StoreError> {
-        self.call(Op::Complete, || self.inner.complete(record, outbox))
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        self.call(Op::Complete, || self.inner.complete(record))
             .await
     }
     async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
         self.call(Op::Release, || self.inner.release(key, owner))
             .await
     }
-    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.call(Op::Get, || self.inner.get(key)).await
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        self.inner
+            .journal()
+            .filter(|_| !self.records_only)
+            .map(|_| self as &dyn StepJournal)
     }
-    async fn put_step(&self, step: &StepRecord) -> Result<Option<StepRecord>, StoreError> {
-        self.call(Op::PutStep, || self.inner.put_step(step)).await
+    fn outbox(&self) -> Option<&dyn OutboxStore> {
+        self.inner
+            .outbox()
+            .filter(|_| !self.records_only)
+            .map(|_| self as &dyn OutboxStore)
     }
-    async fn get_step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
-        self.call(Op::GetStep, || self.inner.get_step(key)).await
+}
+
+impl<S: IdempotencyStore> FaultStore<S> {
+    fn inner_journal(&self) -> &dyn StepJournal {
+        self.inner
+            .journal()
+            .expect("offered only when the inner store has one")
     }
-    async fn get_outbox(&self, key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        self.call(Op::GetOutbox, || self.inner.get_outbox(key))
-            .await
+    fn inner_outbox(&self) -> &dyn OutboxStore {
+        self.inner
+            .outbox()
+            .expect("offered only when the inner store has one")
     }
-    async fn mark_delivered(&self, key: &str) -> Result<(), StoreError> {
-        self.call(Op::MarkDelivered, || self.inner.mark_delivered(key))
-            .await
+}
+
+impl<S: IdempotencyStore> StepJournal for FaultStore<S> {
+    fn put_step<'a>(
+        &'a self,
+        step: &'a StepRecord,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
+        Box::pin(self.call(Op::PutStep, move || self.inner_journal().put_step(step)))
     }
-    async fn pending_outbox(&self) -> Result<Vec<OutboxRecord>, StoreError> {
-        self.call(Op::PendingOutbox, || self.inner.pending_outbox())
-            .await
+    fn get_step<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StepRecord>, StoreError>> {
+        Box::pin(self.call(Op::GetStep, move || self.inner_journal().get_step(key)))
     }
-    fn item_size(&self, record: &IdempotencyRecord) -> usize {
-        self.inner.item_size(record)
+}
+
+impl<S: IdempotencyStore> OutboxStore for FaultStore<S> {
+    fn commit<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.call(Op::Complete, move || {
+            self.inner_outbox().commit(record, outbox)
+        }))
     }
-    fn outbox_size(&self, record: &OutboxRecord) -> usize {
-        self.inner.outbox_size(record)
+    fn get_outbox<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<OutboxRecord>, StoreError>> {
+        Box::pin(self.call(Op::GetOutbox, move || self.inner_outbox().get_outbox(key)))
+    }
+    fn mark_delivered<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.call(Op::MarkDelivered, move || {
+            self.inner_outbox().mark_delivered(key)
+        }))
+    }
+    fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
+        Box::pin(self.call(Op::PendingOutbox, move || {
+            self.inner_outbox().pending_outbox()
+        }))
     }
 }
