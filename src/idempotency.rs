@@ -4,7 +4,7 @@
 use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
-use crate::key::{rounded_integer, JsonPath};
+use crate::key::{hex, rounded_integer, JsonPath};
 use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, StoreError};
@@ -804,8 +804,13 @@ fn expiration_s(now_ms: i64, config: &IdempotencyConfig) -> i64 {
 /// fencing token (it must be unique, not secret); no `rand` dependency needed.
 fn owner_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // `process::id` is a system call on every use; the id does not change.
+    static PROCESS: OnceLock<[u8; 4]> = OnceLock::new();
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     hasher.write_i64(now_ms());
-    format!("{:016x}{:08x}", hasher.finish(), std::process::id())
+    let process = PROCESS.get_or_init(|| std::process::id().to_be_bytes());
+    let mut token = hex(&hasher.finish().to_be_bytes());
+    token.push_str(&hex(process));
+    token
 }
