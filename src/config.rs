@@ -207,7 +207,7 @@ impl std::fmt::Debug for IdempotencyConfigBuilder {
 impl IdempotencyConfigBuilder {
     /// Selects the key material with a JMESPath expression over the event's JSON.
     /// The Powertools functions `powertools_json`, `powertools_base64` and
-    /// `powertools_base64_gzip` are available.
+    /// `powertools_base64_gzip` (feature `gzip`) are available.
     pub fn key_expression(mut self, expression: impl Into<String>) -> Self {
         self.key_expression = Some(expression.into());
         self

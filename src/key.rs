@@ -7,6 +7,7 @@ use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::cell::Cell;
+#[cfg(feature = "gzip")]
 use std::io::Read as _;
 use std::sync::{Arc, LazyLock};
 
@@ -18,6 +19,7 @@ pub(crate) mod powertools;
 /// expressions written for Powertools work unchanged.
 static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
     let mut runtime = Runtime::new();
+    #[cfg(feature = "jmespath-functions")]
     runtime.register_builtin_functions();
     let string_arg = || signature(POWERTOOLS_JSON).unwrap_or_else(|| Signature::new(vec![], None));
     runtime.register_function(
@@ -57,6 +59,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
             }),
         )),
     );
+    #[cfg(feature = "gzip")]
     runtime.register_function(
         POWERTOOLS_BASE64_GZIP,
         Box::new(CustomFunction::new(
@@ -188,11 +191,13 @@ impl Drop for SearchScope {
     }
 }
 
+#[cfg(feature = "gzip")]
 enum Inflate {
     TooLarge,
     Invalid,
 }
 
+#[cfg(feature = "gzip")]
 /// Gunzips `bytes` into text of at most `limit` bytes. Reads one byte past the
 /// limit to tell "exactly at the limit" from "over it" without inflating more.
 fn inflate(bytes: &[u8], limit: usize) -> Result<String, Inflate> {
@@ -208,6 +213,7 @@ fn inflate(bytes: &[u8], limit: usize) -> Result<String, Inflate> {
     String::from_utf8(out).map_err(|_| Inflate::Invalid)
 }
 
+#[cfg(feature = "gzip")]
 fn inflated_too_large(limit: usize) -> String {
     format!(
         "powertools_base64_gzip: the data inflates to more than {limit} bytes, \
@@ -215,6 +221,7 @@ fn inflated_too_large(limit: usize) -> String {
     )
 }
 
+#[cfg(feature = "gzip")]
 /// Records `reason` for [`JsonPath::search`] and returns the error JMESPath needs.
 fn fail(ctx: &Context<'_>, reason: String) -> JmespathError {
     let err = JmespathError::from_ctx(ctx, ErrorReason::Parse(reason.clone()));
@@ -474,6 +481,22 @@ fn children(ast: &Ast) -> Vec<&Ast> {
 /// argument count, or an argument whose type is known now (a literal, or `&expr`)
 /// and does not fit the signature.
 fn check_call(name: &str, args: &[Ast]) -> Result<(), String> {
+    #[cfg(not(feature = "gzip"))]
+    if name == POWERTOOLS_BASE64_GZIP {
+        return Err(format!(
+            "{name}() needs the lambda-idempotency feature `gzip`"
+        ));
+    }
+    #[cfg(not(feature = "jmespath-functions"))]
+    if !matches!(
+        name,
+        POWERTOOLS_JSON | POWERTOOLS_BASE64 | POWERTOOLS_BASE64_GZIP
+    ) && signature(name).is_some()
+    {
+        return Err(format!(
+            "{name}() is a JMESPath standard function: it needs the lambda-idempotency feature `jmespath-functions`"
+        ));
+    }
     let signature = signature(name).ok_or_else(|| format!("unknown function {name}()"))?;
     let (fixed, variadic) = (signature.inputs.len(), signature.variadic.is_some());
     if args.len() < fixed || (!variadic && args.len() > fixed) {
@@ -545,7 +568,9 @@ fn signature(name: &str) -> Option<Signature> {
         "to_string" => fixed(vec![ArgumentType::Union(vec![
             Object, Array, Bool, Number, String, Null,
         ])]),
-        POWERTOOLS_JSON | POWERTOOLS_BASE64 | POWERTOOLS_BASE64_GZIP => fixed(vec![String]),
+        POWERTOOLS_JSON | POWERTOOLS_BASE64 => fixed(vec![String]),
+        #[cfg(feature = "gzip")]
+        POWERTOOLS_BASE64_GZIP => fixed(vec![String]),
         _ => None,
     }
 }
@@ -749,7 +774,11 @@ mod tests {
             ),
             json!(1)
         );
+    }
 
+    #[cfg(feature = "gzip")]
+    #[test]
+    fn powertools_base64_gzip_decodes() {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, b"hello").expect("gzip");
         let zipped = base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"));
@@ -759,12 +788,14 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "gzip")]
     fn gzip_base64(data: &[u8]) -> String {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut gz, data).expect("gzip");
         base64::engine::general_purpose::STANDARD.encode(gz.finish().expect("gzip"))
     }
 
+    #[cfg(feature = "gzip")]
     #[test]
     fn gzip_inflation_stops_at_the_default_limit() {
         let bomb = gzip_base64(&vec![b'a'; DEFAULT_MAX_INFLATED_BYTES + 1]);
@@ -781,6 +812,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "gzip")]
     #[test]
     fn gzip_inflation_limit_is_per_expression() {
         let data = json!({ "d": gzip_base64(&[b'a'; 100]) });
@@ -827,16 +859,33 @@ mod tests {
             let err = JsonPath::compile(expression).expect_err(expression);
             assert!(err.contains(mentions), "{expression}: {err}");
         }
+        #[cfg(not(feature = "jmespath-functions"))]
+        {
+            let err = JsonPath::compile("length(@)").expect_err("no standard functions");
+            assert!(err.contains("`jmespath-functions`"), "{err}");
+        }
         for expression in [
+            #[cfg(feature = "jmespath-functions")]
             "length(@)",
+            #[cfg(feature = "jmespath-functions")]
             "not_null(a, b, `1`, 'x')",
+            #[cfg(feature = "jmespath-functions")]
             "merge(`{}`, a)",
+            #[cfg(feature = "jmespath-functions")]
             "sort_by(items, &id)",
+            #[cfg(feature = "jmespath-functions")]
             "contains('abc', 'b')",
+            #[cfg(feature = "jmespath-functions")]
             "to_string(`1`)",
+            #[cfg(feature = "gzip")]
             "powertools_json(powertools_base64_gzip(d)).id",
         ] {
             JsonPath::compile(expression).expect(expression);
+        }
+        #[cfg(not(feature = "gzip"))]
+        {
+            let err = JsonPath::compile("powertools_base64_gzip(d)").expect_err("no gzip");
+            assert!(err.contains("`gzip`"), "{err}");
         }
     }
 
@@ -902,10 +951,14 @@ mod tests {
             "values",
             POWERTOOLS_JSON,
             POWERTOOLS_BASE64,
+            #[cfg(feature = "gzip")]
             POWERTOOLS_BASE64_GZIP,
         ] {
             assert!(signature(name).is_some(), "{name}");
-            assert!(RUNTIME.get_function(name).is_some(), "{name}");
+            let powertools = [POWERTOOLS_JSON, POWERTOOLS_BASE64, POWERTOOLS_BASE64_GZIP];
+            if cfg!(feature = "jmespath-functions") || powertools.contains(&name) {
+                assert!(RUNTIME.get_function(name).is_some(), "{name}");
+            }
         }
     }
 
@@ -1206,21 +1259,29 @@ mod properties {
         "a || b",
         "a && !c",
         "a == b",
-        "length(a) > `1`",
-        "not_null(a, b)",
-        "sort_by(a, &b)",
-        "max_by(a, &c)",
-        "keys(@)",
         "*",
         "@",
         "[*].a",
-        "to_string(a)",
         "[?a == `1`]",
-        "values(a)",
         "a.*",
         "c[1:2]",
         "\"a\"",
         "d.c || d",
+        #[cfg(feature = "jmespath-functions")]
+        "length(a) > `1`",
+        #[cfg(feature = "jmespath-functions")]
+        "not_null(a, b)",
+        #[cfg(feature = "jmespath-functions")]
+        "sort_by(a, &b)",
+        #[cfg(feature = "jmespath-functions")]
+        "max_by(a, &c)",
+        #[cfg(feature = "jmespath-functions")]
+        "keys(@)",
+        #[cfg(feature = "jmespath-functions")]
+        "to_string(a)",
+        #[cfg(feature = "jmespath-functions")]
+        "values(a)",
+        #[cfg(feature = "jmespath-functions")]
         "type(b)",
     ];
 
@@ -1242,7 +1303,9 @@ mod properties {
             Some(vec!["body".into()])
         );
         assert_eq!(fields("[b, a.x, b]"), Some(vec!["a".into(), "b".into()]));
+        #[cfg(feature = "jmespath-functions")]
         assert_eq!(fields("sort_by(a, &b)"), Some(vec!["a".into()]));
+        #[cfg(feature = "jmespath-functions")]
         assert_eq!(fields("keys(@)"), None);
         assert_eq!(fields("*"), None);
         assert_eq!(fields("[?a == `1`]"), None);
@@ -1264,7 +1327,8 @@ mod properties {
         );
         assert!(calls("powertools_json(body)").is_empty());
         assert!(calls("powertools_json(body).*").is_empty());
-        assert!(calls("length(powertools_json(body))").is_empty());
+        // An index reads no field of an object (and an array is parsed whole).
+        assert_eq!(calls("powertools_json(body)[0]"), [Vec::<String>::new()]);
     }
 
     /// Expressions over a document embedded as text in field `j`.
@@ -1276,8 +1340,9 @@ mod properties {
         "powertools_json(j).*",
         "powertools_json(j).a || powertools_json(j).b",
         "powertools_json(j).a[0]",
-        "length(powertools_json(j))",
         "powertools_json(j)[0]",
+        #[cfg(feature = "jmespath-functions")]
+        "length(powertools_json(j))",
     ];
 
     proptest! {
@@ -1355,7 +1420,12 @@ mod properties {
 
         #[test]
         fn hostile_strings_under_powertools_functions_never_panic(text in ".{0,64}") {
-            for f in [POWERTOOLS_JSON, POWERTOOLS_BASE64, POWERTOOLS_BASE64_GZIP] {
+            for f in [
+                POWERTOOLS_JSON,
+                POWERTOOLS_BASE64,
+                #[cfg(feature = "gzip")]
+                POWERTOOLS_BASE64_GZIP,
+            ] {
                 let path = JsonPath::compile(&format!("{f}(d)")).expect("valid");
                 let _ = path.search(&json!({ "d": text }));
             }
@@ -1368,10 +1438,13 @@ mod properties {
         assert_eq!(hash_value(&json!({ "s": huge })).len(), 64);
         let path = JsonPath::compile("powertools_json(s)").expect("valid");
         assert!(path.search(&json!({ "s": huge })).is_err());
-        let gzip = JsonPath::compile("powertools_base64_gzip(s)").expect("valid");
-        let not_gzip = base64::engine::general_purpose::STANDARD.encode("not gzip");
-        assert!(gzip.search(&json!({ "s": not_gzip })).is_err());
-        assert!(gzip.search(&json!({ "s": "%%%" })).is_err());
+        #[cfg(feature = "gzip")]
+        {
+            let gzip = JsonPath::compile("powertools_base64_gzip(s)").expect("valid");
+            let not_gzip = base64::engine::general_purpose::STANDARD.encode("not gzip");
+            assert!(gzip.search(&json!({ "s": not_gzip })).is_err());
+            assert!(gzip.search(&json!({ "s": "%%%" })).is_err());
+        }
         let big = JsonPath::compile("powertools_json(s)").expect("valid");
         let result = big.search(&json!({ "s": "[1e400]" }));
         #[cfg(feature = "exact-numbers")]

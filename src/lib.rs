@@ -42,6 +42,9 @@
 //! | `outbox-sqs` | delivery of [`OutboxMessage::Sqs`] (`Dispatcher::with_sqs`) |
 //! | `outbox-http` | delivery of [`OutboxMessage::Http`] (`Dispatcher::with_http`) |
 //! | `exact-numbers` | keys exact for any JSON number (serde_json `arbitrary_precision`) |
+//! | `gzip` | `powertools_base64_gzip` in key expressions (flate2) |
+//! | `jmespath-functions` | JMESPath's standard functions (`length`, `join`, ...) in key expressions |
+//! | `powertools-compat` | record ids as Powertools for Python derives them |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
