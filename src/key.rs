@@ -879,6 +879,8 @@ mod tests {
             "to_string(`1`)",
             #[cfg(feature = "gzip")]
             "powertools_json(powertools_base64_gzip(d)).id",
+            "powertools_json(powertools_base64(d)).id",
+            "[a, b.c]",
         ] {
             JsonPath::compile(expression).expect(expression);
         }
