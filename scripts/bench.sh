@@ -8,4 +8,4 @@ cd "$root"
 AWS_ENDPOINT_URL="$(bash localstack/ensure.sh)"
 export AWS_ENDPOINT_URL
 cargo bench --locked --bench idempotency
-cargo bench --locked --bench dynamodb --features sqs
+cargo bench --locked --bench dynamodb --features sqs,outbox

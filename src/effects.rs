@@ -4,6 +4,7 @@
 
 use crate::error::{Error, IdempotencyError};
 use crate::key::hash_value;
+#[cfg(feature = "outbox")]
 use crate::outbox::OutboxMessage;
 use crate::store::{IdempotencyStore, StepJournal, StepRecord};
 use serde::de::DeserializeOwned;
@@ -86,6 +87,7 @@ struct State {
     /// Whether a step's closure was called: its effect may have happened, so the
     /// execution must be resumable (its record kept) even if nothing was journaled.
     attempted: bool,
+    #[cfg(feature = "outbox")]
     staged: Vec<(String, OutboxMessage)>,
 }
 
@@ -241,6 +243,8 @@ impl Effects {
     }
 
     /// The invocation's outbox: messages delivered after the response is committed.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn outbox(&self) -> Outbox<'_> {
         Outbox { effects: self }
     }
@@ -251,6 +255,7 @@ impl Effects {
     }
 
     /// The staged messages as outbox records of this execution, emptying the outbox.
+    #[cfg(feature = "outbox")]
     pub(crate) fn take_staged(&self) -> Vec<(String, String, OutboxMessage)> {
         std::mem::take(&mut self.state().staged)
             .into_iter()
@@ -274,10 +279,12 @@ impl Effects {
 }
 
 /// Stages messages for delivery after commit; see [`Effects::outbox`].
+#[cfg(feature = "outbox")]
 pub struct Outbox<'a> {
     effects: &'a Effects,
 }
 
+#[cfg(feature = "outbox")]
 impl std::fmt::Debug for Outbox<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
@@ -287,6 +294,7 @@ impl std::fmt::Debug for Outbox<'_> {
     }
 }
 
+#[cfg(feature = "outbox")]
 impl Outbox<'_> {
     /// Stages `message`. It is written with the completed record, in one
     /// transaction, and delivered after that with its derived key (returned here),

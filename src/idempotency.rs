@@ -5,6 +5,7 @@ use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
 use crate::key::{hex, rounded_integer, JsonPath};
+#[cfg(feature = "outbox")]
 use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, StoreError};
@@ -71,6 +72,7 @@ struct Inner<S> {
     /// Completed records, shared: a cached replay copies no record.
     cache: Option<Mutex<LruCache<String, Arc<IdempotencyRecord>>>>,
     function_name: String,
+    #[cfg(feature = "outbox")]
     dispatcher: OnceLock<Dispatcher>,
     /// Key prefixes taken by wrapped handlers and layers.
     claims: Mutex<HashMap<String, Claimant>>,
@@ -154,6 +156,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 config,
                 cache,
                 function_name,
+                #[cfg(feature = "outbox")]
                 dispatcher: OnceLock::new(),
                 claims: Mutex::default(),
             }),
@@ -164,6 +167,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// with `dispatcher`. Without one, committed messages wait for the
     /// [`Relay`](crate::Relay). Set once, before the first invocation; later calls
     /// keep the first dispatcher.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn with_dispatcher(self, dispatcher: Dispatcher) -> Self {
         if self.inner.dispatcher.set(dispatcher).is_err() {
             tracing::warn!("a dispatcher was already set; keeping the first");
@@ -182,6 +187,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 
     /// A relay delivering this store's pending outbox messages with `dispatcher`.
+    #[cfg(feature = "outbox")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn relay(&self, dispatcher: Dispatcher) -> Relay<S> {
         Relay::shared(Arc::clone(&self.inner.store), dispatcher)
     }
@@ -417,7 +424,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .scope(async move { handler(event).await })
             .await
             .map_err(Error::Handler)?;
-        let staged = effects.take_staged();
+        #[cfg(feature = "outbox")]
+        self.deliver_unprotected(effects.take_staged()).await;
+        Ok(Executed::ran(response))
+    }
+
+    /// An unprotected call's outbox: delivered now, once, or lost (logged).
+    #[cfg(feature = "outbox")]
+    async fn deliver_unprotected(&self, staged: Vec<(String, String, outbox::OutboxMessage)>) {
         match (self.inner.dispatcher.get(), staged.is_empty()) {
             (_, true) => {}
             (Some(dispatcher), false) => {
@@ -432,7 +446,6 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 "an unprotected call staged outbox messages but no dispatcher is set; they are lost"
             ),
         }
-        Ok(Executed::ran(response))
     }
 
     /// How long the reservation holds: until the Lambda deadline, or for the
@@ -597,13 +610,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
             ..reservation
         };
         let store = &*self.inner.store;
-        // A failed handler's staged messages are dropped with it.
-        let staged = if is_error {
-            Vec::new()
-        } else {
-            effects.take_staged()
+        // The messages the handler staged; a failed handler's are dropped with it.
+        #[cfg(feature = "outbox")]
+        let outbox = match is_error {
+            true => Vec::new(),
+            false => outbox::records(record.expiration, effects.take_staged())?,
         };
-        let outbox = outbox::records(record.expiration, staged)?;
+        #[cfg(not(feature = "outbox"))]
+        let outbox: Vec<crate::store::OutboxRecord> = Vec::new();
         let committed = match (outbox.is_empty(), store.outbox()) {
             (true, _) => store.complete(&record).await,
             (false, Some(outbox_store)) => outbox_store.commit(&record, &outbox).await,
@@ -647,6 +661,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 return Err(err.into());
             }
         }
+        #[cfg(feature = "outbox")]
         if let (Some(dispatcher), Some(outbox_store)) =
             (self.inner.dispatcher.get(), store.outbox())
         {

@@ -1016,27 +1016,30 @@ async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_w
     );
     assert_eq!(effect_runs.get(), 0);
 
-    // Staged messages cannot be committed: refused, nothing kept, key released.
-    let with_outbox = idempotency.function("with_outbox", |order: Value| async move {
-        let effects = lambda_idempotency::effects()?;
-        effects
-            .outbox()
-            .push(lambda_idempotency::OutboxMessage::Custom {
-                sink: "audit".into(),
-                payload: order.clone(),
-            });
-        Ok::<_, Error<std::io::Error>>(order)
-    });
-    let refused = with_outbox.call(json!({"order_id": "outbox"}), None).await;
-    assert!(
-        matches!(
-            refused,
-            Err(Error::Idempotency(IdempotencyError::Unsupported {
-                missing: "outbox"
-            }))
-        ),
-        "{refused:?}"
-    );
+    #[cfg(feature = "outbox")]
+    {
+        // Staged messages cannot be committed: refused, nothing kept, key released.
+        let with_outbox = idempotency.function("with_outbox", |order: Value| async move {
+            let effects = lambda_idempotency::effects()?;
+            effects
+                .outbox()
+                .push(lambda_idempotency::OutboxMessage::Custom {
+                    sink: "audit".into(),
+                    payload: order.clone(),
+                });
+            Ok::<_, Error<std::io::Error>>(order)
+        });
+        let refused = with_outbox.call(json!({"order_id": "outbox"}), None).await;
+        assert!(
+            matches!(
+                refused,
+                Err(Error::Idempotency(IdempotencyError::Unsupported {
+                    missing: "outbox"
+                }))
+            ),
+            "{refused:?}"
+        );
+    }
     // Only the plain handler's completed record is left: both refusals released theirs.
     assert_eq!(memory.len(), 1);
 }

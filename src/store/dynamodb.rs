@@ -1,12 +1,11 @@
-use super::{
-    check_limits, BoxFuture, IdempotencyStore, OutboxRecord, OutboxStore, StepJournal, StepRecord,
-    StoreError,
-};
+use super::{check_limits, BoxFuture, IdempotencyStore, StepJournal, StepRecord, StoreError};
+#[cfg(feature = "outbox")]
+use super::{OutboxRecord, OutboxStore};
 use crate::record::{IdempotencyRecord, Status};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{
-    AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+#[cfg(feature = "outbox")]
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 
@@ -410,6 +409,7 @@ impl IdempotencyStore for DynamoDbStore {
         Some(self)
     }
 
+    #[cfg(feature = "outbox")]
     fn outbox(&self) -> Option<&dyn OutboxStore> {
         Some(self)
     }
@@ -436,6 +436,7 @@ impl StepJournal for DynamoDbStore {
     }
 }
 
+#[cfg(feature = "outbox")]
 impl OutboxStore for DynamoDbStore {
     fn commit<'a>(
         &'a self,
@@ -483,7 +484,9 @@ fn item_bytes(item: &Item) -> usize {
 
 /// `status` values of journal and outbox items (records use `INPROGRESS`/`COMPLETED`).
 const STEP: &str = "STEP";
+#[cfg(feature = "outbox")]
 const PENDING: &str = "PENDING";
+#[cfg(feature = "outbox")]
 const DELIVERED: &str = "DELIVERED";
 
 impl DynamoDbStore {
@@ -527,6 +530,33 @@ impl DynamoDbStore {
         }
     }
 
+    fn parse_step(&self, key: &str, item: &Item) -> Result<StepRecord, StoreError> {
+        let n = &self.names;
+        let read = Attributes { key, item };
+        Ok(StepRecord {
+            key: key.to_owned(),
+            name: read.string(&n.step)?,
+            data: read.string(&n.data)?,
+            expiration: read.number(&n.expiration)?,
+        })
+    }
+
+    async fn get_item(&self, key: &str) -> Result<Option<Item>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.primary_key(key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| backend("GetItem", e))?;
+        Ok(output.item().cloned())
+    }
+}
+
+#[cfg(feature = "outbox")]
+impl DynamoDbStore {
     async fn mark_delivered_item(&self, key: &str) -> Result<(), StoreError> {
         self.client
             .update_item()
@@ -658,17 +688,6 @@ impl DynamoDbStore {
         })
     }
 
-    fn parse_step(&self, key: &str, item: &Item) -> Result<StepRecord, StoreError> {
-        let n = &self.names;
-        let read = Attributes { key, item };
-        Ok(StepRecord {
-            key: key.to_owned(),
-            name: read.string(&n.step)?,
-            data: read.string(&n.data)?,
-            expiration: read.number(&n.expiration)?,
-        })
-    }
-
     /// Whether a scanned item belongs to this store (composite layout: its partition).
     fn is_own(&self, item: &Item) -> bool {
         match &self.layout {
@@ -678,18 +697,5 @@ impl DynamoDbStore {
                 partition_value,
             } => item.get(partition_key).and_then(|v| v.as_s().ok()) == Some(partition_value),
         }
-    }
-
-    async fn get_item(&self, key: &str) -> Result<Option<Item>, StoreError> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .set_key(Some(self.primary_key(key)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| backend("GetItem", e))?;
-        Ok(output.item().cloned())
     }
 }

@@ -1,6 +1,7 @@
+#[cfg(feature = "outbox")]
+use super::OutboxStore;
 use super::{
-    check_limits, BoxFuture, IdempotencyStore, OutboxRecord, OutboxStore, StepJournal, StepRecord,
-    StoreError,
+    check_limits, BoxFuture, IdempotencyStore, OutboxRecord, StepJournal, StepRecord, StoreError,
 };
 use crate::record::IdempotencyRecord;
 use std::collections::HashMap;
@@ -111,6 +112,7 @@ impl IdempotencyStore for MemoryStore {
         Some(self)
     }
 
+    #[cfg(feature = "outbox")]
     fn outbox(&self) -> Option<&dyn OutboxStore> {
         Some(self)
     }
@@ -139,6 +141,7 @@ impl StepJournal for MemoryStore {
     }
 }
 
+#[cfg(feature = "outbox")]
 impl OutboxStore for MemoryStore {
     fn commit<'a>(
         &'a self,

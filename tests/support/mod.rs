@@ -154,6 +154,7 @@ impl Audit {
     }
 }
 
+#[cfg(feature = "outbox")]
 impl lambda_idempotency::Sink for Audit {
     fn deliver<'a>(
         &'a self,
