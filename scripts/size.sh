@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # What the crate adds to a minimal Lambda function (issue 9's targets): builds the
-# same function with and without the idempotency wrapper (default features),
+# same function with and without the idempotency wrapper (default features), and
+# a third that writes one DynamoDB item itself (`put`: any function that uses
+# DynamoDB already links the SDK's request pipeline and a PutItem),
 # each from a clean target dir in release with `strip = true`, and prints CPU
 # time (user + sys: steadier than wall time on a shared machine), the stripped
 # binary's size and the number of crates in `cargo tree -e normal`.
-# Takes about 2 x 6 minutes of CPU on 2 cores. Not part of the test command.
+# Takes about 3 x 6 minutes of CPU on 2 cores. Not part of the test command.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d)"
@@ -30,8 +32,9 @@ strip = true
 TOML
 }
 
-mkdir -p "$work/without/src" "$work/with/src"
+mkdir -p "$work/without/src" "$work/with/src" "$work/put/src"
 manifest "" >"$work/without/Cargo.toml"
+manifest "" >"$work/put/Cargo.toml"
 manifest "lambda-idempotency = { path = \"$root\" }" >"$work/with/Cargo.toml"
 cat >"$work/without/src/main.rs" <<'RS'
 use lambda_runtime::{service_fn, Error, LambdaEvent};
@@ -67,7 +70,33 @@ async fn main() -> Result<(), Error> {
 }
 RS
 
-for variant in without with; do
+cat >"$work/put/src/main.rs" <<'RS'
+use aws_sdk_dynamodb::types::AttributeValue;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use serde_json::{json, Value};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let sdk = aws_config::load_from_env().await;
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| {
+        let client = client.clone();
+        async move {
+            let order = event.payload["order_id"].as_str().unwrap_or_default().to_owned();
+            client
+                .put_item()
+                .table_name("orders")
+                .item("id", AttributeValue::S(order.clone()))
+                .send()
+                .await?;
+            Ok::<_, Error>(json!({ "order": order }))
+        }
+    }))
+    .await
+}
+RS
+
+for variant in without put with; do
   cd "$work/$variant"
   /usr/bin/time -f "$variant: build CPU %U s user + %S s sys, wall %e s" \
     env -u CARGO_TARGET_DIR cargo build --release --quiet 2>&1 | tail -n 1

@@ -35,6 +35,9 @@ done
 step "cargo clippy --workspace --all-targets --features $sources_and_sinks, and --all-features"
 cargo clippy --workspace --all-targets --locked --features "$sources_and_sinks" -- -D warnings
 cargo clippy --all-targets --locked --all-features -- -D warnings
+step "cargo doc, default features and all: no broken links"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --all-features
 step "cargo test --features $sources_and_sinks (against LocalStack at $AWS_ENDPOINT_URL)"
 cargo test --all-targets --locked --features "$sources_and_sinks"
 cargo test --doc --locked --features "$sources_and_sinks"

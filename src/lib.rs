@@ -35,7 +35,7 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `outbox` | [`Effects::outbox`], `OutboxMessage`, `Dispatcher`, custom `Sink`s, the `Relay` |
+//! | `outbox` | `Effects::outbox`, `OutboxMessage`, `Dispatcher`, custom `Sink`s, the `Relay` |
 //! | `sqs` | `SqsBatch`: SQS batches with partial batch failures |
 //! | `streams` | `StreamBatch`: DynamoDB Streams and Kinesis; with `outbox`, `Relay::process_dynamodb` |
 //! | `apigw` | `HttpIdempotency`: API Gateway `Idempotency-Key` semantics |

@@ -9,7 +9,7 @@
 //! - [`StepJournal`]: the results of a handler's steps, so a retry does not redo
 //!   them ([`Effects::step`](crate::Effects::step)).
 //! - [`OutboxStore`]: messages committed with the completed record and delivered
-//!   after it ([`Outbox::push`](crate::Outbox::push), the [`Relay`](crate::Relay)).
+//!   after it (`Outbox::push` and the `Relay`, feature `outbox`).
 //!
 //! A store offers the other two through [`IdempotencyStore::journal`] and
 //! [`IdempotencyStore::outbox`]; without them a step or a staged message fails
@@ -27,7 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 /// A boxed future: what the [`StepJournal`], [`OutboxStore`] and
-/// [`Sink`](crate::Sink) methods return, so that they can be used as `dyn`.
+/// `Sink` methods return, so that they can be used as `dyn`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a store refused or failed an operation.
@@ -110,7 +110,7 @@ pub struct OutboxRecord {
     pub key: String,
     /// The key the receiver dedupes on, stable across retries.
     pub derived_key: String,
-    /// The [`OutboxMessage`](crate::OutboxMessage) as JSON.
+    /// The `OutboxMessage` as JSON.
     pub message: String,
     /// Whether a dispatcher has delivered it.
     pub delivered: bool,
