@@ -70,7 +70,7 @@ struct Inner<S> {
     store: Arc<S>,
     config: IdempotencyConfig,
     /// Completed records, shared: a cached replay copies no record.
-    cache: Option<Mutex<LruCache<String, Arc<IdempotencyRecord>>>>,
+    cache: Option<Mutex<LruCache<String, Arc<Cached>>>>,
     function_name: String,
     #[cfg(feature = "outbox")]
     dispatcher: OnceLock<Dispatcher>,
@@ -286,9 +286,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
             async move {
                 // 2. A completed record in this execution environment: no request at all.
                 let now = now_ms();
-                if let Some(record) = self.cached(&key, now) {
+                if let Some(cached) = self.cached(&key, now) {
                     return self
-                        .replay(&record, validation.as_deref())
+                        .replay_cached(&cached, validation.as_deref())
                         .map(|response| Executed {
                             response,
                             replayed: true,
@@ -707,11 +707,11 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
-    fn cached(&self, key: &str, now: i64) -> Option<Arc<IdempotencyRecord>> {
+    fn cached(&self, key: &str, now: i64) -> Option<Arc<Cached>> {
         let cache = self.inner.cache.as_ref()?;
         let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(key) {
-            Some(record) if !record.is_expired(now) => Some(Arc::clone(record)),
+            Some(cached) if !cached.record.is_expired(now) => Some(Arc::clone(cached)),
             Some(_) => {
                 cache.pop(key);
                 None
@@ -723,12 +723,50 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// Keeps a completed record for replays from this execution environment.
     fn remember(&self, record: IdempotencyRecord) {
         if let (Some(cache), Status::Completed) = (&self.inner.cache, record.status) {
-            cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .put(record.key.clone(), Arc::new(record));
+            cache.lock().unwrap_or_else(|p| p.into_inner()).put(
+                record.key.clone(),
+                Arc::new(Cached {
+                    record,
+                    response: OnceLock::new(),
+                }),
+            );
         }
     }
+
+    /// A replay from the local cache: the stored response is parsed once, on the
+    /// first cached replay, and later replays read the parsed value.
+    fn replay_cached<R: DeserializeOwned, E>(
+        &self,
+        cached: &Cached,
+        validation: Option<&str>,
+    ) -> Result<R, Error<E>> {
+        let record = &cached.record;
+        let parsed = cached.response.get_or_init(|| {
+            let data = record.data.as_deref()?;
+            serde_json::from_str(data).ok()
+        });
+        // Hooks, stored errors and malformed data take the full path.
+        let (Some(value), None, false) = (parsed, &self.inner.config.on_replay, record.is_error)
+        else {
+            return self.replay(record, validation);
+        };
+        check_payload(record, validation)?;
+        tracing::Span::current().record("replayed", true);
+        tracing::debug!("replaying the stored response");
+        R::deserialize(value).map_err(|source| {
+            IdempotencyError::Serialization {
+                key: record.key.clone(),
+                source,
+            }
+            .into()
+        })
+    }
+}
+
+/// A completed record in the local cache, with its response once parsed.
+struct Cached {
+    record: IdempotencyRecord,
+    response: OnceLock<Option<Value>>,
 }
 
 /// Whether the reservation was ours, or a completed record is to be replayed.

@@ -494,13 +494,21 @@ async fn the_local_cache_serves_replays_without_a_store_request() {
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
-    invoke(&mut service, json!({"order_id": "c-1"}))
+    let first = invoke(&mut service, json!({"order_id": "c-1"}))
         .await
         .expect("first");
     assert_eq!(store.calls.get(), 2, "reserve + complete");
-    invoke(&mut service, json!({"order_id": "c-1"}))
-        .await
-        .expect("cached replay");
+    // The first cached replay parses the stored response, later ones reuse it:
+    // both give the response byte for byte.
+    for _ in 0..2 {
+        let replay = invoke(&mut service, json!({"order_id": "c-1"}))
+            .await
+            .expect("cached replay");
+        assert_eq!(
+            serde_json::to_vec(&replay).expect("json"),
+            serde_json::to_vec(&first).expect("json")
+        );
+    }
     assert_eq!(store.calls.get(), 2, "served from the cache");
 
     // Capacity 2: the least recently used record leaves the cache.
