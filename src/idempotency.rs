@@ -4,7 +4,7 @@
 use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
-use crate::key::{hex, rounded_integer, JsonPath};
+use crate::key::{hex, rounded_integer, share_parses, JsonPath};
 #[cfg(feature = "outbox")]
 use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
@@ -390,16 +390,22 @@ impl<S: IdempotencyStore> Idempotency<S> {
             }
         };
         let search = |path: &JsonPath| path.search(json).map_err(IdempotencyError::InvalidEvent);
-        let material = match (&config.key, source_default) {
-            (KeySource::Event, None) => None,
-            (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => {
-                Some(search(path)?)
-            }
-            (KeySource::Closure { f, event_type }, _) => {
-                Some(closure_material(f.as_ref(), event_type, event)?)
-            }
+        let key_path = match (&config.key, source_default) {
+            (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => Some(path),
+            _ => None,
         };
-        let validation = config.validation.as_ref().map(search).transpose()?;
+        let paths: Vec<&JsonPath> = key_path.into_iter().chain(&config.validation).collect();
+        let (material, validation) = share_parses(&paths, || {
+            let material = match (&config.key, key_path) {
+                (_, Some(path)) => Some(search(path)?),
+                (KeySource::Closure { f, event_type }, None) => {
+                    Some(closure_material(f.as_ref(), event_type, event)?)
+                }
+                _ => None,
+            };
+            let validation = config.validation.as_ref().map(search).transpose()?;
+            Ok::<_, IdempotencyError>((material, validation))
+        })?;
         hashed(
             material.as_ref().unwrap_or(json),
             validation.as_ref(),

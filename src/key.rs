@@ -37,7 +37,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
                             .map(|(_, fields)| fields.as_slice());
                         match fields {
                             Some(fields) if text.trim_start().starts_with('{') => {
-                                parse_fields(text, fields)
+                                parse_fields_shared(text, fields)
                             }
                             _ => parse_variable(text),
                         }
@@ -104,6 +104,50 @@ thread_local! {
     /// the document it parses, by the call's offset in the expression.
     static JSON_FIELDS: std::cell::RefCell<Option<CallFields>> =
         const { std::cell::RefCell::new(None) };
+    /// During [`share_parses`]: the fields any of its searches reads from an
+    /// embedded document, and the documents parsed so far, by text.
+    static SHARED: std::cell::RefCell<Option<(Vec<String>, Vec<(String, Rcvar)>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, the searches of one event with `paths`, parsing each embedded
+/// document that they read field by field once between them (the key and the
+/// validation expressions usually both read `powertools_json(body)`). Each
+/// document is parsed with the fields all of them read: a search that reads
+/// only some fields finds what it would in a document of just those.
+pub(crate) fn share_parses<R>(paths: &[&JsonPath], f: impl FnOnce() -> R) -> R {
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            SHARED.set(None);
+        }
+    }
+    let fields: Vec<String> = paths
+        .iter()
+        .flat_map(|path| path.json_fields.iter())
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .collect();
+    if fields.is_empty() {
+        return f();
+    }
+    SHARED.set(Some((sorted(fields), Vec::new())));
+    let _forget = Forget;
+    f()
+}
+
+/// [`parse_fields`], through the documents [`share_parses`] keeps, if it runs.
+fn parse_fields_shared(text: &str, fields: &[String]) -> Result<Rcvar, serde_json::Error> {
+    SHARED.with_borrow_mut(|shared| match shared {
+        None => parse_fields(text, fields),
+        Some((all, parsed)) => {
+            if let Some((_, variable)) = parsed.iter().find(|(seen, _)| seen == text) {
+                return Ok(variable.clone());
+            }
+            let variable = parse_fields(text, all)?;
+            parsed.push((text.to_owned(), variable.clone()));
+            Ok(variable)
+        }
+    })
 }
 
 /// A JSON document as a JMESPath variable, parsed straight into it. serde_json's
@@ -1349,6 +1393,25 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn searches_sharing_parses_find_what_they_find_alone(
+            document in json_value(), other in json_value(),
+            a in any::<prop::sample::Index>(), b in any::<prop::sample::Index>()
+        ) {
+            // Two embedded documents, so that a shared parse must tell them apart.
+            let event = json!({ "j": document.to_string(), "k": other.to_string() });
+            let pick = |at: prop::sample::Index| EMBEDDED_EXPRESSIONS[at.index(EMBEDDED_EXPRESSIONS.len())];
+            let first = JsonPath::compile(pick(a)).expect("valid");
+            let second = JsonPath::compile(&pick(b).replace("(j)", "(k)")).expect("valid");
+            let third = JsonPath::compile(pick(b)).expect("valid");
+            let alone = [first.search(&event), second.search(&event), third.search(&event)];
+            let shared = share_parses(&[&first, &second, &third], || {
+                [first.search(&event), second.search(&event), third.search(&event)]
+            });
+            prop_assert_eq!(shared, alone);
+            prop_assert!(SHARED.with_borrow(Option::is_none));
+        }
 
         #[test]
         fn a_document_read_for_some_fields_gives_what_the_whole_document_gives(
