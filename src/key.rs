@@ -106,9 +106,12 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     /// During [`share_parses`]: the fields any of its searches reads from an
     /// embedded document, and the documents parsed so far, by text.
-    static SHARED: std::cell::RefCell<Option<(Vec<String>, Vec<(String, Rcvar)>)>> =
+    static SHARED: std::cell::RefCell<Option<SharedParses>> =
         const { std::cell::RefCell::new(None) };
 }
+
+/// The fields read from embedded documents, and the documents parsed, by text.
+type SharedParses = (Vec<String>, Vec<(String, Rcvar)>);
 
 /// Runs `f`, the searches of one event with `paths`, parsing each embedded
 /// document that they read field by field once between them (the key and the
