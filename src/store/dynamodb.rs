@@ -405,17 +405,26 @@ impl IdempotencyStore for DynamoDbStore {
             .transpose()
     }
 
+    // `#[inline]` on the methods below that box an SDK future, and on the
+    // coercions to `dyn`: a non-generic function boxing the future instantiates the
+    // SDK's orchestrator (its futures are only instantiated where polled) in this
+    // crate, a second copy next to the one the application's crate instantiates for
+    // `IdempotencyStore`'s futures (some 250 KB). Inline, they are instantiated
+    // where they are used: in the application's crate, with the rest.
+    #[inline]
     fn journal(&self) -> Option<&dyn StepJournal> {
         Some(self)
     }
 
     #[cfg(feature = "outbox")]
+    #[inline]
     fn outbox(&self) -> Option<&dyn OutboxStore> {
         Some(self)
     }
 }
 
 impl StepJournal for DynamoDbStore {
+    #[inline]
     fn put_step<'a>(
         &'a self,
         step: &'a StepRecord,
@@ -423,6 +432,7 @@ impl StepJournal for DynamoDbStore {
         Box::pin(self.put_step_item(step))
     }
 
+    #[inline]
     fn get_step<'a>(
         &'a self,
         key: &'a str,
@@ -438,6 +448,7 @@ impl StepJournal for DynamoDbStore {
 
 #[cfg(feature = "outbox")]
 impl OutboxStore for DynamoDbStore {
+    #[inline]
     fn commit<'a>(
         &'a self,
         record: &'a IdempotencyRecord,
@@ -446,6 +457,7 @@ impl OutboxStore for DynamoDbStore {
         Box::pin(self.commit_with_outbox(record, outbox))
     }
 
+    #[inline]
     fn get_outbox<'a>(
         &'a self,
         key: &'a str,
@@ -458,10 +470,12 @@ impl OutboxStore for DynamoDbStore {
         })
     }
 
+    #[inline]
     fn mark_delivered<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(self.mark_delivered_item(key))
     }
 
+    #[inline]
     fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
         Box::pin(self.scan_pending_outbox())
     }
