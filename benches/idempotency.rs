@@ -87,6 +87,50 @@ fn benches(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    // The same on a small event keyed on a top-level field: the wrapper without
+    // an embedded document to parse or a 2 KB event to drop.
+    let mut group = c.benchmark_group("memory_store_small_event");
+    let small = |order: u64| json!({"order_id": format!("o-{order}"), "amount": 2500});
+    let plain = || {
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .key_prefix("bench")
+    };
+    group.bench_function("unwrapped_handler", |b| {
+        b.to_async(&runtime).iter_batched(
+            || small(1),
+            |e| async { handler(black_box(e)).await },
+            BatchSize::SmallInput,
+        )
+    });
+    group.bench_function("first_execution", |b| {
+        b.to_async(&runtime).iter_batched(
+            || {
+                let config = plain().build().expect("valid config");
+                let idempotency = Idempotency::new(MemoryStore::new(), config);
+                (
+                    idempotency.function("orders", handler),
+                    small(next.fetch_add(1, Ordering::Relaxed)),
+                )
+            },
+            |(f, event)| async move { f.call(event, None).await.expect("runs") },
+            BatchSize::SmallInput,
+        )
+    });
+    let config = plain().local_cache(1024).build().expect("valid config");
+    let f = Idempotency::new(MemoryStore::new(), config).function("orders", handler);
+    runtime
+        .block_on(f.call(small(0), None))
+        .expect("first execution");
+    group.bench_function("replay_from_local_cache", |b| {
+        b.to_async(&runtime).iter_batched(
+            || small(0),
+            |e| async { f.call(black_box(e), None).await.expect("replays") },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
 }
 
 criterion_group!(idempotency, benches);

@@ -111,6 +111,8 @@ pub struct IdempotencyConfig {
     pub(crate) on_replay: Option<Arc<ReplayHook>>,
     pub(crate) max_inflated_bytes: usize,
     pub(crate) key_hash: KeyHash,
+    /// What the key and validation expressions read from embedded documents.
+    pub(crate) embedded_fields: Arc<[String]>,
 }
 
 impl std::fmt::Debug for IdempotencyConfig {
@@ -146,6 +148,7 @@ impl Default for IdempotencyConfig {
             on_replay: None,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
             key_hash: KeyHash::Canonical,
+            embedded_fields: Arc::new([]),
         }
     }
 }
@@ -381,6 +384,15 @@ impl IdempotencyConfigBuilder {
                 "in_progress_timeout must be positive".into(),
             ));
         }
+        let key_path = match &self.config.key {
+            KeySource::Expression(path) => Some(path),
+            _ => None,
+        };
+        let paths: Vec<&JsonPath> = key_path
+            .into_iter()
+            .chain(&self.config.validation)
+            .collect();
+        self.config.embedded_fields = crate::key::embedded_fields(&paths);
         Ok(self.config)
     }
 }

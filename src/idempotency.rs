@@ -394,8 +394,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
             (KeySource::Event, Some(path)) | (KeySource::Expression(path), _) => Some(path),
             _ => None,
         };
-        let paths: Vec<&JsonPath> = key_path.into_iter().chain(&config.validation).collect();
-        let (material, validation) = share_parses(&paths, || {
+        // A source's default key is a plain field: the config's fields are all.
+        let (material, validation) = share_parses(&config.embedded_fields, || {
             let material = match (&config.key, key_path) {
                 (_, Some(path)) => Some(search(path)?),
                 (KeySource::Closure { f, event_type }, None) => {

@@ -111,29 +111,35 @@ thread_local! {
 }
 
 /// The fields read from embedded documents, and the documents parsed, by text.
-type SharedParses = (Vec<String>, Vec<(String, Rcvar)>);
+type SharedParses = (Arc<[String]>, Vec<(String, Rcvar)>);
 
-/// Runs `f`, the searches of one event with `paths`, parsing each embedded
-/// document that they read field by field once between them (the key and the
-/// validation expressions usually both read `powertools_json(body)`). Each
-/// document is parsed with the fields all of them read: a search that reads
-/// only some fields finds what it would in a document of just those.
-pub(crate) fn share_parses<R>(paths: &[&JsonPath], f: impl FnOnce() -> R) -> R {
+/// The fields `paths` read from embedded documents, all together: what
+/// [`share_parses`] parses them with (computed once, with the config).
+pub(crate) fn embedded_fields(paths: &[&JsonPath]) -> Arc<[String]> {
+    let fields: Vec<String> = paths
+        .iter()
+        .flat_map(|path| path.json_fields.iter())
+        .flat_map(|(_, fields)| fields.iter().cloned())
+        .collect();
+    sorted(fields).into()
+}
+
+/// Runs `f`, searches of one event with paths that read `fields` from embedded
+/// documents ([`embedded_fields`]), parsing each document once between them
+/// (the key and the validation expressions usually both read
+/// `powertools_json(body)`). Each document is parsed with all the `fields`: a
+/// search that reads only some finds what it would in a document of just those.
+pub(crate) fn share_parses<R>(fields: &Arc<[String]>, f: impl FnOnce() -> R) -> R {
     struct Forget;
     impl Drop for Forget {
         fn drop(&mut self) {
             SHARED.set(None);
         }
     }
-    let fields: Vec<String> = paths
-        .iter()
-        .flat_map(|path| path.json_fields.iter())
-        .flat_map(|(_, fields)| fields.iter().cloned())
-        .collect();
     if fields.is_empty() {
         return f();
     }
-    SHARED.set(Some((sorted(fields), Vec::new())));
+    SHARED.set(Some((Arc::clone(fields), Vec::new())));
     let _forget = Forget;
     f()
 }
@@ -1409,7 +1415,8 @@ mod properties {
             let second = JsonPath::compile(&pick(b).replace("(j)", "(k)")).expect("valid");
             let third = JsonPath::compile(pick(b)).expect("valid");
             let alone = [first.search(&event), second.search(&event), third.search(&event)];
-            let shared = share_parses(&[&first, &second, &third], || {
+            let fields = embedded_fields(&[&first, &second, &third]);
+            let shared = share_parses(&fields, || {
                 [first.search(&event), second.search(&event), third.search(&event)]
             });
             prop_assert_eq!(shared, alone);
