@@ -7,5 +7,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 AWS_ENDPOINT_URL="$(bash localstack/ensure.sh)"
 export AWS_ENDPOINT_URL
-cargo bench --locked --bench idempotency
+cargo bench --locked --bench idempotency --features sqs
 cargo bench --locked --bench dynamodb --features sqs,outbox
