@@ -296,6 +296,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 }
 
                 // 3. Reserve. A live record comes back with the refusal (one request).
+                // A new execution is named after its first reservation's token.
+                let owner = owner_token();
                 let mut reservation = IdempotencyRecord {
                     key: key.clone(),
                     status: Status::InProgress,
@@ -303,9 +305,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     in_progress_expiration: Some(self.reservation_deadline(call.deadline_ms, now)),
                     data: None,
                     validation: validation.clone(),
-                    owner: owner_token(),
+                    execution: owner.clone(),
+                    owner,
                     is_error: false,
-                    execution: owner_token(),
                 };
                 let resumed = match self.reserve(&mut reservation).await? {
                     Reserved::Ours { resumed } => resumed,

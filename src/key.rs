@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::io::Read as _;
 use std::sync::{Arc, LazyLock};
 
+mod direct;
 mod number;
 #[cfg(feature = "powertools-compat")]
 pub(crate) mod powertools;
@@ -134,12 +135,14 @@ pub(crate) fn share_parses<R>(fields: &Arc<[String]>, f: impl FnOnce() -> R) -> 
     impl Drop for Forget {
         fn drop(&mut self) {
             SHARED.set(None);
+            direct::share(None);
         }
     }
     if fields.is_empty() {
         return f();
     }
     SHARED.set(Some((Arc::clone(fields), Vec::new())));
+    direct::share(Some(fields));
     let _forget = Forget;
     f()
 }
@@ -341,6 +344,8 @@ pub(crate) struct JsonPath {
     root_fields: Option<Vec<String>>,
     /// Likewise for the documents `powertools_json` parses, by call site.
     json_fields: CallFields,
+    /// The expression evaluated on the event in place, when it has a simple shape.
+    direct: Option<direct::Direct>,
 }
 
 impl std::fmt::Debug for JsonPath {
@@ -365,11 +370,13 @@ impl JsonPath {
         check_ast(compiled.as_ast())?;
         let root_fields = root_fields(compiled.as_ast()).map(sorted);
         let json_fields = json_fields(compiled.as_ast()).into();
+        let direct = direct::Direct::compile(compiled.as_ast());
         Ok(Self {
             expression: compiled,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
             root_fields,
             json_fields,
+            direct,
         })
     }
 
@@ -385,7 +392,11 @@ impl JsonPath {
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
-        let root = self.root_variable(data)?;
+        self.check_depth(data)?;
+        if let Some(found) = self.direct.as_ref().and_then(|direct| direct.search(data)) {
+            return Ok(found);
+        }
+        let root = self.root_variable(data);
         let scope = SearchScope::enter(self.max_inflated_bytes, &self.json_fields);
         let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
         let found = jmespath::interpret(&root, self.expression.as_ast(), &mut ctx)
@@ -393,23 +404,36 @@ impl JsonPath {
         serde_json::to_value(&*found).map_err(|e| e.to_string())
     }
 
+    /// Refuses an event nested deeper than [`MAX_DATA_DEPTH`] where the expression
+    /// reads it (conversion and cloning recurse).
+    fn check_depth(&self, data: &Value) -> Result<(), String> {
+        let too_deep = match (&self.root_fields, data) {
+            (Some(fields), Value::Object(map)) => fields
+                .iter()
+                .filter_map(|field| map.get(field))
+                .any(|value| depth_exceeds(value, MAX_DATA_DEPTH - 1)),
+            _ => depth_exceeds(data, MAX_DATA_DEPTH),
+        };
+        match too_deep {
+            true => Err(format!(
+                "the event is nested more than {MAX_DATA_DEPTH} levels deep"
+            )),
+            false => Ok(()),
+        }
+    }
+
     /// The event as a JMESPath variable: of an object, only the fields the
-    /// expression can read (the same result, without copying the rest).
-    fn root_variable(&self, data: &Value) -> Result<Rcvar, String> {
-        let too_deep = || format!("the event is nested more than {MAX_DATA_DEPTH} levels deep");
+    /// expression can read (the same result, without copying the rest). Called
+    /// after [`check_depth`](Self::check_depth).
+    fn root_variable(&self, data: &Value) -> Rcvar {
         match (&self.root_fields, data) {
-            (Some(fields), Value::Object(map)) => {
-                let mut object = std::collections::BTreeMap::new();
-                for (name, value) in fields.iter().filter_map(|f| Some((f, map.get(f)?))) {
-                    if depth_exceeds(value, MAX_DATA_DEPTH - 1) {
-                        return Err(too_deep());
-                    }
-                    object.insert(name.clone(), to_variable(value));
-                }
-                Ok(Rcvar::new(Variable::Object(object)))
-            }
-            _ if depth_exceeds(data, MAX_DATA_DEPTH) => Err(too_deep()),
-            _ => Ok(to_variable(data)),
+            (Some(fields), Value::Object(map)) => Rcvar::new(Variable::Object(
+                fields
+                    .iter()
+                    .filter_map(|field| Some((field.clone(), to_variable(map.get(field)?))))
+                    .collect(),
+            )),
+            _ => to_variable(data),
         }
     }
 }
@@ -746,6 +770,14 @@ fn depth_exceeds(value: &Value, limit: usize) -> bool {
 /// The number's exact canonical text (see [`number`]). serde_json only holds
 /// valid JSON numbers, so the fallback to its own text never runs in practice.
 fn canonical_number(n: &serde_json::Number) -> String {
+    // An integer of 64 bits is its own canonical text (at most 20 digits, written
+    // plainly); `-0` reads as 0.
+    if let Some(i) = n.as_i64() {
+        return i.to_string();
+    }
+    if let Some(u) = n.as_u64() {
+        return u.to_string();
+    }
     let text = n.to_string();
     number::canonical_number(&text).unwrap_or(text)
 }
@@ -1322,6 +1354,12 @@ mod properties {
         "c[1:2]",
         "\"a\"",
         "d.c || d",
+        "a.[b, c]",
+        "[[a, b], {x: c.d}]",
+        "a.b.c.d",
+        "powertools_json(a)",
+        "powertools_json(a).b",
+        "[a, powertools_json(b).c]",
         #[cfg(feature = "jmespath-functions")]
         "length(a) > `1`",
         #[cfg(feature = "jmespath-functions")]
@@ -1345,9 +1383,46 @@ mod properties {
         let whole = JsonPath {
             root_fields: None,
             json_fields: Arc::new([]),
+            direct: None,
             ..path.clone()
         };
         whole.search(data)
+    }
+
+    #[test]
+    fn simple_shapes_are_evaluated_in_place_and_others_by_jmespath() {
+        let event = json!({"body": "{\"order_id\": \"o-1\", \"amount\": 5, \"items\": [1, 2]}",
+                           "a": {"b": 1}});
+        for (expression, expected) in [
+            ("powertools_json(body).order_id", json!("o-1")),
+            (
+                "powertools_json(body).[amount, order_id]",
+                json!([5, "o-1"]),
+            ),
+            ("[a.b, missing]", json!([1, null])),
+            ("{x: a.b}", json!({"x": 1})),
+            ("missing.[a, b]", json!(null)),
+        ] {
+            let path = JsonPath::compile(expression).expect("valid");
+            let direct = path.direct.as_ref().expect("a simple shape");
+            assert_eq!(
+                direct.search(&event),
+                Some(expected.clone()),
+                "{expression}"
+            );
+            assert_eq!(path.search(&event), Ok(expected), "{expression}");
+        }
+        // Not JSON, or not a string: jmespath decides, with its error.
+        let path = JsonPath::compile("powertools_json(a).b").expect("valid");
+        assert_eq!(path.direct.as_ref().and_then(|d| d.search(&event)), None);
+        assert!(path.search(&event).is_err());
+        for other in ["a || b", "a[0]", "@", "length(a)"] {
+            let compiled = JsonPath::compile(other);
+            assert!(
+                compiled.map_or(true, |path| path.direct.is_none()),
+                "{other}"
+            );
+        }
     }
 
     #[test]
@@ -1402,6 +1477,16 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn integers_take_the_short_way_to_the_same_canonical_text(i in any::<i64>(), u in any::<u64>()) {
+            for text in [i.to_string(), u.to_string()] {
+                let n: serde_json::Number = serde_json::from_str(&text).expect("a number");
+                prop_assert_eq!(Some(canonical_number(&n)), number::canonical_number(&text));
+            }
+            let zero: serde_json::Number = serde_json::from_str("-0").expect("a number");
+            prop_assert_eq!(canonical_number(&zero), "0");
+        }
 
         #[test]
         fn searches_sharing_parses_find_what_they_find_alone(
