@@ -37,13 +37,14 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
                             .and_then(|calls| calls.iter().find(|(at, _)| *at == offset))
                             .map(|(_, fields)| fields.as_slice());
                         match fields {
-                            Some(fields) if text.trim_start().starts_with('{') => {
-                                parse_fields_shared(text, fields)
-                            }
-                            _ => parse_variable(text),
+                            // Only the fields the call's result is read for, shared
+                            // with the other searches of the event.
+                            Some(fields) => direct::parse(text, Some(fields))
+                                .map(|document| to_variable(&document)),
+                            None => parse_variable(text).ok(),
                         }
                     })
-                    .map_err(|_| invalid(ctx, "a JSON string", text))
+                    .ok_or_else(|| invalid(ctx, "a JSON string", text))
             }),
         )),
     );
@@ -105,14 +106,7 @@ thread_local! {
     /// the document it parses, by the call's offset in the expression.
     static JSON_FIELDS: std::cell::RefCell<Option<CallFields>> =
         const { std::cell::RefCell::new(None) };
-    /// During [`share_parses`]: the fields any of its searches reads from an
-    /// embedded document, and the documents parsed so far, by text.
-    static SHARED: std::cell::RefCell<Option<SharedParses>> =
-        const { std::cell::RefCell::new(None) };
 }
-
-/// The fields read from embedded documents, and the documents parsed, by text.
-type SharedParses = (Arc<[String]>, Vec<(String, Rcvar)>);
 
 /// The fields `paths` read from embedded documents, all together: what
 /// [`share_parses`] parses them with (computed once, with the config).
@@ -134,32 +128,15 @@ pub(crate) fn share_parses<R>(fields: &Arc<[String]>, f: impl FnOnce() -> R) -> 
     struct Forget;
     impl Drop for Forget {
         fn drop(&mut self) {
-            SHARED.set(None);
             direct::share(None);
         }
     }
     if fields.is_empty() {
         return f();
     }
-    SHARED.set(Some((Arc::clone(fields), Vec::new())));
     direct::share(Some(fields));
     let _forget = Forget;
     f()
-}
-
-/// [`parse_fields`], through the documents [`share_parses`] keeps, if it runs.
-fn parse_fields_shared(text: &str, fields: &[String]) -> Result<Rcvar, serde_json::Error> {
-    SHARED.with_borrow_mut(|shared| match shared {
-        None => parse_fields(text, fields),
-        Some((all, parsed)) => {
-            if let Some((_, variable)) = parsed.iter().find(|(seen, _)| seen == text) {
-                return Ok(variable.clone());
-            }
-            let variable = parse_fields(text, all)?;
-            parsed.push((text.to_owned(), variable.clone()));
-            Ok(variable)
-        }
-    })
 }
 
 /// A JSON document as a JMESPath variable, parsed straight into it. serde_json's
@@ -171,44 +148,6 @@ fn parse_variable(text: &str) -> Result<Rcvar, serde_json::Error> {
     let variable = variable(&mut deserializer)?;
     deserializer.end()?;
     Ok(variable)
-}
-
-/// A JSON object as a JMESPath object of only `fields`: the other members are
-/// checked and skipped, never built. The expression reads nothing else, so it
-/// finds what it would in the whole document.
-fn parse_fields(text: &str, fields: &[String]) -> Result<Rcvar, serde_json::Error> {
-    struct Fields<'a>(&'a [String]);
-    impl<'de> serde::de::Visitor<'de> for Fields<'_> {
-        type Value = Rcvar;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Rcvar, A::Error> {
-            let mut object = std::collections::BTreeMap::new();
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if self.0.iter().any(|field| *field == key) {
-                    object.insert(key.into_owned(), map.next_value_seed(VariableSeed)?);
-                } else {
-                    map.next_value::<serde::de::IgnoredAny>()?;
-                }
-            }
-            Ok(Rcvar::new(Variable::Object(object)))
-        }
-    }
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    let variable = serde::Deserializer::deserialize_map(&mut deserializer, Fields(fields))?;
-    deserializer.end()?;
-    Ok(variable)
-}
-
-/// One JSON value as a variable (see [`parse_variable`]).
-struct VariableSeed;
-
-impl<'de> serde::de::DeserializeSeed<'de> for VariableSeed {
-    type Value = Rcvar;
-    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Rcvar, D::Error> {
-        variable(deserializer)
-    }
 }
 
 fn variable<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Rcvar, D::Error> {
@@ -1505,7 +1444,7 @@ mod properties {
                 [first.search(&event), second.search(&event), third.search(&event)]
             });
             prop_assert_eq!(shared, alone);
-            prop_assert!(SHARED.with_borrow(Option::is_none));
+            prop_assert!(direct::sharing_ended());
         }
 
         #[test]

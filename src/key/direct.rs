@@ -52,6 +52,11 @@ pub(super) fn share(fields: Option<&Arc<[String]>>) {
     PARSED.set(fields.map(|fields| (Arc::clone(fields), Vec::new())));
 }
 
+#[cfg(test)]
+pub(super) fn sharing_ended() -> bool {
+    PARSED.with_borrow(Option::is_none)
+}
+
 impl Direct {
     /// `ast` as a direct expression, if it has one of the shapes.
     pub(super) fn compile(ast: &Ast) -> Option<Self> {
@@ -137,7 +142,8 @@ fn json(arg: &Direct, fields: &Option<Vec<String>>, data: &Value) -> Option<Rc<V
 
 /// An embedded document, with only `fields` when it is an object and they are
 /// given; shared between the searches of a [`share`] scope. `None`: not JSON.
-fn parse(text: &str, fields: Option<&[String]>) -> Option<Rc<Value>> {
+/// (The jmespath interpreter's `powertools_json` parses through here too.)
+pub(super) fn parse(text: &str, fields: Option<&[String]>) -> Option<Rc<Value>> {
     PARSED.with_borrow_mut(|shared| {
         let object = text.trim_start().starts_with('{');
         match (shared, fields) {
