@@ -7,6 +7,9 @@
 
 #[path = "../tests/support/localstack.rs"]
 mod localstack;
+#[cfg(feature = "sqs")]
+#[path = "support/sqs_batch.rs"]
+mod sqs_batch;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use lambda_idempotency::{
@@ -150,50 +153,15 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
+    // The deadline a Lambda event carries, a minute ahead.
     #[cfg(feature = "sqs")]
-    sqs_batches(c, &runtime, plain.store());
-}
-
-/// A batch of 10 SQS messages (each a first execution: 2 DynamoDB writes), one at
-/// a time and with the default concurrency. `--features sqs`.
-#[cfg(feature = "sqs")]
-fn sqs_batches(c: &mut Criterion, runtime: &tokio::runtime::Runtime, store: &DynamoDbStore) {
-    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-    let config = IdempotencyConfig::builder()
-        .key_expression("powertools_json(body).order_id")
-        .build()
-        .expect("valid config");
-    let idempotency = Idempotency::new(store.clone(), config);
-    let next = AtomicU64::new(0);
-    let batch_of_10 = || {
-        let mut event = SqsEvent::default();
-        event.records = (0..10)
-            .map(|_| {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let mut message = SqsMessage::default();
-                message.message_id = Some(format!("m-{n}"));
-                message.body = Some(json!({"order_id": format!("sqs-{n}")}).to_string());
-                message
-            })
-            .collect();
-        let mut context = lambda_runtime::Context::default();
-        context.deadline = u64::try_from(now_ms() + 60_000).unwrap_or(0);
-        lambda_runtime::LambdaEvent::new(event, context)
-    };
-    let ship = |_: SqsMessage| async { Ok::<_, std::io::Error>(json!("shipped")) };
-    let mut group = c.benchmark_group("sqs_batch_of_10");
-    group.sample_size(20);
-    for (name, concurrency) in [("one_at_a_time", 1), ("default_concurrency", 10)] {
-        let batch = idempotency.sqs_batch(name, ship).concurrency(concurrency);
-        group.bench_function(name, |b| {
-            b.to_async(runtime).iter_batched(
-                batch_of_10,
-                |e| batch.process(e),
-                BatchSize::SmallInput,
-            )
-        });
-    }
-    group.finish();
+    sqs_batch::bench(
+        c,
+        &runtime,
+        plain.store(),
+        "sqs_batch_of_10",
+        u64::try_from(now_ms() + 60_000).unwrap_or(0),
+    );
 }
 
 criterion_group!(dynamodb, benches);

@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench idempotency`; DynamoDB figures: `benches/dynamodb.rs`.
 
+#[cfg(feature = "sqs")]
+#[path = "support/sqs_batch.rs"]
+mod sqs_batch;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
 use serde_json::{json, Value};
@@ -142,8 +146,15 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
+    // No deadline: reservations last the in-progress timeout.
     #[cfg(feature = "sqs")]
-    sqs_batches(c, &runtime);
+    sqs_batch::bench(
+        c,
+        &runtime,
+        &Remote::default(),
+        "sqs_batch_of_10_store_5ms_away",
+        0,
+    );
 }
 
 /// A store a network away: each request takes `LATENCY` (DynamoDB's is a few
@@ -189,46 +200,6 @@ impl lambda_idempotency::IdempotencyStore for Remote {
         tokio::time::sleep(LATENCY).await;
         self.0.release(key, owner).await
     }
-}
-
-/// A batch of 10 SQS messages, each a first execution (2 writes), on a store
-/// 5 ms away: one at a time (the old default) and with the default concurrency.
-#[cfg(feature = "sqs")]
-fn sqs_batches(c: &mut Criterion, runtime: &tokio::runtime::Runtime) {
-    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-    let config = IdempotencyConfig::builder()
-        .key_expression("powertools_json(body).order_id")
-        .build()
-        .expect("valid config");
-    let idempotency = Idempotency::new(Remote::default(), config);
-    let next = AtomicU64::new(0);
-    let batch_of_10 = || {
-        let mut event = SqsEvent::default();
-        event.records = (0..10)
-            .map(|_| {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                let mut message = SqsMessage::default();
-                message.message_id = Some(format!("m-{n}"));
-                message.body = Some(json!({"order_id": format!("sqs-{n}")}).to_string());
-                message
-            })
-            .collect();
-        lambda_runtime::LambdaEvent::new(event, lambda_runtime::Context::default())
-    };
-    let ship = |_: SqsMessage| async { Ok::<_, std::io::Error>(json!("shipped")) };
-    let mut group = c.benchmark_group("sqs_batch_of_10_store_5ms_away");
-    group.sample_size(20);
-    for (name, concurrency) in [("one_at_a_time", 1), ("default_concurrency", 10)] {
-        let batch = idempotency.sqs_batch(name, ship).concurrency(concurrency);
-        group.bench_function(name, |b| {
-            b.to_async(runtime).iter_batched(
-                batch_of_10,
-                |e| batch.process(e),
-                BatchSize::SmallInput,
-            )
-        });
-    }
-    group.finish();
 }
 
 criterion_group!(idempotency, benches);
