@@ -232,6 +232,38 @@ impl<S: IdempotencyStore> Idempotency<S> {
         format!("{}.{name}", self.default_scope())
     }
 
+    /// The record key a handler wrapped by this layer uses for `event`: under
+    /// [`wrap`](Self::wrap) or [`layer`](Self::layer) with `handler` `None`, under
+    /// [`wrap_as`](Self::wrap_as) or [`function`](Self::function) with its name.
+    /// `None` when the event holds no key material. For operators and tests: it
+    /// answers "which record decided this event?" without running anything.
+    ///
+    /// ```
+    /// use lambda_idempotency::{Idempotency, IdempotencyConfig, MemoryStore};
+    /// let config = IdempotencyConfig::builder()
+    ///     .key_expression("order_id")
+    ///     .key_prefix("orders")
+    ///     .build()
+    ///     .unwrap();
+    /// let idempotency = Idempotency::new(MemoryStore::new(), config);
+    /// let key = idempotency.key_for(None, &serde_json::json!({"order_id": "o-1"})).unwrap();
+    /// assert!(key.unwrap().starts_with("orders#"));
+    /// ```
+    pub fn key_for(
+        &self,
+        handler: Option<&str>,
+        event: &Value,
+    ) -> Result<Option<String>, IdempotencyError> {
+        let Some((material_hash, _)) = self.key_material(event, None)? else {
+            return Ok(None);
+        };
+        let scope = match handler {
+            Some(name) => self.function_scope(name),
+            None => self.default_scope().to_owned(),
+        };
+        Ok(Some(format!("{scope}#{material_hash}")))
+    }
+
     /// Runs `handler(event)` at most once per key and returns its response, or the
     /// stored response of an earlier run.
     pub(crate) async fn execute<T, R, E, F, Fut>(

@@ -80,6 +80,41 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
 }
 
 #[tokio::test]
+async fn key_for_names_the_record_a_wrapped_handler_and_a_named_function_write() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let event = json!({"order_id": "o-3"});
+    let runs = Counter::default();
+    invoke(&mut counting_service(&idempotency, &runs), event.clone())
+        .await
+        .expect("run");
+    let named = idempotency.function(
+        "charge",
+        |e: Value| async move { Ok::<_, std::io::Error>(e) },
+    );
+    named.call(event.clone(), None).await.expect("named run");
+
+    for handler in [None, Some("charge")] {
+        let key = idempotency
+            .key_for(handler, &event)
+            .expect("derivable")
+            .expect("has key material");
+        let record = store.get(&key).await.expect("get");
+        assert_eq!(
+            record.map(|r| r.status),
+            Some(Status::Completed),
+            "{handler:?}"
+        );
+    }
+    assert_eq!(
+        idempotency
+            .key_for(None, &json!({"other": 1}))
+            .expect("derivable"),
+        None
+    );
+}
+
+#[tokio::test]
 async fn a_duplicate_while_in_progress_gets_already_in_progress() {
     let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
     let (entered_tx, entered_rx) = oneshot::channel();
