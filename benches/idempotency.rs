@@ -181,7 +181,8 @@ impl lambda_idempotency::IdempotencyStore for Remote {
         &self,
         record: &lambda_idempotency::IdempotencyRecord,
         now_ms: i64,
-    ) -> Result<(), lambda_idempotency::store::StoreError> {
+    ) -> Result<Option<lambda_idempotency::IdempotencyRecord>, lambda_idempotency::store::StoreError>
+    {
         tokio::time::sleep(LATENCY).await;
         self.0.reserve(record, now_ms).await
     }

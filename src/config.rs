@@ -108,6 +108,8 @@ pub struct IdempotencyConfig {
     pub(crate) local_cache: Option<NonZeroUsize>,
     pub(crate) replay_permanent_errors: bool,
     pub(crate) disabled: bool,
+    pub(crate) observe_only: bool,
+    pub(crate) metrics: bool,
     pub(crate) on_replay: Option<Arc<ReplayHook>>,
     pub(crate) max_inflated_bytes: usize,
     pub(crate) key_hash: KeyHash,
@@ -127,6 +129,8 @@ impl std::fmt::Debug for IdempotencyConfig {
             .field("local_cache", &self.local_cache)
             .field("replay_permanent_errors", &self.replay_permanent_errors)
             .field("disabled", &self.disabled)
+            .field("observe_only", &self.observe_only)
+            .field("metrics", &self.metrics)
             .field("max_inflated_bytes", &self.max_inflated_bytes)
             .field("key_hash", &self.key_hash)
             .finish_non_exhaustive()
@@ -145,6 +149,8 @@ impl Default for IdempotencyConfig {
             local_cache: None,
             replay_permanent_errors: false,
             disabled: disabled_by(|name| std::env::var(name).ok()),
+            observe_only: env_flag("IDEMPOTENCY_OBSERVE_ONLY"),
+            metrics: !env_flag("IDEMPOTENCY_METRICS_DISABLED"),
             on_replay: None,
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
             key_hash: KeyHash::Canonical,
@@ -159,7 +165,19 @@ pub(crate) fn disabled_by(env: impl Fn(&str) -> Option<String>) -> bool {
     ["IDEMPOTENCY_DISABLED", "POWERTOOLS_IDEMPOTENCY_DISABLED"]
         .iter()
         .filter_map(|name| env(name))
-        .any(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+        .any(|v| truthy(&v))
+}
+
+fn truthy(value: &str) -> bool {
+    matches!(
+        value.trim().to_ascii_lowercase().as_str(),
+        "true" | "1" | "yes"
+    )
+}
+
+/// Whether the environment variable `name` is set to `true`, `1` or `yes`.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| truthy(&v))
 }
 
 impl IdempotencyConfig {
@@ -296,6 +314,27 @@ impl IdempotencyConfigBuilder {
     /// variables.
     pub fn disabled(mut self, disabled: bool) -> Self {
         self.config.disabled = disabled;
+        self
+    }
+
+    /// Observe only: reserve and record exactly as when enforcing, but always run
+    /// the handler and return its own result. What enforcing would have done
+    /// instead (replay, refuse a duplicate in progress or a different payload,
+    /// fail on a store error) is counted and logged at INFO, never acted on. A
+    /// duplicate runs unprotected: its steps run directly and its outbox goes to
+    /// the dispatcher. Switching to enforcing later uses the records written while
+    /// observing. Defaults to the `IDEMPOTENCY_OBSERVE_ONLY` environment variable,
+    /// so a deployed function changes mode with its configuration.
+    pub fn observe_only(mut self, observe: bool) -> Self {
+        self.config.observe_only = observe;
+        self
+    }
+
+    /// Count outcomes through the `metrics` facade (with the `metrics` feature).
+    /// On by default; off when the `IDEMPOTENCY_METRICS_DISABLED` environment
+    /// variable is `true`.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.config.metrics = on;
         self
     }
 

@@ -6,6 +6,7 @@ use crate::error::{Error, IdempotencyError};
 use crate::key::hash_value;
 #[cfg(feature = "outbox")]
 use crate::outbox::OutboxMessage;
+use crate::outcome::{Event, Meter};
 use crate::store::{IdempotencyStore, StepJournal, StepRecord};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -77,6 +78,8 @@ struct Inner {
     /// Only a resumed execution can find journaled steps; a new one skips the reads.
     resumed: bool,
     expiration: i64,
+    /// The handler's counters (steps replayed and re-issued).
+    meter: Meter,
     state: Mutex<State>,
 }
 
@@ -100,6 +103,7 @@ impl Effects {
         execution: &str,
         resumed: bool,
         expiration: i64,
+        meter: Meter,
     ) -> Self {
         Self::with(Inner {
             key: Some(key.to_owned()),
@@ -107,6 +111,7 @@ impl Effects {
             store: Some(store),
             resumed,
             expiration,
+            meter,
             state: Mutex::default(),
         })
     }
@@ -120,6 +125,7 @@ impl Effects {
             store: None,
             resumed: false,
             expiration: 0,
+            meter: Meter::default(),
             state: Mutex::default(),
         })
     }
@@ -180,9 +186,12 @@ impl Effects {
                 .await
                 .map_err(IdempotencyError::from)?;
             if let Some(step) = journaled {
-                tracing::info!(step = name, position, "replaying a journaled step");
+                self.inner.meter.event(Event::StepReplayed, 1);
+                tracing::debug!(step = name, position, "replaying a journaled step");
                 return self.replay_step(step, name, position);
             }
+            // Not journaled: an earlier attempt may have called it (same derived key).
+            self.inner.meter.event(Event::StepReissued, 1);
         }
 
         self.state().attempted = true;

@@ -7,6 +7,7 @@ use crate::error::{Error, IdempotencyError, PermanentError};
 use crate::key::{hex, rounded_integer, share_parses, JsonPath};
 #[cfg(feature = "outbox")]
 use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
+use crate::outcome::{Event, Meter, Outcome};
 use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, StoreError};
 use crate::ConfigError;
@@ -76,6 +77,9 @@ struct Inner<S> {
     dispatcher: OnceLock<Dispatcher>,
     /// Key prefixes taken by wrapped handlers and layers.
     claims: Mutex<HashMap<String, Claimant>>,
+    /// Each handler's counters, by key prefix.
+    #[cfg(feature = "metrics")]
+    meters: Mutex<HashMap<String, Meter>>,
 }
 
 static DISABLED_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -159,6 +163,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 #[cfg(feature = "outbox")]
                 dispatcher: OnceLock::new(),
                 claims: Mutex::default(),
+                #[cfg(feature = "metrics")]
+                meters: Mutex::default(),
             }),
         }
     }
@@ -232,6 +238,31 @@ impl<S: IdempotencyStore> Idempotency<S> {
         format!("{}.{name}", self.default_scope())
     }
 
+    /// The counters of the handler under `scope`, made on its first call (after
+    /// the application has installed its metrics recorder).
+    pub(crate) fn meter(&self, scope: &str) -> Meter {
+        #[cfg(feature = "metrics")]
+        if self.inner.config.metrics {
+            let mut meters = self
+                .inner
+                .meters
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(meter) = meters.get(scope) {
+                return meter.clone();
+            }
+            let meter = Meter::new(
+                &self.inner.function_name,
+                scope,
+                self.inner.config.observe_only,
+            );
+            meters.insert(scope.to_owned(), meter.clone());
+            return meter;
+        }
+        let _ = scope;
+        Meter::default()
+    }
+
     /// The record key a handler wrapped by this layer uses for `event`: under
     /// [`wrap`](Self::wrap) or [`layer`](Self::layer) with `handler` `None`, under
     /// [`wrap_as`](Self::wrap_as) or [`function`](Self::function) with its name.
@@ -286,45 +317,67 @@ impl<S: IdempotencyStore> Idempotency<S> {
         if config.disabled {
             return Box::pin(self.run_unprotected(event, handler)).await;
         }
+        let meter = self.meter(call.scope);
+        let observe = config.observe_only;
 
-        // 1. Key and validation hashes, from the event as JSON.
-        let hashes = match &call.key {
-            CallKey::Given {
-                material,
-                validation,
-            } => hashed(material, validation.as_ref(), config.key_hash)?,
-            CallKey::Config => self.key_material(&event, None)?,
-            CallKey::SourceDefault(path) => self.key_material(&event, Some(path))?,
-        };
-        let Some((material_hash, validation)) = hashes else {
-            if config.strict {
-                return Err(IdempotencyError::MissingKey {
-                    expression: config.key.describe().to_owned(),
-                }
-                .into());
-            }
-            tracing::warn!(
-                expression = config.key.describe(),
-                "no idempotency key material in the event; running the handler without idempotency"
-            );
-            return Box::pin(self.run_unprotected(event, handler)).await;
-        };
-        let key = format!("{}#{material_hash}", call.scope);
-
-        let span = tracing::info_span!("idempotency", key = %key, replayed = field::Empty);
+        // One span per call, from the start: every outcome is named on it.
+        let span = tracing::info_span!(
+            "idempotency",
+            handler = call.scope,
+            key = field::Empty,
+            outcome = field::Empty,
+            replayed = field::Empty
+        );
         // Boxed: with event types as deep as API Gateway's, the unboxed future
         // overflows the compiler's layout query depth in the user's `main`.
         Box::pin(
             async move {
+                // 1. Key and validation hashes, from the event as JSON.
+                let hashes = match &call.key {
+                    CallKey::Given {
+                        material,
+                        validation,
+                    } => hashed(material, validation.as_ref(), config.key_hash),
+                    CallKey::Config => self.key_material(&event, None),
+                    CallKey::SourceDefault(path) => self.key_material(&event, Some(path)),
+                };
+                let hashes = match hashes {
+                    Ok(hashes) => hashes,
+                    Err(err) => return self.refuse(&meter, err, event, handler).await,
+                };
+                let Some((material_hash, validation)) = hashes else {
+                    if config.strict {
+                        let err = IdempotencyError::MissingKey {
+                            expression: config.key.describe().to_owned(),
+                        };
+                        return self.refuse(&meter, err, event, handler).await;
+                    }
+                    settle(&meter, Outcome::MissingKeyUnprotected);
+                    tracing::warn!(
+                        expression = config.key.describe(),
+                        "no idempotency key material in the event; running the handler without idempotency"
+                    );
+                    return self.run_unprotected(event, handler).await;
+                };
+                let key = format!("{}#{material_hash}", call.scope);
+                tracing::Span::current().record("key", key.as_str());
+
                 // 2. A completed record in this execution environment: no request at all.
                 let now = now_ms();
                 if let Some(cached) = self.cached(&key, now) {
-                    return self
-                        .replay_cached(&cached, validation.as_deref())
-                        .map(|response| Executed {
-                            response,
-                            replayed: true,
-                        });
+                    if observe {
+                        let outcome = match check_payload(&cached.record, validation.as_deref()) {
+                            Ok(()) => Outcome::ReplayedFromCache,
+                            Err(_) => Outcome::PayloadMismatch,
+                        };
+                        return self.observed(&meter, outcome, event, handler).await;
+                    }
+                    let replayed = self.replay_cached(&cached, validation.as_deref());
+                    settle(&meter, replay_outcome(&replayed, Outcome::ReplayedFromCache));
+                    return replayed.map(|response| Executed {
+                        response,
+                        replayed: true,
+                    });
                 }
 
                 // 3. Reserve. A live record comes back with the refusal (one request).
@@ -341,18 +394,25 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     owner,
                     is_error: false,
                 };
-                let resumed = match self.reserve(&mut reservation).await? {
-                    Reserved::Ours { resumed } => resumed,
-                    Reserved::Completed(existing) => {
+                let resumed = match self.reserve(&mut reservation, &meter).await {
+                    Ok(Reserved::Ours { resumed }) => resumed,
+                    Ok(Reserved::Completed(_)) if observe => {
+                        return self
+                            .observed(&meter, Outcome::ReplayedFromStore, event, handler)
+                            .await;
+                    }
+                    Ok(Reserved::Completed(existing)) => {
                         let replayed = self.replay(&existing, validation.as_deref());
                         if matches!(replayed, Ok(_) | Err(Error::Replayed(_))) {
                             self.remember(existing);
                         }
+                        settle(&meter, replay_outcome(&replayed, Outcome::ReplayedFromStore));
                         return replayed.map(|response| Executed {
                             response,
                             replayed: true,
                         });
                     }
+                    Err(err) => return self.refuse(&meter, err, event, handler).await,
                 };
 
                 // 4. Run the handler, then complete or release. Its steps and outbox
@@ -363,32 +423,66 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     &reservation.execution,
                     resumed,
                     reservation.expiration,
+                    meter.clone(),
                 );
                 // Called inside the scope: a handler may reach its effects before its first await.
                 match effects.scope(async move { handler(event).await }).await {
                     Ok(response) => {
-                        let data = match serde_json::to_string(&response) {
-                            Ok(data) => data,
+                        let stored = match serde_json::to_string(&response) {
+                            Ok(data) => {
+                                self.complete(reservation, data, false, &effects, resumed, &meter)
+                                    .await
+                            }
                             Err(source) => {
                                 self.release(&reservation, &effects, resumed).await;
-                                return Err(IdempotencyError::Serialization { key, source }.into());
+                                Err(IdempotencyError::Serialization { key, source })
                             }
                         };
-                        self.complete(reservation, data, false, &effects, resumed)
-                            .await?;
-                        Ok(Executed::ran(response))
+                        match stored {
+                            Ok(()) => {
+                                settle(&meter, Outcome::Executed);
+                                Ok(Executed::ran(response))
+                            }
+                            Err(err) => {
+                                settle(&meter, Outcome::of(&err));
+                                if observe {
+                                    tracing::info!(error = %err, "observe only: the response was not stored; returning it");
+                                    return Ok(Executed::ran(response));
+                                }
+                                Err(err.into())
+                            }
+                        }
                     }
                     Err(err) => {
-                        match as_permanent(&err).filter(|_| config.replay_permanent_errors) {
+                        let permanent =
+                            as_permanent(&err).filter(|_| config.replay_permanent_errors);
+                        let outcome = match permanent {
                             Some(permanent) => {
-                                let data = serde_json::to_string(permanent).map_err(|source| {
-                                    IdempotencyError::Serialization { key, source }
-                                })?;
-                                self.complete(reservation, data, true, &effects, resumed)
-                                    .await?;
+                                let stored = match serde_json::to_string(permanent) {
+                                    Ok(data) => {
+                                        self.complete(reservation, data, true, &effects, resumed, &meter)
+                                            .await
+                                    }
+                                    Err(source) => Err(IdempotencyError::Serialization { key, source }),
+                                };
+                                match stored {
+                                    Ok(()) => Outcome::PermanentErrorStored,
+                                    Err(stored) if observe => {
+                                        tracing::info!(error = %stored, "observe only: the permanent error was not stored; returning it");
+                                        Outcome::of(&stored)
+                                    }
+                                    Err(stored) => {
+                                        settle(&meter, Outcome::of(&stored));
+                                        return Err(stored.into());
+                                    }
+                                }
                             }
-                            None => self.release(&reservation, &effects, resumed).await,
-                        }
+                            None => {
+                                self.release(&reservation, &effects, resumed).await;
+                                Outcome::HandlerErrorReleased
+                            }
+                        };
+                        settle(&meter, outcome);
                         Err(Error::Handler(err))
                     }
                 }
@@ -396,6 +490,48 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .instrument(span),
         )
         .await
+    }
+
+    /// A call that enforcing refuses with `err`: refused, or, observing, run anyway.
+    async fn refuse<T, R, E, F, Fut>(
+        &self,
+        meter: &Meter,
+        err: IdempotencyError,
+        event: T,
+        handler: F,
+    ) -> Result<Executed<R>, Error<E>>
+    where
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+    {
+        let outcome = Outcome::of(&err);
+        if self.inner.config.observe_only {
+            return self.observed(meter, outcome, event, handler).await;
+        }
+        settle(meter, outcome);
+        Err(err.into())
+    }
+
+    /// Observe only: counts and logs what enforcing would have done instead of
+    /// running the handler, then runs it without a record of its own (the record
+    /// that decided is another call's, or none could be made).
+    async fn observed<T, R, E, F, Fut>(
+        &self,
+        meter: &Meter,
+        outcome: Outcome,
+        event: T,
+        handler: F,
+    ) -> Result<Executed<R>, Error<E>>
+    where
+        F: FnOnce(T) -> Fut,
+        Fut: Future<Output = Result<R, E>>,
+    {
+        settle(meter, outcome);
+        tracing::info!(
+            outcome = outcome.name(),
+            "observe only: enforcing would not have run the handler; running it"
+        );
+        self.run_unprotected(event, handler).await
     }
 
     /// The key material and the validation fields, selected from the event as JSON.
@@ -520,13 +656,36 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// `record` starts as a new execution; when the table holds an abandoned
     /// attempt (crashed, timed out, or released after a step), the reservation
     /// resumes that attempt's execution, so its journaled steps replay.
-    async fn reserve(&self, record: &mut IdempotencyRecord) -> Result<Reserved, IdempotencyError> {
+    async fn reserve(
+        &self,
+        record: &mut IdempotencyRecord,
+        meter: &Meter,
+    ) -> Result<Reserved, IdempotencyError> {
         let store = &self.inner.store;
         let mut resumed = false;
         // Bounded: each further attempt follows a change seen in the table.
         for _ in 0..3 {
-            let existing = match store.reserve(record, now_ms()).await {
-                Ok(()) => return Ok(Reserved::Ours { resumed }),
+            let now = now_ms();
+            let existing = match store.reserve(record, now).await {
+                Ok(replaced) => {
+                    match replaced.filter(|old| old.owner != record.owner) {
+                        Some(old) if old.is_expired(now) => {
+                            meter.event(Event::ExpiredReexecuted, 1)
+                        }
+                        // A failed attempt left its execution open for this retry.
+                        Some(old) if old.in_progress_expiration == Some(0) => {}
+                        Some(old) => {
+                            meter.event(Event::TakenOver, 1);
+                            tracing::warn!(
+                                deadline = old.in_progress_expiration,
+                                resumed,
+                                "took over the reservation of an attempt that passed its deadline"
+                            );
+                        }
+                        None => {}
+                    }
+                    return Ok(Reserved::Ours { resumed });
+                }
                 Err(StoreError::Exists {
                     existing: Some(existing),
                 }) => *existing,
@@ -641,6 +800,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         is_error: bool,
         effects: &Effects,
         resumed: bool,
+        meter: &Meter,
     ) -> Result<(), IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
@@ -702,15 +862,22 @@ impl<S: IdempotencyStore> Idempotency<S> {
             }
         }
         #[cfg(feature = "outbox")]
-        if let (Some(dispatcher), Some(outbox_store)) =
-            (self.inner.dispatcher.get(), store.outbox())
-        {
-            for message in &outbox {
-                if let Err(err) = deliver_and_mark(outbox_store, dispatcher, message).await {
-                    tracing::warn!(key = %message.key, error = %err, "outbox message committed but not delivered; the relay will");
+        match (self.inner.dispatcher.get(), store.outbox()) {
+            (Some(dispatcher), Some(outbox_store)) => {
+                for message in &outbox {
+                    match deliver_and_mark(outbox_store, dispatcher, message).await {
+                        Ok(()) => meter.event(Event::OutboxDelivered, 1),
+                        Err(err) => {
+                            meter.event(Event::OutboxLeftForRelay, 1);
+                            tracing::warn!(key = %message.key, error = %err, "outbox message committed but not delivered; the relay will");
+                        }
+                    }
                 }
             }
+            _ => meter.event(Event::OutboxLeftForRelay, outbox.len() as u64),
         }
+        #[cfg(not(feature = "outbox"))]
+        let _ = meter;
         Ok(())
     }
 
@@ -854,6 +1021,22 @@ fn hashed(
             validation.map(|v| key_hash.hash(v)),
         )
     }))
+}
+
+/// Names the call's outcome on its span and counts it.
+fn settle(meter: &Meter, outcome: Outcome) {
+    meter.outcome(outcome);
+    tracing::Span::current().record("outcome", outcome.name());
+}
+
+/// The outcome of a replay: `replayed` (a stored permanent error included), or
+/// what stopped it.
+fn replay_outcome<R, E>(replayed: &Result<R, Error<E>>, replayed_as: Outcome) -> Outcome {
+    match replayed {
+        Ok(_) | Err(Error::Replayed(_)) => replayed_as,
+        Err(Error::Idempotency(err)) => Outcome::of(err),
+        Err(Error::Handler(_)) => Outcome::InvalidInput,
+    }
 }
 
 fn check_payload(

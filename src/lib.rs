@@ -46,16 +46,22 @@
 //! | `gzip` | `powertools_base64_gzip` in key expressions (flate2) |
 //! | `jmespath-functions` | JMESPath's standard functions (`length`, `join`, ...) in key expressions |
 //! | `powertools-compat` | record ids as Powertools for Python derives them |
+//! | `metrics` | counts of every outcome through the `metrics` facade |
+//! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output ([`emf`]) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod effects;
+#[cfg(feature = "emf")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emf")))]
+pub mod emf;
 mod error;
 mod idempotency;
 mod key;
 #[cfg(feature = "outbox")]
 mod outbox;
+mod outcome;
 mod record;
 mod service;
 mod sources;

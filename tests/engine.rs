@@ -486,7 +486,9 @@ async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
     let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
-    let deadline = context(-1_000);
+    // Just past, within the second a deadline may lag (one full second was
+    // racy: a millisecond more and it counts as no deadline at all).
+    let deadline = context(-500);
     let deadline_ms = deadline.deadline as i64;
     let err = service
         .ready()
@@ -1085,4 +1087,84 @@ async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_w
     }
     // Only the plain handler's completed record is left: both refusals released theirs.
     assert_eq!(memory.len(), 1);
+}
+
+/// The `outcome` recorded on each `idempotency` span, in order.
+#[derive(Clone, Default)]
+struct SpanOutcomes(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanOutcomes {
+    fn on_record(
+        &self,
+        _: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Outcome<'a>(&'a Mutex<Vec<String>>);
+        impl tracing::field::Visit for Outcome<'_> {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "outcome" {
+                    self.0.lock().expect("lock").push(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        values.record(&mut Outcome(&self.0));
+    }
+}
+
+#[tokio::test]
+async fn the_span_names_each_call_s_outcome() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let outcomes = SpanOutcomes::default();
+    // This test's thread only (a current-thread runtime): other tests are not seen.
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(outcomes.clone()));
+    let config = config()
+        .payload_validation("amount")
+        .local_cache(16)
+        .strict(true)
+        .build()
+        .expect("config");
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config.clone());
+    let work = idempotency.function("work", |event: Value| async move {
+        match event["fail"].as_bool() {
+            Some(true) => Err(std::io::Error::other("failed")),
+            _ => Ok(json!({"ok": event["order_id"]})),
+        }
+    });
+    let other_environment = Idempotency::new(store, config);
+    let elsewhere = other_environment.function("work", |_: Value| async move {
+        Ok::<_, std::io::Error>(json!("never runs"))
+    });
+
+    work.call(json!({"order_id": "s-1", "amount": 1}), None)
+        .await
+        .expect("executed");
+    work.call(json!({"order_id": "s-1", "amount": 1}), None)
+        .await
+        .expect("from the local cache");
+    elsewhere
+        .call(json!({"order_id": "s-1", "amount": 1}), None)
+        .await
+        .expect("from the store");
+    for event in [
+        json!({"order_id": "s-1", "amount": 2}),
+        json!({"amount": 1}),
+        json!({"order_id": "s-2", "amount": 1, "fail": true}),
+    ] {
+        work.call(event, None).await.expect_err("refused or failed");
+    }
+    assert_eq!(
+        *outcomes.0.lock().expect("lock"),
+        [
+            "executed",
+            "replayed_from_cache",
+            "replayed_from_store",
+            "payload_mismatch",
+            "missing_key_refused",
+            "handler_error_released",
+        ]
+    );
 }

@@ -4,6 +4,7 @@ use super::{field, run_record};
 use crate::error::IdempotencyError;
 use crate::idempotency::Idempotency;
 use crate::key::JsonPath;
+use crate::outcome::Event;
 use crate::store::IdempotencyStore;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use futures_util::stream::{self, StreamExt};
@@ -104,6 +105,8 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
         let deadline_ms = event.context.deadline as i64;
         let records = event.payload.records;
         let fifo = records.first().is_some_and(is_fifo);
+        let meter = self.idempotency.meter(&self.scope);
+        meter.event(Event::BatchRecords, records.len() as u64);
 
         // Lanes run concurrently; records in a lane run in order. FIFO: a lane per
         // message group. Standard queues: a lane per message.
@@ -128,6 +131,7 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
             .collect()
             .await;
         failed.sort_by_key(|(index, _)| *index);
+        meter.event(Event::BatchFailures, failed.len() as u64);
 
         let mut response = SqsBatchResponse::default();
         for (index, message_id) in failed {
@@ -157,6 +161,9 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
         for (index, record) in lane {
             let message_id = record.message_id.clone();
             if !failed.is_empty() {
+                self.idempotency
+                    .meter(&self.scope)
+                    .event(Event::BatchHeldBack, 1);
                 tracing::warn!(
                     ?message_id,
                     "not run: an earlier message of its FIFO group failed"

@@ -5,6 +5,7 @@ use super::{field, run_record};
 use crate::error::IdempotencyError;
 use crate::idempotency::Idempotency;
 use crate::key::JsonPath;
+use crate::outcome::Event;
 use crate::store::IdempotencyStore;
 use aws_lambda_events::event::dynamodb::{Event as DynamoDbEvent, EventRecord as DynamoDbRecord};
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
@@ -126,6 +127,8 @@ impl<F, S: IdempotencyStore> StreamBatch<F, S> {
         R: Serialize + DeserializeOwned,
         E: std::fmt::Display + 'static,
     {
+        let meter = self.idempotency.meter(&self.scope);
+        meter.event(Event::BatchRecords, records.len() as u64);
         let mut records = records.into_iter();
         while let Some(record) = records.next() {
             let sequence = sequence_number(&record);
@@ -140,6 +143,8 @@ impl<F, S: IdempotencyStore> StreamBatch<F, S> {
             .await;
             if let Err(reason) = outcome {
                 tracing::error!(?sequence, %reason, "stream record failed; the shard resumes here");
+                meter.event(Event::BatchFailures, 1 + records.len() as u64);
+                meter.event(Event::BatchHeldBack, records.len() as u64);
                 return std::iter::once(sequence)
                     .chain(records.map(|r| sequence_number(&r)))
                     .map(|s| {

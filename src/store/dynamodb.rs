@@ -3,7 +3,7 @@ use super::{check_limits, BoxFuture, IdempotencyStore, StepJournal, StepRecord, 
 use super::{OutboxRecord, OutboxStore};
 use crate::record::{IdempotencyRecord, Status};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 #[cfg(feature = "outbox")]
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
@@ -302,7 +302,11 @@ where
 }
 
 impl IdempotencyStore for DynamoDbStore {
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let n = &self.names;
         let result = self
             .client
@@ -324,10 +328,17 @@ impl IdempotencyStore for DynamoDbStore {
             .expression_attribute_values(":now_ms", AttributeValue::N(now_ms.to_string()))
             .expression_attribute_values(":inprogress", AttributeValue::S(Status::InProgress.as_str().into()))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            // The record replaced (expired, or abandoned), if any: the same request.
+            .return_values(ReturnValue::AllOld)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
+            // Read for the counts only: a replaced record we cannot parse must not
+            // undo a reservation already made.
+            Ok(output) => Ok(output
+                .attributes
+                .filter(|item| !item.is_empty())
+                .and_then(|item| self.parse_item(&record.key, &item).ok())),
             Err(err) => {
                 let old = classify("PutItem (reserve)", err, |e| {
                     e.is_conditional_check_failed_exception().then(|| match e {

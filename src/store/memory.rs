@@ -80,7 +80,11 @@ impl IdempotencyStore for MemoryStore {
         Ok(self.lock().records.get(key).cloned())
     }
 
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let mut tables = self.lock();
         if let Some(existing) = tables.records.get(&record.key) {
             if !existing.may_be_replaced_by(record, now_ms) {
@@ -89,8 +93,7 @@ impl IdempotencyStore for MemoryStore {
                 });
             }
         }
-        tables.records.insert(record.key.clone(), record.clone());
-        Ok(())
+        Ok(tables.records.insert(record.key.clone(), record.clone()))
     }
 
     async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {

@@ -144,13 +144,16 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Writes the `INPROGRESS` `record`, atomically, only if the key is absent or
     /// the stored record [`may_be_replaced_by`](IdempotencyRecord::may_be_replaced_by)
     /// it at `now_ms`: of two concurrent reservations of a key at most one succeeds.
+    /// Returns the record it replaced, if any (an expired record, or an abandoned
+    /// attempt), when the backend can return it in the same request: the engine
+    /// counts re-executions and takeovers with it.
     /// Otherwise fails with [`StoreError::Exists`], carrying the stored record when
     /// the backend can return it in the same request.
     fn reserve(
         &self,
         record: &IdempotencyRecord,
         now_ms: i64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<IdempotencyRecord>, StoreError>> + Send;
 
     /// Replaces the stored record with `record` only if the stored one is owned by
     /// `record.owner`; otherwise [`StoreError::NotOwner`] and nothing is written.

@@ -244,7 +244,11 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.call(Op::Get, || self.inner.get(key)).await
     }
-    async fn reserve(&self, record: &IdempotencyRecord, now_ms: i64) -> Result<(), StoreError> {
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.call(Op::Reserve, || self.inner.reserve(record, now_ms))
             .await
     }

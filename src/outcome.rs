@@ -1,0 +1,221 @@
+//! What each invocation came to: one [`Outcome`] per call (the `outcome` field of
+//! the `idempotency` span), and the [`Event`]s along the way. With the `metrics`
+//! feature both are counted through the [`metrics`](https://docs.rs/metrics)
+//! facade as `idempotency.<name>`, labelled `function`, `handler` (the key
+//! prefix, as in the record keys) and `mode` (`enforce` or `observe`).
+
+/// How one invocation ended. In observe-only mode, the outcome enforcing would
+/// have had (the handler ran anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The handler ran and its response (or nothing, see below) was stored.
+    Executed,
+    ReplayedFromStore,
+    ReplayedFromCache,
+    /// Another attempt holds the key.
+    InProgress,
+    PayloadMismatch,
+    /// No key material: ran without idempotency (lenient mode).
+    MissingKeyUnprotected,
+    /// No key material: refused (strict mode).
+    MissingKeyRefused,
+    /// The handler failed; the key was given back for a retry.
+    HandlerErrorReleased,
+    /// The handler failed permanently; the error is stored and replayed.
+    PermanentErrorStored,
+    /// The reservation expired and was taken over before this attempt completed.
+    LostOwnership,
+    StoreError,
+    /// The response (or the outbox) does not fit the store.
+    TooLarge,
+    /// A stored record the layer cannot read.
+    MalformedRecord,
+    /// An event, response or step result that is not what the layer needs.
+    InvalidInput,
+}
+
+/// Something an invocation met on its way, counted besides its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Some are met only with optional features (the outbox, batch sources).
+#[cfg_attr(
+    not(all(feature = "outbox", feature = "sqs", feature = "streams")),
+    allow(dead_code)
+)]
+pub(crate) enum Event {
+    /// The stored record had expired: a new execution ran.
+    ExpiredReexecuted,
+    /// An earlier attempt's reservation had passed its deadline: taken over.
+    TakenOver,
+    StepReplayed,
+    /// A step run again in a resumed execution, with the same derived key (its
+    /// earlier attempt may have reached the receiver).
+    StepReissued,
+    OutboxDelivered,
+    OutboxLeftForRelay,
+    BatchRecords,
+    BatchFailures,
+    /// FIFO messages not run because an earlier message of their group failed.
+    BatchHeldBack,
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+impl Outcome {
+    const ALL: [Outcome; 14] = [
+        Outcome::Executed,
+        Outcome::ReplayedFromStore,
+        Outcome::ReplayedFromCache,
+        Outcome::InProgress,
+        Outcome::PayloadMismatch,
+        Outcome::MissingKeyUnprotected,
+        Outcome::MissingKeyRefused,
+        Outcome::HandlerErrorReleased,
+        Outcome::PermanentErrorStored,
+        Outcome::LostOwnership,
+        Outcome::StoreError,
+        Outcome::TooLarge,
+        Outcome::MalformedRecord,
+        Outcome::InvalidInput,
+    ];
+
+    /// The stable name: the span's `outcome` field, and the counter's name after
+    /// `idempotency.`.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Outcome::Executed => "executed",
+            Outcome::ReplayedFromStore => "replayed_from_store",
+            Outcome::ReplayedFromCache => "replayed_from_cache",
+            Outcome::InProgress => "in_progress",
+            Outcome::PayloadMismatch => "payload_mismatch",
+            Outcome::MissingKeyUnprotected => "missing_key_unprotected",
+            Outcome::MissingKeyRefused => "missing_key_refused",
+            Outcome::HandlerErrorReleased => "handler_error_released",
+            Outcome::PermanentErrorStored => "permanent_error_stored",
+            Outcome::LostOwnership => "lost_ownership",
+            Outcome::StoreError => "store_error",
+            Outcome::TooLarge => "too_large",
+            Outcome::MalformedRecord => "malformed_record",
+            Outcome::InvalidInput => "invalid_input",
+        }
+    }
+
+    /// The outcome of a call that ends with `err`.
+    pub(crate) fn of(err: &crate::IdempotencyError) -> Self {
+        use crate::IdempotencyError as E;
+        match err {
+            E::AlreadyInProgress { .. } => Outcome::InProgress,
+            E::PayloadMismatch { .. } => Outcome::PayloadMismatch,
+            E::MissingKey { .. } => Outcome::MissingKeyRefused,
+            E::LostOwnership { .. } => Outcome::LostOwnership,
+            E::Store(_) => Outcome::StoreError,
+            E::ResponseTooLarge { .. } | E::OutboxTooLarge { .. } => Outcome::TooLarge,
+            E::MalformedRecord { .. } => Outcome::MalformedRecord,
+            _ => Outcome::InvalidInput,
+        }
+    }
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+impl Event {
+    const ALL: [Event; 9] = [
+        Event::ExpiredReexecuted,
+        Event::TakenOver,
+        Event::StepReplayed,
+        Event::StepReissued,
+        Event::OutboxDelivered,
+        Event::OutboxLeftForRelay,
+        Event::BatchRecords,
+        Event::BatchFailures,
+        Event::BatchHeldBack,
+    ];
+
+    /// The stable name, after `idempotency.` in the counter's name.
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Event::ExpiredReexecuted => "expired_reexecuted",
+            Event::TakenOver => "taken_over",
+            Event::StepReplayed => "step_replayed",
+            Event::StepReissued => "step_reissued",
+            Event::OutboxDelivered => "outbox_delivered",
+            Event::OutboxLeftForRelay => "outbox_left_for_relay",
+            Event::BatchRecords => "batch_records",
+            Event::BatchFailures => "batch_failures",
+            Event::BatchHeldBack => "batch_held_back",
+        }
+    }
+}
+
+/// The counters of one handler. Cheap to clone; a no-op when metrics are off (or
+/// without the `metrics` feature).
+#[derive(Clone, Default)]
+pub(crate) struct Meter {
+    #[cfg(feature = "metrics")]
+    counters: Option<std::sync::Arc<Counters>>,
+}
+
+#[cfg(feature = "metrics")]
+struct Counters {
+    outcomes: Vec<metrics::Counter>,
+    events: Vec<metrics::Counter>,
+}
+
+impl Meter {
+    /// Registers the handler's counters with the installed recorder: handles are
+    /// taken once, so counting costs an atomic add per call, not a registry lookup.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn new(function: &str, handler: &str, observe: bool) -> Self {
+        let labels = [
+            ("function", function.to_owned()),
+            ("handler", handler.to_owned()),
+            (
+                "mode",
+                if observe { "observe" } else { "enforce" }.to_owned(),
+            ),
+        ];
+        let counter = |name: &str| metrics::counter!(format!("idempotency.{name}"), &labels);
+        Self {
+            counters: Some(std::sync::Arc::new(Counters {
+                outcomes: Outcome::ALL.iter().map(|o| counter(o.name())).collect(),
+                events: Event::ALL.iter().map(|e| counter(e.name())).collect(),
+            })),
+        }
+    }
+
+    pub(crate) fn outcome(&self, outcome: Outcome) {
+        #[cfg(feature = "metrics")]
+        if let Some(counters) = &self.counters {
+            counters.outcomes[outcome as usize].increment(1);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = outcome;
+    }
+
+    pub(crate) fn event(&self, event: Event, count: u64) {
+        #[cfg(feature = "metrics")]
+        if let (Some(counters), 1..) = (&self.counters, count) {
+            counters.events[event as usize].increment(count);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = (event, count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_is_listed_once_at_its_index_with_a_distinct_name() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
+        }
+        for (i, e) in Event::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?}");
+        }
+        let mut names: Vec<_> = Outcome::ALL.iter().map(|o| o.name()).collect();
+        names.extend(Event::ALL.iter().map(|e| e.name()));
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
+    }
+}
