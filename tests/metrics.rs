@@ -2,13 +2,14 @@
 //! `emf` recorder writes, for a scripted sequence of calls against LocalStack:
 //! first, replay, payload mismatch, conflict, takeover, lost ownership, expired
 //! record, handler error, missing key; then observe-only mode, metrics turned off,
-//! and the `EmfLayer` flushing after each invocation.
+//! an SQS batch's counts, and the `EmfLayer` flushing after each invocation.
 //!
 //! One test: the recorder is global to the process and a flush drains every
 //! counter.
 
 mod support;
 
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::types::AttributeValue;
 use lambda_idempotency::emf::{self, EmfLayer};
 use lambda_idempotency::{DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError};
@@ -282,6 +283,42 @@ async fn emf_lines_count_each_outcome_of_a_scripted_sequence() {
         .expect("runs");
     assert_eq!(runs.get(), 11);
     assert_eq!(flush(collector), "");
+
+    // An SQS FIFO batch: the second message fails, the third (same group) is held back.
+    // Keyed by message id, the SQS source's default key.
+    let keyed_by_message = IdempotencyConfig::builder().key_prefix("batch");
+    let batch = Idempotency::new(store.clone(), keyed_by_message.build().expect("config"))
+        .sqs_batch("ship", |message: SqsMessage| async move {
+            match message.body.as_deref() {
+                Some("bad") => Err("cannot ship"),
+                _ => Ok(json!("shipped")),
+            }
+        });
+    let records: Vec<Value> = ["good", "bad", "later"]
+        .iter()
+        .map(|body| {
+            json!({"messageId": format!("{body}-id"), "body": body, "eventSource": "aws:sqs",
+                   "attributes": {"MessageGroupId": "g-1"}})
+        })
+        .collect();
+    let event: SqsEvent = serde_json::from_value(json!({"Records": records})).expect("event");
+    let response = batch
+        .process(LambdaEvent::new(event, context(60_000)))
+        .await
+        .expect("processed");
+    assert_eq!(response.batch_item_failures.len(), 2);
+    let text = flush(collector);
+    assert_eq!(
+        counts(&text, "batch.ship", "enforce"),
+        expected(&[
+            ("batch_records", 3),
+            ("batch_failures", 2),
+            ("batch_held_back", 1),
+            ("executed", 1),
+            ("handler_error_released", 1),
+        ]),
+        "{text}"
+    );
 
     // The layer writes each invocation's documents when it ends.
     let written = Arc::new(Mutex::new(Vec::<u8>::new()));
