@@ -15,10 +15,12 @@
 //! cargo lambda invoke dynamodb_lambda --invoke-port 9000 --data-file examples/events/order.json
 //! ```
 
+use lambda_idempotency::emf::{self, EmfLayer};
 use lambda_idempotency::{DynamoDbStore, Idempotency, IdempotencyConfig};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
+use tower::Layer;
 
 #[derive(Deserialize, Serialize)]
 struct Order {
@@ -63,5 +65,9 @@ async fn main() -> Result<(), Error> {
         .build()?;
     let idempotency = Idempotency::new(store, config);
 
-    lambda_runtime::run(idempotency.wrap(service_fn(handle))?).await
+    // Dedup metrics as CloudWatch EMF lines, one document per invocation
+    // (namespace `Idempotency`: the dashboard and alarms of template.yaml).
+    let collector = emf::install("Idempotency")?;
+    let service = EmfLayer::new(collector).layer(idempotency.wrap(service_fn(handle))?);
+    lambda_runtime::run(service).await
 }

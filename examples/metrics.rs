@@ -48,7 +48,10 @@ async fn main() -> Result<(), Error> {
             json!({"amount": 25}),
         ] {
             let result = service.ready().await?.call(event(payload)).await;
-            eprintln!("{}", result.map_or_else(|e| e.to_string(), |r| r.to_string()));
+            eprintln!(
+                "{}",
+                result.map_or_else(|e| e.to_string(), |r| r.to_string())
+            );
         }
     }
     Ok(())

@@ -131,7 +131,7 @@ charges="$(grep -c 'charging' "$watch_log" || true)"
 [[ "$charges" == 1 ]] || fail "the handler ran $charges times (log: $watch_log)"
 grep -q 'replayed=true.*replaying the stored response' "$watch_log" ||
   fail "no replay in the function's log ($watch_log)"
-key="$(grep -o 'idempotency{key=[^ }]*' "$watch_log" | head -n 1 | cut -d= -f2)"
+key="$(grep -o 'idempotency{[^}]*key=[^ }]*' "$watch_log" | head -n 1 | sed 's/.*key=//' || true)"
 [[ -n "$key" ]] || fail "no idempotency key in the function's log"
 
 # The record in DynamoDB.

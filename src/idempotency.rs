@@ -323,8 +323,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
         // One span per call, from the start: every outcome is named on it.
         let span = tracing::info_span!(
             "idempotency",
-            handler = call.scope,
             key = field::Empty,
+            handler = %call.scope,
             outcome = field::Empty,
             replayed = field::Empty
         );
@@ -360,7 +360,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     return self.run_unprotected(event, handler).await;
                 };
                 let key = format!("{}#{material_hash}", call.scope);
-                tracing::Span::current().record("key", key.as_str());
+                tracing::Span::current().record("key", field::display(&key));
 
                 // 2. A completed record in this execution environment: no request at all.
                 let now = now_ms();
