@@ -1168,3 +1168,76 @@ async fn the_span_names_each_call_s_outcome() {
         ]
     );
 }
+
+/// The WARN and ERROR events logged, as (level, message).
+#[derive(Clone, Default)]
+struct Alerts(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Alerts {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let level = *event.metadata().level();
+        if level <= tracing::Level::WARN {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().expect("lock").push((level, message.0));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_takeover_logs_one_warning_and_the_fenced_off_late_attempt_one_error() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let alerts = Alerts::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(alerts.clone()));
+    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let work = Arc::new(idempotency.function("work", {
+        let (entered, gate) = (entered.clone(), gate.clone());
+        move |event: Value| {
+            let (entered, gate) = (entered.clone(), gate.clone());
+            async move {
+                if event["hold"] == json!(true) {
+                    entered.notify_one();
+                    gate.notified().await;
+                }
+                Ok::<_, std::io::Error>(json!("done"))
+            }
+        }
+    }));
+    let late = tokio::spawn({
+        let work = work.clone();
+        async move {
+            work.call(json!({"order_id": "w", "hold": true}), Some(&context(200)))
+                .await
+        }
+    });
+    entered.notified().await;
+    let deadline = now_ms() + 200;
+    while now_ms() <= deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    work.call(json!({"order_id": "w"}), Some(&context(60_000)))
+        .await
+        .expect("takeover");
+    gate.notify_one();
+    let late = late.await.expect("join");
+    assert!(matches!(
+        late,
+        Err(Error::Idempotency(IdempotencyError::LostOwnership { .. }))
+    ));
+    let alerts = alerts.0.lock().expect("lock").clone();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[0].0, tracing::Level::WARN);
+    assert!(alerts[0].1.contains("took over"), "{alerts:?}");
+    assert_eq!(alerts[1].0, tracing::Level::ERROR);
+    assert!(alerts[1].1.contains("taken over"), "{alerts:?}");
+}
