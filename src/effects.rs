@@ -90,6 +90,8 @@ struct State {
     /// Whether a step's closure was called: its effect may have happened, so the
     /// execution must be resumable (its record kept) even if nothing was journaled.
     attempted: bool,
+    /// Whether a resumed execution has met a step missing from its journal.
+    missed: bool,
     #[cfg(feature = "outbox")]
     staged: Vec<(String, OutboxMessage)>,
 }
@@ -190,8 +192,11 @@ impl Effects {
                 tracing::debug!(step = name, position, "replaying a journaled step");
                 return self.replay_step(step, name, position);
             }
-            // Not journaled: an earlier attempt may have called it (same derived key).
-            self.inner.meter.event(Event::StepReissued, 1);
+            // The first step missing from the journal is the one an earlier attempt
+            // may have been calling when it failed: re-issued, same derived key.
+            if !std::mem::replace(&mut self.state().missed, true) {
+                self.inner.meter.event(Event::StepReissued, 1);
+            }
         }
 
         self.state().attempted = true;

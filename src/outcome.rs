@@ -47,8 +47,9 @@ pub(crate) enum Event {
     /// An earlier attempt's reservation had passed its deadline: taken over.
     TakenOver,
     StepReplayed,
-    /// A step run again in a resumed execution, with the same derived key (its
-    /// earlier attempt may have reached the receiver).
+    /// The first step a resumed execution finds missing from its journal: the
+    /// call its earlier attempt may have been making when it failed, run again
+    /// with the same derived key.
     StepReissued,
     OutboxDelivered,
     OutboxLeftForRelay,

@@ -2,7 +2,9 @@
 //! `emf` recorder writes, for a scripted sequence of calls against LocalStack:
 //! first, replay, payload mismatch, conflict, takeover, lost ownership, expired
 //! record, handler error, missing key; then observe-only mode, metrics turned off,
-//! an SQS batch's counts, and the `EmfLayer` flushing after each invocation.
+//! steps replayed and re-issued, outbox delivered and left for the relay, a stored
+//! permanent error, a store error, an SQS batch's counts, and the `EmfLayer`
+//! flushing after each invocation.
 //!
 //! One test: the recorder is global to the process and a flush drains every
 //! counter.
@@ -12,13 +14,16 @@ mod support;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::types::AttributeValue;
 use lambda_idempotency::emf::{self, EmfLayer};
-use lambda_idempotency::{DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError};
+use lambda_idempotency::{
+    effects, Dispatcher, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError,
+    OutboxMessage, PermanentError,
+};
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use support::localstack::{client, default_table};
-use support::{context, key_for, now_ms, Counter};
+use support::{context, key_for, now_ms, Audit, Counter};
 use tokio::sync::Notify;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -283,6 +288,136 @@ async fn emf_lines_count_each_outcome_of_a_scripted_sequence() {
         .expect("runs");
     assert_eq!(runs.get(), 11);
     assert_eq!(flush(collector), "");
+
+    // Steps: the first attempt fails inside its first step, the second after it,
+    // the third completes. Each retry resumes the execution: a step the journal
+    // holds is replayed, one it lacks is re-issued with the same derived key.
+    let attempts = Counter::default();
+    let audit = Audit::default();
+    let stepped = Idempotency::new(store.clone(), config("steps").build().expect("config"))
+        .with_dispatcher(Dispatcher::new().with_sink("audit", audit.clone()));
+    let order = stepped.function("order", {
+        let attempts = attempts.clone();
+        move |_: Value| {
+            let attempt = attempts.hit();
+            async move {
+                let effects = effects()?;
+                effects
+                    .step("charge", |_| async move {
+                        match attempt {
+                            1 => Err(std::io::Error::other("charge failed")),
+                            _ => Ok(json!("charged")),
+                        }
+                    })
+                    .await?;
+                effects
+                    .step("ship", |_| async move {
+                        match attempt {
+                            2 => Err(std::io::Error::other("ship failed")),
+                            _ => Ok(json!("shipped")),
+                        }
+                    })
+                    .await?;
+                effects.outbox().push(OutboxMessage::Custom {
+                    sink: "audit".into(),
+                    payload: json!("placed"),
+                });
+                Ok::<_, Error<std::io::Error>>(json!("placed"))
+            }
+        }
+    });
+    for _ in 0..2 {
+        order
+            .call(
+                json!({"order_id": "s-1", "amount": 1}),
+                Some(&context(60_000)),
+            )
+            .await
+            .expect_err("a step failed");
+    }
+    order
+        .call(
+            json!({"order_id": "s-1", "amount": 1}),
+            Some(&context(60_000)),
+        )
+        .await
+        .expect("placed");
+    assert_eq!(audit.delivered().len(), 1);
+    // Without a dispatcher the message waits for the relay.
+    let relayed = Idempotency::new(store.clone(), config("relayed").build().expect("config"));
+    relayed
+        .function("order", |_: Value| async move {
+            effects()?.outbox().push(OutboxMessage::Custom {
+                sink: "audit".into(),
+                payload: json!("later"),
+            });
+            Ok::<_, Error<std::io::Error>>(json!("placed"))
+        })
+        .call(
+            json!({"order_id": "s-2", "amount": 1}),
+            Some(&context(60_000)),
+        )
+        .await
+        .expect("placed");
+    // A permanent error, stored and replayed; a store that fails.
+    let permanent = Idempotency::new(
+        store.clone(),
+        config("permanent")
+            .replay_permanent_errors(true)
+            .build()
+            .expect("config"),
+    );
+    let reject = permanent.function("order", |_: Value| async move {
+        Err::<Value, _>(PermanentError::new("card declined"))
+    });
+    for _ in 0..2 {
+        reject
+            .call(
+                json!({"order_id": "p-1", "amount": 1}),
+                Some(&context(60_000)),
+            )
+            .await
+            .expect_err("declined");
+    }
+    let broken = Idempotency::new(
+        DynamoDbStore::new(client(), "no-such-table-metrics"),
+        config("broken").build().expect("config"),
+    );
+    broken
+        .function("order", handler.clone())
+        .call(
+            json!({"order_id": "b-1", "amount": 1}),
+            Some(&context(60_000)),
+        )
+        .await
+        .expect_err("no table");
+    let text = flush(collector);
+    assert_eq!(
+        counts(&text, "steps.order", "enforce"),
+        expected(&[
+            ("handler_error_released", 2),
+            ("executed", 1),
+            ("step_replayed", 1),
+            ("step_reissued", 2),
+            ("outbox_delivered", 1),
+        ]),
+        "{text}"
+    );
+    assert_eq!(
+        counts(&text, "relayed.order", "enforce"),
+        expected(&[("executed", 1), ("outbox_left_for_relay", 1)]),
+        "{text}"
+    );
+    assert_eq!(
+        counts(&text, "permanent.order", "enforce"),
+        expected(&[("permanent_error_stored", 1), ("replayed_from_store", 1)]),
+        "{text}"
+    );
+    assert_eq!(
+        counts(&text, "broken.order", "enforce"),
+        expected(&[("store_error", 1)]),
+        "{text}"
+    );
 
     // An SQS FIFO batch: the second message fails, the third (same group) is held back.
     // Keyed by message id, the SQS source's default key.
