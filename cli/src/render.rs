@@ -69,7 +69,7 @@ impl State {
                 relative(deadline - now_ms)
             ),
             State::Abandoned => format!(
-                "in progress, but its deadline passed {}: the attempt died; the next call with this key resumes its execution (journaled steps replay)",
+                "in progress, but its deadline passed {}: the attempt died or timed out; the next call with this key resumes its execution (journaled steps replay)",
                 relative(deadline - now_ms)
             ),
             State::Open => "open for takeover (released after a failed attempt that ran steps, or by an operator): the next call resumes the execution".to_owned(),
@@ -115,13 +115,7 @@ pub fn record_text(record: &IdempotencyRecord, now_ms: i64) -> String {
     );
     line("owner", or_none(&record.owner));
     line("execution", or_none(&record.execution));
-    match record.in_progress_expiration {
-        Some(at) => line(
-            "deadline",
-            &format!("{} ({}, {at})", rfc3339_ms(at), relative(at - now_ms)),
-        ),
-        None => line("deadline", "(none)"),
-    }
+    line("deadline", &deadline_text(record, now_ms));
     line(
         "expires",
         &format!(
@@ -139,6 +133,16 @@ pub fn record_text(record: &IdempotencyRecord, now_ms: i64) -> String {
     }
     line("meaning", &state.explain(record, now_ms));
     out
+}
+
+/// A reservation's deadline as text: the instant and how far it is, `0` for a
+/// record opened for takeover.
+pub fn deadline_text(record: &IdempotencyRecord, now_ms: i64) -> String {
+    match record.in_progress_expiration {
+        Some(0) => "0 (open for takeover)".to_owned(),
+        Some(at) => format!("{} ({}, {at})", rfc3339_ms(at), relative(at - now_ms)),
+        None => "(none)".to_owned(),
+    }
 }
 
 fn or_none(text: &str) -> &str {

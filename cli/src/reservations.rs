@@ -2,7 +2,7 @@
 
 use crate::args::{InProgressArgs, ReleaseArgs};
 use crate::error::{exit, CliError, Outcome};
-use crate::render::{record_json, State};
+use crate::render::{deadline_text, record_json, State};
 use crate::time::{now_ms, relative, rfc3339_ms, rfc3339_s};
 use crate::{aws, journal};
 use aws_config::SdkConfig;
@@ -36,10 +36,7 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
         let _ = writeln!(human, "no reservations listed");
     }
     for record in &listed {
-        let deadline = match record.in_progress_expiration {
-            Some(at) => format!("deadline {} ({})", rfc3339_ms(at), relative(at - now)),
-            None => "no deadline".to_owned(),
-        };
+        let deadline = format!("deadline {}", deadline_text(record, now));
         let _ = writeln!(
             human,
             "{}\n  {} {deadline}, expires {} ({})\n  owner {}  execution {}",

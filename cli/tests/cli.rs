@@ -384,6 +384,38 @@ async fn a_stuck_reservation_is_listed_refused_to_others_and_released_by_its_own
         "oldest deadline first"
     );
 
+    // Another dead attempt, released with --open although nothing is journaled:
+    // kept, open for takeover, so a retry reuses its execution's derived keys.
+    let open_key = idempotency
+        .key_for(None, &json!({ "order_id": "o-open" }))
+        .expect("key")
+        .expect("material");
+    let unjournaled = IdempotencyRecord {
+        key: open_key.clone(),
+        owner: "open-owner".into(),
+        execution: "open-owner".into(),
+        ..dead.clone()
+    };
+    store.reserve(&unjournaled, now).await.expect("reserve");
+    let (code, doc) = run_json(&[
+        "release",
+        "--table",
+        &table,
+        "--key",
+        &open_key,
+        "--owner",
+        "open-owner",
+        "--open",
+    ]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(
+        (doc["outcome"].clone(), doc["journaled_steps"].clone()),
+        (json!("opened"), json!(0))
+    );
+    let opened = store.get(&open_key).await.expect("get").expect("kept");
+    assert_eq!(opened.in_progress_expiration, Some(0));
+    assert_eq!(opened.execution, "open-owner");
+
     // Not the owner: refused, the item untouched.
     let (code, doc) = run_json(&[
         "release",
@@ -587,6 +619,8 @@ async fn the_outbox_sweep_delivers_pending_messages_once() {
     call(&mut service, &json!({ "order_id": "o-out" }))
         .await
         .expect("call");
+    // The outbox item shares the table but is not a record.
+    assert_eq!(only_record(&table).await.status, Status::Completed);
 
     let (code, doc) = run_json(&["outbox", "pending", "--table", &table]);
     assert_eq!(code, 0, "{doc}");
@@ -725,6 +759,26 @@ async fn malformed_items_and_usage_errors_have_their_exit_codes() {
         (2, json!("usage")),
         "{doc}"
     );
+
+    let (code, doc) = run_json(&[
+        "show",
+        "--table",
+        &table,
+        "--event",
+        event.to_str().expect("utf-8 path"),
+        "--key-expression",
+        "a",
+        "--powertools-keys",
+    ]);
+    if cfg!(feature = "powertools") {
+        assert_eq!(code, 1, "no record under the Powertools key: {doc}");
+    } else {
+        assert_eq!(
+            (code, doc["error"]["kind"].clone()),
+            (2, json!("usage")),
+            "{doc}"
+        );
+    }
 
     // A missing table: an AWS error, DynamoDB's code in the message.
     let (code, doc) = run_json(&["show", "--table", &unique("cli-missing"), "--key", "k"]);

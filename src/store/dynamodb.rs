@@ -742,9 +742,6 @@ impl DynamoDbStore {
         &self,
         status: Option<Status>,
     ) -> Result<Vec<IdempotencyRecord>, StoreError> {
-        // The statuses of journal and outbox items (`STEP`, and the outbox's
-        // `PENDING` and `DELIVERED`, whose constants exist only with `outbox`).
-        const NOT_RECORDS: [&str; 3] = [STEP, "PENDING", "DELIVERED"];
         let n = &self.names;
         let mut records = Vec::new();
         let mut start: Option<Item> = None;
@@ -763,18 +760,17 @@ impl DynamoDbStore {
                         ":status",
                         AttributeValue::S(status.as_str().into()),
                     ),
-                // An item without a status passes (`IN` is false on a missing
-                // attribute) and is reported malformed below.
+                // Journal and outbox items (`STEP`; the outbox's `PENDING` and
+                // `DELIVERED`, whose constants exist only with `outbox`) are not
+                // records. An item without a status passes (`IN` is false on a
+                // missing attribute) and is reported malformed below.
                 None => request
                     .filter_expression("NOT (#status IN (:step, :pending, :delivered))")
-                    .expression_attribute_values(":step", AttributeValue::S(NOT_RECORDS[0].into()))
-                    .expression_attribute_values(
-                        ":pending",
-                        AttributeValue::S(NOT_RECORDS[1].into()),
-                    )
+                    .expression_attribute_values(":step", AttributeValue::S(STEP.into()))
+                    .expression_attribute_values(":pending", AttributeValue::S("PENDING".into()))
                     .expression_attribute_values(
                         ":delivered",
-                        AttributeValue::S(NOT_RECORDS[2].into()),
+                        AttributeValue::S("DELIVERED".into()),
                     ),
             };
             let page = request
