@@ -99,21 +99,27 @@ pub struct ShowArgs {
     #[arg(long, requires = "key_expression")]
     pub event: Option<PathBuf>,
     /// The function's `key_expression` (JMESPath); `@` for the whole event.
-    #[arg(long)]
+    #[arg(long, requires = "event")]
     pub key_expression: Option<String>,
     /// The key prefix: the function's `key_prefix` if it sets one, else its
     /// Lambda function name (default: `AWS_LAMBDA_FUNCTION_NAME`, else `local`,
     /// as the engine).
-    #[arg(long)]
+    #[arg(long, requires = "event")]
     pub function: Option<String>,
     /// The handler's name given to `wrap_as`, `function` or a batch/HTTP adapter
     /// (none for `wrap`/`layer`).
-    #[arg(long)]
+    #[arg(long, requires = "event")]
     pub handler: Option<String>,
     /// Keys as Powertools for Python derives them (`powertools_python_keys`):
     /// md5 (the Powertools default), sha224, sha256, sha384 or sha512. Needs the
     /// tool built with the `powertools` feature.
-    #[arg(long, num_args = 0..=1, default_missing_value = "md5", value_name = "HASH")]
+    #[arg(
+        long,
+        requires = "event",
+        num_args = 0..=1,
+        default_missing_value = "md5",
+        value_name = "HASH"
+    )]
     pub powertools_keys: Option<String>,
 }
 
