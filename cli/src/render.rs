@@ -115,7 +115,10 @@ pub fn record_text(record: &IdempotencyRecord, now_ms: i64) -> String {
     );
     line("owner", or_none(&record.owner));
     line("execution", or_none(&record.execution));
-    line("deadline", &deadline_text(record, now_ms));
+    // A completed record keeps its last reservation's deadline: it means nothing.
+    if record.status == Status::InProgress {
+        line("deadline", &deadline_text(record, now_ms));
+    }
     line(
         "expires",
         &format!(

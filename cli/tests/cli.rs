@@ -180,10 +180,25 @@ fn run_json(args: &[&str]) -> (i32, Value) {
     (code, document)
 }
 
-fn event_file(event: &Value) -> PathBuf {
+/// An event in a temporary file, removed when dropped.
+struct EventFile(PathBuf);
+
+impl EventFile {
+    fn to_str(&self) -> Option<&str> {
+        self.0.to_str()
+    }
+}
+
+impl Drop for EventFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn event_file(event: &Value) -> EventFile {
     let path = std::env::temp_dir().join(format!("{}.json", unique("cli-event")));
     std::fs::write(&path, event.to_string()).expect("write the event file");
-    path
+    EventFile(path)
 }
 
 /// The only idempotency record in `table`.
