@@ -35,12 +35,16 @@ done
 step "cargo clippy --workspace --all-targets --features $sources_and_sinks, and --all-features"
 cargo clippy --workspace --all-targets --locked --features "$sources_and_sinks" -- -D warnings
 cargo clippy --all-targets --locked --all-features -- -D warnings
+step "cargo clippy -p lambda-idempotency-cli --features powertools (the operator's CLI with Powertools keys)"
+cargo clippy -p lambda-idempotency-cli --all-targets --locked --features powertools -- -D warnings
 step "cargo doc, default features and all: no broken links"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --all-features
 step "cargo test --features $sources_and_sinks (against LocalStack at $AWS_ENDPOINT_URL)"
 cargo test --all-targets --locked --features "$sources_and_sinks"
 cargo test --doc --locked --features "$sources_and_sinks"
+step "cargo test -p lambda-idempotency-cli (the operator's CLI against LocalStack)"
+cargo test --locked -p lambda-idempotency-cli
 step "cargo test --lib --features exact-numbers (keys exact for any JSON number)"
 cargo test --lib --locked --features exact-numbers
 step "powertools-compat feature: its tests, and the round trip with Powertools for Python"

@@ -724,3 +724,91 @@ impl DynamoDbStore {
         }
     }
 }
+
+/// Listing records, for operators (the `idempotency` command-line tool).
+impl DynamoDbStore {
+    /// Every idempotency record of the store, or only those with `status`: a
+    /// consistent `Scan` of the whole table, page by page (it reads every item,
+    /// so it is for operators, not for handlers; IAM action `Scan`). Records are
+    /// returned in key order, expired ones included (check
+    /// [`IdempotencyRecord::is_expired`]).
+    ///
+    /// Journal steps and outbox messages share the table but are not records:
+    /// they are told apart by their `status` (`STEP`, `PENDING`, `DELIVERED`) and
+    /// skipped. Every other item is read as strictly as [`get`](IdempotencyStore::get)
+    /// reads one, so an item that is not a valid record (unknown or missing status,
+    /// a wrong attribute type) fails the listing with [`StoreError::Malformed`]
+    /// naming its key, rather than being left out unseen. In a
+    /// [`KeyLayout::Composite`] table only this store's partition is listed.
+    ///
+    /// ```no_run
+    /// # async fn f(store: lambda_idempotency::DynamoDbStore) -> Result<(), lambda_idempotency::store::StoreError> {
+    /// use lambda_idempotency::Status;
+    /// for record in store.scan_records(Some(Status::InProgress)).await? {
+    ///     println!("{} reserved by {}", record.key, record.owner);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn scan_records(
+        &self,
+        status: Option<Status>,
+    ) -> Result<Vec<IdempotencyRecord>, StoreError> {
+        let n = &self.names;
+        let mut records = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let request = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .expression_attribute_names("#status", &n.status)
+                .set_exclusive_start_key(start);
+            let request = match status {
+                Some(status) => request
+                    .filter_expression("#status = :status")
+                    .expression_attribute_values(
+                        ":status",
+                        AttributeValue::S(status.as_str().into()),
+                    ),
+                // Journal and outbox items (`STEP`; the outbox's `PENDING` and
+                // `DELIVERED`, whose constants exist only with `outbox`) are not
+                // records. An item without a status passes (`IN` is false on a
+                // missing attribute) and is reported malformed below.
+                None => request
+                    .filter_expression("NOT (#status IN (:step, :pending, :delivered))")
+                    .expression_attribute_values(":step", AttributeValue::S(STEP.into()))
+                    .expression_attribute_values(":pending", AttributeValue::S("PENDING".into()))
+                    .expression_attribute_values(
+                        ":delivered",
+                        AttributeValue::S("DELIVERED".into()),
+                    ),
+            };
+            let page = request
+                .send()
+                .await
+                .map_err(|e| backend("Scan (records)", e))?;
+            for item in page.items() {
+                let own = match &self.layout {
+                    KeyLayout::Simple => true,
+                    KeyLayout::Composite {
+                        partition_key,
+                        partition_value,
+                    } => {
+                        item.get(partition_key).and_then(|v| v.as_s().ok()) == Some(partition_value)
+                    }
+                };
+                if own {
+                    let key = Attributes { key: "", item }.string(&n.key)?;
+                    records.push(self.parse_item(&key, item)?);
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        records.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(records)
+    }
+}

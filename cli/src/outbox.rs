@@ -1,0 +1,60 @@
+//! `outbox pending` and `outbox deliver`.
+
+use crate::args::OutboxArgs;
+use crate::aws;
+use crate::error::{exit, CliError, Outcome};
+use crate::render::{outbox_json, outbox_line};
+use crate::time::now_ms;
+use aws_config::SdkConfig;
+use lambda_idempotency::{Dispatcher, OutboxStore, Relay};
+use serde_json::json;
+use std::fmt::Write;
+
+/// Lists the outbox messages still `PENDING` (a consistent scan).
+pub async fn pending(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliError> {
+    let store = aws::store(sdk, &args.common.table);
+    let now = now_ms();
+    let pending = store.pending_outbox().await?;
+    let mut human = String::new();
+    if pending.is_empty() {
+        let _ = writeln!(human, "no pending outbox messages");
+    }
+    for message in &pending {
+        let _ = writeln!(human, "{}", outbox_line(message));
+    }
+    let document = json!({
+        "table": args.common.table,
+        "count": pending.len(),
+        "messages": pending.iter().map(|m| outbox_json(m, now)).collect::<Vec<_>>(),
+    });
+    Ok(Outcome::ok(document, human))
+}
+
+/// Delivers every pending message and marks it delivered: the relay's sweep,
+/// with SQS (the SDK's configuration) and HTTP sinks.
+pub async fn deliver(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliError> {
+    let store = aws::store(sdk, &args.common.table);
+    let dispatcher = Dispatcher::new()
+        .with_sqs(aws_sdk_sqs::Client::new(sdk))
+        .with_http()
+        .map_err(|e| CliError::Setup(format!("cannot set up the HTTP client: {e}")))?;
+    let report = Relay::new(store, dispatcher).sweep().await?;
+    let document = json!({
+        "table": args.common.table,
+        "delivered": report.delivered,
+        "failed": report.failed,
+    });
+    let human = format!("delivered {}, failed {}\n", report.delivered, report.failed);
+    if report.failed > 0 {
+        return Ok(Outcome::with(
+            document,
+            human,
+            exit::AWS,
+            format!(
+                "{} message(s) not delivered; they stay PENDING (the warnings above say why)",
+                report.failed
+            ),
+        ));
+    }
+    Ok(Outcome::ok(document, human))
+}
