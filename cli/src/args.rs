@@ -155,12 +155,13 @@ pub struct ReleaseArgs {
     /// attempt may still be running, and a retry would then run beside it.
     #[arg(long)]
     pub force: bool,
-    /// Open the record for takeover even when no step is journaled, so the retry
-    /// resumes the execution with the same derived keys (use it when the attempt
-    /// may have called a step whose result was never journaled, e.g. it timed
-    /// out waiting for the payment API).
+    /// Delete the record instead of opening it for takeover: the next call then
+    /// starts a new execution, with new derived keys, so a step call the attempt
+    /// made without journaling its result (it timed out waiting for the payment
+    /// API) would be sent again under another key. Only for an attempt known to
+    /// have called nothing; refused when the execution journaled steps.
     #[arg(long)]
-    pub open: bool,
+    pub delete: bool,
 }
 
 /// `outbox pending` and `outbox deliver`.

@@ -58,8 +58,10 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
     Ok(Outcome::ok(document, human))
 }
 
-/// Releases a reservation if `--owner` owns it: opens it for takeover when its
-/// execution journaled steps (or with `--open`), deletes it otherwise.
+/// Releases a reservation if `--owner` owns it: opens it for takeover, so the
+/// retry resumes its execution (same derived keys, journaled steps replayed);
+/// deletes it only when it has no execution (written by another tool) or with
+/// `--delete` and nothing journaled.
 pub async fn release(sdk: &SdkConfig, args: ReleaseArgs) -> Result<Outcome, CliError> {
     let store = aws::store(sdk, &args.common.table);
     let now = now_ms();
@@ -125,7 +127,19 @@ pub async fn release(sdk: &SdkConfig, args: ReleaseArgs) -> Result<Outcome, CliE
     }
 
     let steps = journal::steps(&store, &record).await?;
-    let open = args.open || !steps.is_empty();
+    if args.delete && !steps.is_empty() {
+        return Ok(refuse(
+            "journaled",
+            format!(
+                "execution {} journaled {} step(s): deleting the record would run them again under new keys; release without --delete to open it",
+                record.execution,
+                steps.len()
+            ),
+        ));
+    }
+    // Opening is the default: nothing shows whether the attempt called a step
+    // it never journaled, and only the same execution re-sends its derived key.
+    let open = !args.delete && !record.execution.is_empty();
     let result = if open {
         // What the engine does after a failed attempt that ran steps: the record
         // stays, open to takeover at once, so the retry resumes the execution.
@@ -164,7 +178,7 @@ pub async fn release(sdk: &SdkConfig, args: ReleaseArgs) -> Result<Outcome, CliE
     } else {
         (
             "deleted",
-            "deleted (no journaled step): the next call with this key runs the handler as a new execution".to_owned(),
+            "deleted: the next call with this key runs the handler as a new execution".to_owned(),
         )
     };
     let human = format!("{}: {meaning}\n", args.key);

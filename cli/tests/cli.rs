@@ -399,8 +399,8 @@ async fn a_stuck_reservation_is_listed_refused_to_others_and_released_by_its_own
         "oldest deadline first"
     );
 
-    // Another dead attempt, released with --open although nothing is journaled:
-    // kept, open for takeover, so a retry reuses its execution's derived keys.
+    // Another dead attempt, nothing journaled: by default kept, open for
+    // takeover, so a retry reuses its execution's derived keys.
     let open_key = idempotency
         .key_for(None, &json!({ "order_id": "o-open" }))
         .expect("key")
@@ -420,7 +420,6 @@ async fn a_stuck_reservation_is_listed_refused_to_others_and_released_by_its_own
         &open_key,
         "--owner",
         "open-owner",
-        "--open",
     ]);
     assert_eq!(code, 0, "{doc}");
     assert_eq!(
@@ -460,7 +459,7 @@ async fn a_stuck_reservation_is_listed_refused_to_others_and_released_by_its_own
     assert_eq!(doc["reason"], "live");
     assert!(store.get(&live_key).await.expect("get").is_some());
 
-    // The owner, deadline passed, no journal: deleted.
+    // The owner, deadline passed, no journal, --delete: deleted.
     let (code, doc) = run_json(&[
         "release",
         "--table",
@@ -469,6 +468,7 @@ async fn a_stuck_reservation_is_listed_refused_to_others_and_released_by_its_own
         &key,
         "--owner",
         "dead-owner",
+        "--delete",
     ]);
     assert_eq!(code, 0, "{doc}");
     assert_eq!(doc["outcome"], "deleted");
@@ -571,6 +571,20 @@ async fn a_reservation_with_a_journaled_step_is_opened_and_the_retry_replays_the
     ];
     let (code, doc) = run_json(&release);
     assert_eq!((code, doc["reason"].clone()), (3, json!("live")), "{doc}");
+
+    // Deleting would run the journaled step again under a new key: refused.
+    let deleting: Vec<&str> = release
+        .iter()
+        .copied()
+        .chain(["--force", "--delete"])
+        .collect();
+    let (code, doc) = run_json(&deleting);
+    assert_eq!(
+        (code, doc["reason"].clone()),
+        (3, json!("journaled")),
+        "{doc}"
+    );
+    assert_eq!(only_record(&table).await, record);
 
     let forced: Vec<&str> = release.iter().copied().chain(["--force"]).collect();
     let (code, doc) = run_json(&forced);
