@@ -18,8 +18,8 @@ use support::localstack::{
     client, create_table, default_table, recorded_client, table_name, Requests,
 };
 use support::{
-    context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
-    spawn_call, Counter,
+    context, counting_service, idempotency_error, in_progress, incompressible, invoke, key_for,
+    now_ms, poll, spawn_call, Counter,
 };
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
@@ -422,6 +422,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         step: "step_name".into(),
         execution: "run".into(),
         derived_key: "effect_key".into(),
+        data_encoding: "response_encoding".into(),
     };
     let layout = KeyLayout::Composite {
         partition_key: "pk".into(),
@@ -537,7 +538,13 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
             .wrap(service_fn(move |event: LambdaEvent<Value>| {
                 runs.hit();
                 let kib = event.payload["kib"].as_u64().unwrap_or(0) as usize;
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(kib * 1024)})) }
+                // Past the limit, text that stays over it gzip-compressed too (the
+                // `compress-responses` feature would store "x"s compressed).
+                let blob = match kib {
+                    0..=400 => "x".repeat(kib * 1024),
+                    _ => incompressible(kib * 1024, 2),
+                };
+                async move { Ok::<_, BoxError>(json!({ "blob": blob })) }
             }))
             .expect("one handler per key prefix")
     };
@@ -554,7 +561,7 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
     );
     requests.take();
 
-    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 401}))
+    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 600}))
         .await
         .expect_err("too large");
     assert!(

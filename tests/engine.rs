@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::faults::{FaultStore as CountingStore, Op};
 use support::{
-    context, counting_service, expire_in_place, idempotency_error, in_progress, invoke, key_for,
-    now_ms, permanent, poll, spawn_call, Counter,
+    context, counting_service, expire_in_place, idempotency_error, in_progress, incompressible,
+    invoke, key_for, now_ms, permanent, poll, spawn_call, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -438,7 +438,8 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
         idempotency
             .wrap(service_fn(move |_: LambdaEvent<Value>| {
                 runs.hit();
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
+                // Over 400 KB with or without the `compress-responses` feature.
+                async move { Ok::<_, BoxError>(json!({"blob": incompressible(600 * 1024, 1)})) }
             }))
             .expect("one handler per key prefix")
     };

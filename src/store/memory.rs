@@ -52,15 +52,40 @@ impl MemoryStore {
 
 impl MemoryStore {
     /// Replaces an owned record (and adds its outbox) if it fits DynamoDB's limits.
+    ///
+    /// With the `compress-responses` feature a record fits when its response,
+    /// gzip-compressed, would fit, as `DynamoDbStore` would store it (the text is
+    /// kept as it is: only its size is measured). There is no S3 form here: a
+    /// response that does not fit even compressed is refused with
+    /// [`StoreError::TooLarge`], as by a `DynamoDbStore` without a response bucket.
     fn commit_now(
         &self,
         record: &IdempotencyRecord,
         outbox: &[OutboxRecord],
     ) -> Result<(), StoreError> {
-        check_limits(
-            record.approximate_size(),
-            outbox.iter().map(OutboxRecord::approximate_size),
-        )?;
+        let outbox_sizes = || outbox.iter().map(OutboxRecord::approximate_size);
+        if let Err(too_large) = check_limits(record.approximate_size(), outbox_sizes()) {
+            #[cfg(feature = "compress-responses")]
+            if let Some(data) = &record.data {
+                // `data_encoding` = `gzip`, and the compressed bytes for the text.
+                let compressed = record.approximate_size() - data.len()
+                    + "data_encoding".len()
+                    + "gzip".len()
+                    + super::large::gzip(data.as_bytes()).len();
+                if check_limits(compressed, outbox_sizes()).is_ok() {
+                    return self.replace_owned(record, outbox);
+                }
+            }
+            return Err(too_large);
+        }
+        self.replace_owned(record, outbox)
+    }
+
+    fn replace_owned(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
         let mut tables = self.lock();
         match tables.records.get(&record.key) {
             Some(current) if current.owner == record.owner => {
