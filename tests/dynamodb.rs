@@ -613,3 +613,49 @@ async fn a_store_failure_is_a_typed_error_carrying_the_sdk_error_and_the_handler
     );
     assert_eq!(runs.get(), 0);
 }
+
+/// A build without `compress-responses` meets a record another function stored
+/// compressed: a malformed record naming the feature, never a guess; the handler
+/// does not run and the item stays.
+#[cfg(not(feature = "compress-responses"))]
+#[tokio::test]
+async fn a_compressed_record_needs_the_feature_to_be_read() {
+    let (store, _, table) = recorded_store("gzip-off").await;
+    let key = key_for("orders", "gz-1");
+    client()
+        .put_item()
+        .table_name(&table)
+        .item("id", AttributeValue::S(key.clone()))
+        .item("status", AttributeValue::S("COMPLETED".into()))
+        .item(
+            "expiration",
+            AttributeValue::N((now_ms() / 1000 + 3600).to_string()),
+        )
+        .item("data_encoding", AttributeValue::S("gzip".into()))
+        .item(
+            "data",
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                b"\x1f\x8b".to_vec(),
+            )),
+        )
+        .send()
+        .await
+        .expect("put");
+    let idempotency = Idempotency::new(store, config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let err = invoke(&mut service, json!({"order_id": "gz-1"}))
+        .await
+        .expect_err("malformed");
+    match idempotency_error(&err) {
+        IdempotencyError::MalformedRecord {
+            attribute, problem, ..
+        } => {
+            assert_eq!(attribute, "data_encoding");
+            assert!(problem.contains("compress-responses"), "{problem}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(runs.get(), 0);
+    assert_eq!(scan(&table).await.len(), 1);
+}

@@ -526,7 +526,9 @@ async fn an_uncompressed_s3_record_replays_and_malformed_forms_are_typed_errors(
 
     let s_ = |v: &str| AttributeValue::S(v.to_owned());
     let b_ = |v: &[u8]| AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(v.to_vec()));
-    let cases: Vec<(&str, Vec<(&str, AttributeValue)>, &str, &str)> = vec![
+    // (order id, the record's extra attributes, the attribute at fault, the problem)
+    type Case<'a> = (&'a str, Vec<(&'a str, AttributeValue)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "unknown-encoding",
             vec![("data_encoding", s_("zstd")), ("data", s_("{}"))],

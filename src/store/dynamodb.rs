@@ -89,7 +89,7 @@ pub enum KeyLayout {
 /// A response whose record would exceed DynamoDB's 400 KB item limit is refused
 /// ([`StoreError::TooLarge`]) unless the crate's `compress-responses` feature
 /// stores it gzip-compressed (when that fits) or `s3-responses` with
-/// [`with_response_bucket`](Self::with_response_bucket) stores it in S3; records
+/// `DynamoDbStore::with_response_bucket` stores it in S3; records
 /// that fit are written the same way with or without them. Reads restore the
 /// response's JSON text whatever its stored form (README "Responses of any size").
 ///
@@ -348,12 +348,28 @@ impl DynamoDbStore {
     /// points there (one `GetObject`).
     async fn resolve(
         &self,
-        (mut record, object): (IdempotencyRecord, Option<ObjectRef>),
+        (record, object): (IdempotencyRecord, Option<ObjectRef>),
     ) -> Result<IdempotencyRecord, StoreError> {
         let Some(object) = object else {
             return Ok(record);
         };
         #[cfg(feature = "s3-responses")]
+        return self.read_object(record, object).await;
+        #[cfg(not(feature = "s3-responses"))]
+        {
+            // parse_data refuses S3 pointers without the feature.
+            let _ = object;
+            Ok(record)
+        }
+    }
+
+    /// The response of a record that points at S3 (one `GetObject`).
+    #[cfg(feature = "s3-responses")]
+    async fn read_object(
+        &self,
+        mut record: IdempotencyRecord,
+        object: ObjectRef,
+    ) -> Result<IdempotencyRecord, StoreError> {
         {
             let bucket = self
                 .responses
@@ -391,12 +407,6 @@ impl DynamoDbStore {
                     )))
                 }
             }
-            Ok(record)
-        }
-        #[cfg(not(feature = "s3-responses"))]
-        {
-            // parse_data refuses S3 pointers without the feature.
-            let _ = object;
             Ok(record)
         }
     }

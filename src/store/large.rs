@@ -22,6 +22,7 @@
 //! crashed between its `PutObject` and its completion is read by no one (the
 //! bucket's lifecycle rule deletes it).
 
+#[cfg(feature = "s3-responses")]
 use super::StoreError;
 
 /// The `data_encoding` values.
@@ -84,6 +85,7 @@ impl ObjectRef {
     }
 
     /// The pointer stored in `data`.
+    #[cfg_attr(not(feature = "s3-responses"), allow(dead_code))]
     pub(crate) fn pointer(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.key)
     }

@@ -65,18 +65,10 @@ impl MemoryStore {
     ) -> Result<(), StoreError> {
         let outbox_sizes = || outbox.iter().map(OutboxRecord::approximate_size);
         if let Err(too_large) = check_limits(record.approximate_size(), outbox_sizes()) {
-            #[cfg(feature = "compress-responses")]
-            if let Some(data) = &record.data {
-                // `data_encoding` = `gzip`, and the compressed bytes for the text.
-                let compressed = record.approximate_size() - data.len()
-                    + "data_encoding".len()
-                    + "gzip".len()
-                    + super::large::gzip(data.as_bytes()).len();
-                if check_limits(compressed, outbox_sizes()).is_ok() {
-                    return self.replace_owned(record, outbox);
-                }
+            let compressed = compressed_size(record);
+            if compressed.is_none_or(|size| check_limits(size, outbox_sizes()).is_err()) {
+                return Err(too_large);
             }
-            return Err(too_large);
         }
         self.replace_owned(record, outbox)
     }
@@ -97,6 +89,24 @@ impl MemoryStore {
             }
             _ => Err(StoreError::NotOwner),
         }
+    }
+}
+
+/// The record's size as `DynamoDbStore` would store it gzip-compressed
+/// (`data_encoding` = `gzip`, the compressed bytes in place of the text); `None`
+/// without the `compress-responses` feature or a response.
+fn compressed_size(record: &IdempotencyRecord) -> Option<usize> {
+    #[cfg(feature = "compress-responses")]
+    return record.data.as_ref().map(|data| {
+        record.approximate_size() - data.len()
+            + "data_encoding".len()
+            + "gzip".len()
+            + super::large::gzip(data.as_bytes()).len()
+    });
+    #[cfg(not(feature = "compress-responses"))]
+    {
+        let _ = record;
+        None
     }
 }
 
