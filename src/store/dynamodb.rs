@@ -132,8 +132,9 @@ impl DynamoDbStore {
     ///
     /// Opt-in: without a bucket such a response is refused with
     /// [`StoreError::TooLarge`] (`IdempotencyError::ResponseTooLarge`). The
-    /// function needs `s3:PutObject` and `s3:GetObject` on the bucket; give the
-    /// bucket a lifecycle rule that expires objects no sooner than the records
+    /// function needs `s3:PutObject` and `s3:GetObject` on the bucket's objects
+    /// (and `s3:ListBucket` on the bucket, so that a missing object answers
+    /// `NoSuchKey` rather than `AccessDenied`); give the bucket a lifecycle rule that expires objects no sooner than the records
     /// (`expires_after`, rounded up to whole days): objects of attempts that
     /// crashed before completing are referenced by no record and are left to it.
     /// A record whose object is gone before the record expired is read as
