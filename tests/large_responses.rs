@@ -623,3 +623,60 @@ async fn an_uncompressed_s3_record_replays_and_malformed_forms_are_typed_errors(
     );
     assert_eq!(runs.get(), 0);
 }
+
+/// With staged outbox messages the record's `Put` goes in one
+/// `TransactWriteItems` with them: the object is written first and the
+/// transaction carries the pointer.
+#[cfg(feature = "outbox")]
+#[tokio::test]
+async fn with_an_outbox_the_pointer_is_committed_in_the_transaction() {
+    use lambda_idempotency::{effects, OutboxMessage};
+    let table = default_table("outbox").await;
+    let bucket = new_bucket("outbox").await;
+    let (ddb, requests) = recorded_client();
+    let (s3_client, s3_requests) = recorded_s3();
+    let idempotency = Idempotency::new(
+        DynamoDbStore::new(ddb, &table).with_response_bucket(s3_client, &bucket),
+        config().build().expect("config"),
+    );
+    let runs = Counter::default();
+    let mut staging = {
+        let runs = runs.clone();
+        idempotency
+            .wrap(service_fn(move |event: LambdaEvent<Value>| {
+                let run = runs.hit();
+                let staged = effects().map(|effects| {
+                    effects.outbox().push(OutboxMessage::Custom {
+                        sink: "audit".into(),
+                        payload: json!({ "order": event.payload["order_id"] }),
+                    })
+                });
+                std::future::ready(
+                    staged
+                        .map(|_message_key| ten_mib(run, &event.payload))
+                        .map_err(BoxError::from),
+                )
+            }))
+            .expect("one handler per key prefix")
+    };
+    let response = invoke(&mut staging, json!({"order_id": "o-1"}))
+        .await
+        .expect("runs");
+    let text = serde_json::to_string(&response).expect("json");
+    assert_eq!(requests.take(), ["PutItem", "TransactWriteItems"]);
+    assert_eq!(s3_requests.take().len(), 1, "one PutObject");
+    let stored = item(&table, &key_for("large", "o-1")).await;
+    assert_eq!(s(&stored, "data_encoding"), "s3+gzip");
+    assert_eq!(item_count(&table).await, 2, "the record and its message");
+
+    let other = Idempotency::new(
+        DynamoDbStore::new(client(), &table).with_response_bucket(s3(), &bucket),
+        config().build().expect("config"),
+    );
+    let mut replaying = service(&other, &runs, ten_mib);
+    let replayed = invoke(&mut replaying, json!({"order_id": "o-1"}))
+        .await
+        .expect("replayed");
+    assert_eq!(serde_json::to_string(&replayed).expect("json"), text);
+    assert_eq!(runs.get(), 1);
+}

@@ -134,9 +134,10 @@ impl DynamoDbStore {
     /// [`StoreError::TooLarge`] (`IdempotencyError::ResponseTooLarge`). The
     /// function needs `s3:PutObject` and `s3:GetObject` on the bucket's objects
     /// (and `s3:ListBucket` on the bucket, so that a missing object answers
-    /// `NoSuchKey` rather than `AccessDenied`); give the bucket a lifecycle rule that expires objects no sooner than the records
-    /// (`expires_after`, rounded up to whole days): objects of attempts that
-    /// crashed before completing are referenced by no record and are left to it.
+    /// `NoSuchKey` rather than `AccessDenied`). Give the bucket a lifecycle rule
+    /// that expires objects no sooner than the records (`expires_after`, rounded
+    /// up to whole days): objects of attempts that crashed before completing are
+    /// referenced by no record and are left to it.
     /// A record whose object is gone before the record expired is read as
     /// [`StoreError::Malformed`] (the handler does not run; see the README).
     ///
@@ -371,45 +372,43 @@ impl DynamoDbStore {
         mut record: IdempotencyRecord,
         object: ObjectRef,
     ) -> Result<IdempotencyRecord, StoreError> {
-        {
-            let bucket = self
-                .responses
-                .as_ref()
-                .ok_or_else(|| super::large::no_bucket(&object))?;
-            let malformed = |problem: String| StoreError::Malformed {
-                key: record.key.clone(),
-                attribute: self.names.data.clone(),
-                problem,
-            };
-            match bucket.get(&object).await? {
-                Some(body) if object.gzip => {
-                    let text = super::large::gunzip(&body).map_err(|problem| {
-                        malformed(format!("points to {}, which {problem}", object.pointer()))
-                    })?;
-                    record.data = Some(text);
-                }
-                Some(body) => {
-                    let text = String::from_utf8(body).map_err(|_| {
-                        malformed(format!(
-                            "points to {}, which does not hold UTF-8 text",
-                            object.pointer()
-                        ))
-                    })?;
-                    record.data = Some(text);
-                }
-                // Gone with the bucket's lifecycle: no matter once the record has
-                // expired too, as an expired record counts as absent.
-                None if record.is_expired(super::large::now_ms()) => {}
-                None => {
-                    return Err(malformed(format!(
-                        "points to {}, which does not exist (deleted, or expired by the \
-                         bucket's lifecycle rule before the record expired)",
-                        object.pointer()
-                    )))
-                }
+        let bucket = self
+            .responses
+            .as_ref()
+            .ok_or_else(|| super::large::no_bucket(&object))?;
+        let malformed = |problem: String| StoreError::Malformed {
+            key: record.key.clone(),
+            attribute: self.names.data.clone(),
+            problem,
+        };
+        match bucket.get(&object).await? {
+            Some(body) if object.gzip => {
+                let text = super::large::gunzip(&body).map_err(|problem| {
+                    malformed(format!("points to {}, which {problem}", object.pointer()))
+                })?;
+                record.data = Some(text);
             }
-            Ok(record)
+            Some(body) => {
+                let text = String::from_utf8(body).map_err(|_| {
+                    malformed(format!(
+                        "points to {}, which does not hold UTF-8 text",
+                        object.pointer()
+                    ))
+                })?;
+                record.data = Some(text);
+            }
+            // Gone with the bucket's lifecycle: no matter once the record has
+            // expired too, as an expired record counts as absent.
+            None if record.is_expired(super::large::now_ms()) => {}
+            None => {
+                return Err(malformed(format!(
+                    "points to {}, which does not exist (deleted, or expired by the \
+                     bucket's lifecycle rule before the record expired)",
+                    object.pointer()
+                )))
+            }
         }
+        Ok(record)
     }
 }
 
