@@ -107,7 +107,7 @@ log "starting LocalStack on $default_endpoint (log: $logfile)"
 (
   cd "$state"
   OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$fsroot" \
-    SERVICES=dynamodb,dynamodbstreams,sqs,kinesis GATEWAY_LISTEN="127.0.0.1:$port" \
+    SERVICES=dynamodb,dynamodbstreams,sqs,kinesis,s3 GATEWAY_LISTEN="127.0.0.1:$port" \
     setsid "$venv/bin/python" -m localstack.runtime.main >"$logfile" 2>&1 &
   echo $! >"$pidfile"
 )

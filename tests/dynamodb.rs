@@ -18,8 +18,8 @@ use support::localstack::{
     client, create_table, default_table, recorded_client, table_name, Requests,
 };
 use support::{
-    context, counting_service, idempotency_error, in_progress, invoke, key_for, now_ms, poll,
-    spawn_call, Counter,
+    context, counting_service, idempotency_error, in_progress, incompressible, invoke, key_for,
+    now_ms, poll, spawn_call, Counter,
 };
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
@@ -422,6 +422,7 @@ async fn a_composite_key_table_with_custom_attribute_names() {
         step: "step_name".into(),
         execution: "run".into(),
         derived_key: "effect_key".into(),
+        data_encoding: "response_encoding".into(),
     };
     let layout = KeyLayout::Composite {
         partition_key: "pk".into(),
@@ -537,7 +538,13 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
             .wrap(service_fn(move |event: LambdaEvent<Value>| {
                 runs.hit();
                 let kib = event.payload["kib"].as_u64().unwrap_or(0) as usize;
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(kib * 1024)})) }
+                // Past the limit, text that stays over it gzip-compressed too (the
+                // `compress-responses` feature would store "x"s compressed).
+                let blob = match kib {
+                    0..=400 => "x".repeat(kib * 1024),
+                    _ => incompressible(kib * 1024, 2),
+                };
+                async move { Ok::<_, BoxError>(json!({ "blob": blob })) }
             }))
             .expect("one handler per key prefix")
     };
@@ -554,7 +561,7 @@ async fn responses_near_the_item_limit_are_stored_and_larger_ones_refused() {
     );
     requests.take();
 
-    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 401}))
+    let err = invoke(&mut service, json!({"order_id": "z-2", "kib": 600}))
         .await
         .expect_err("too large");
     assert!(
@@ -605,4 +612,50 @@ async fn a_store_failure_is_a_typed_error_carrying_the_sdk_error_and_the_handler
         "{sdk:?}"
     );
     assert_eq!(runs.get(), 0);
+}
+
+/// A build without `compress-responses` meets a record another function stored
+/// compressed: a malformed record naming the feature, never a guess; the handler
+/// does not run and the item stays.
+#[cfg(not(feature = "compress-responses"))]
+#[tokio::test]
+async fn a_compressed_record_needs_the_feature_to_be_read() {
+    let (store, _, table) = recorded_store("gzip-off").await;
+    let key = key_for("orders", "gz-1");
+    client()
+        .put_item()
+        .table_name(&table)
+        .item("id", AttributeValue::S(key.clone()))
+        .item("status", AttributeValue::S("COMPLETED".into()))
+        .item(
+            "expiration",
+            AttributeValue::N((now_ms() / 1000 + 3600).to_string()),
+        )
+        .item("data_encoding", AttributeValue::S("gzip".into()))
+        .item(
+            "data",
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                b"\x1f\x8b".to_vec(),
+            )),
+        )
+        .send()
+        .await
+        .expect("put");
+    let idempotency = Idempotency::new(store, config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = counting_service(&idempotency, &runs);
+    let err = invoke(&mut service, json!({"order_id": "gz-1"}))
+        .await
+        .expect_err("malformed");
+    match idempotency_error(&err) {
+        IdempotencyError::MalformedRecord {
+            attribute, problem, ..
+        } => {
+            assert_eq!(attribute, "data_encoding");
+            assert!(problem.contains("compress-responses"), "{problem}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(runs.get(), 0);
+    assert_eq!(scan(&table).await.len(), 1);
 }

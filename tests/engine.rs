@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::faults::{FaultStore as CountingStore, Op};
 use support::{
-    context, counting_service, expire_in_place, idempotency_error, in_progress, invoke, key_for,
-    now_ms, permanent, poll, spawn_call, Counter,
+    context, counting_service, expire_in_place, idempotency_error, in_progress, incompressible,
+    invoke, key_for, now_ms, permanent, poll, spawn_call, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
@@ -428,6 +428,33 @@ async fn falsy_responses_replay_exactly_as_stored() {
     }
 }
 
+/// With `compress-responses` the memory store accepts what `DynamoDbStore`
+/// stores compressed (it keeps the text; it only measures).
+#[cfg(feature = "compress-responses")]
+#[tokio::test]
+async fn a_response_that_fits_compressed_is_stored_and_replayed() {
+    let store = MemoryStore::new();
+    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+    let runs = Counter::default();
+    let mut service = {
+        let runs = runs.clone();
+        idempotency
+            .wrap(service_fn(move |_: LambdaEvent<Value>| {
+                runs.hit();
+                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(1024 * 1024)})) }
+            }))
+            .expect("one handler per key prefix")
+    };
+    let first = invoke(&mut service, json!({"order_id": "gz"}))
+        .await
+        .expect("fits compressed");
+    let replay = invoke(&mut service, json!({"order_id": "gz"}))
+        .await
+        .expect("replayed");
+    assert_eq!(first, replay);
+    assert_eq!(runs.get(), 1);
+}
+
 #[tokio::test]
 async fn an_oversized_response_is_refused_before_the_write_and_the_key_released() {
     let store = CountingStore::new(MemoryStore::new());
@@ -438,7 +465,8 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
         idempotency
             .wrap(service_fn(move |_: LambdaEvent<Value>| {
                 runs.hit();
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(410 * 1024)})) }
+                // Over 400 KB with or without the `compress-responses` feature.
+                async move { Ok::<_, BoxError>(json!({"blob": incompressible(600 * 1024, 1)})) }
             }))
             .expect("one handler per key prefix")
     };

@@ -1,3 +1,4 @@
+use super::large::{Encoding, ObjectRef};
 use super::{check_limits, BoxFuture, IdempotencyStore, StepJournal, StepRecord, StoreError};
 #[cfg(feature = "outbox")]
 use super::{OutboxRecord, OutboxStore};
@@ -37,6 +38,11 @@ pub struct AttributeNames {
     pub derived_key: String,
     /// The execution a record, step or message belongs to. Default `execution`.
     pub execution: String,
+    /// How `data` holds a response too large for the item as JSON text: `gzip`
+    /// (`data` is binary), `s3` or `s3+gzip` (`data` is an `s3://bucket/key`
+    /// pointer); absent on every record that fits. Default `data_encoding`. See
+    /// README "Responses of any size".
+    pub data_encoding: String,
 }
 
 impl Default for AttributeNames {
@@ -53,6 +59,7 @@ impl Default for AttributeNames {
             step: "step".into(),
             derived_key: "derived_key".into(),
             execution: "execution".into(),
+            data_encoding: "data_encoding".into(),
         }
     }
 }
@@ -79,6 +86,13 @@ pub enum KeyLayout {
 /// The table needs only its key schema; turn TTL on for the `expiration` attribute
 /// so that DynamoDB deletes old records (expired records count as absent anyway).
 ///
+/// A response whose record would exceed DynamoDB's 400 KB item limit is refused
+/// ([`StoreError::TooLarge`]) unless the crate's `compress-responses` feature
+/// stores it gzip-compressed (when that fits) or `s3-responses` with
+/// `DynamoDbStore::with_response_bucket` stores it in S3; records
+/// that fit are written the same way with or without them. Reads restore the
+/// response's JSON text whatever its stored form (README "Responses of any size").
+///
 /// ```no_run
 /// # async fn f() {
 /// use lambda_idempotency::DynamoDbStore;
@@ -92,6 +106,8 @@ pub struct DynamoDbStore {
     table: String,
     names: AttributeNames,
     layout: KeyLayout,
+    #[cfg(feature = "s3-responses")]
+    responses: Option<super::large::ResponseBucket>,
 }
 
 impl DynamoDbStore {
@@ -102,7 +118,49 @@ impl DynamoDbStore {
             table: table.into(),
             names: AttributeNames::default(),
             layout: KeyLayout::Simple,
+            #[cfg(feature = "s3-responses")]
+            responses: None,
         }
+    }
+
+    /// Stores responses too large for a record item, even compressed, in `bucket`
+    /// (a claim check): the object is written first (one `PutObject`, under a key
+    /// unique to the attempt: `{hash part of the record key}/{owner token}.json`,
+    /// or `.json.gz` when compressing made it smaller), then the record, pointing
+    /// at it (`data` = `s3://{bucket}/{key}`, `data_encoding` = `s3` or `s3+gzip`).
+    /// A replay reads it back with one `GetObject`.
+    ///
+    /// Opt-in: without a bucket such a response is refused with
+    /// [`StoreError::TooLarge`] (`IdempotencyError::ResponseTooLarge`). The
+    /// function needs `s3:PutObject` and `s3:GetObject` on the bucket's objects
+    /// (and `s3:ListBucket` on the bucket, so that a missing object answers
+    /// `NoSuchKey` rather than `AccessDenied`). Give the bucket a lifecycle rule
+    /// that expires objects no sooner than the records (`expires_after`, rounded
+    /// up to whole days): objects of attempts that crashed before completing are
+    /// referenced by no record and are left to it.
+    /// A record whose object is gone before the record expired is read as
+    /// [`StoreError::Malformed`] (the handler does not run; see the README).
+    ///
+    /// ```no_run
+    /// # async fn f() {
+    /// use lambda_idempotency::DynamoDbStore;
+    /// let sdk = aws_config::load_from_env().await;
+    /// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&sdk), "idempotency")
+    ///     .with_response_bucket(aws_sdk_s3::Client::new(&sdk), "my-idempotency-responses");
+    /// # }
+    /// ```
+    #[cfg(feature = "s3-responses")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "s3-responses")))]
+    pub fn with_response_bucket(
+        mut self,
+        client: aws_sdk_s3::Client,
+        bucket: impl Into<String>,
+    ) -> Self {
+        self.responses = Some(super::large::ResponseBucket {
+            client,
+            bucket: bucket.into(),
+        });
+        self
     }
 
     /// Uses other attribute names.
@@ -177,7 +235,13 @@ impl DynamoDbStore {
 
     /// Reads a stored record strictly: a wrong type or a missing attribute is a
     /// [`StoreError::Malformed`] naming the key and the attribute, never a guess.
-    fn parse_item(&self, key: &str, item: &Item) -> Result<IdempotencyRecord, StoreError> {
+    /// A response stored in S3 comes back as its pointer, with `data` unset:
+    /// [`resolve`](Self::resolve) reads it.
+    fn parse_item(
+        &self,
+        key: &str,
+        item: &Item,
+    ) -> Result<(IdempotencyRecord, Option<ObjectRef>), StoreError> {
         let n = &self.names;
         let read = Attributes { key, item };
         let status = read.string(&n.status)?;
@@ -187,11 +251,11 @@ impl DynamoDbStore {
                 format!("is {status:?}, not INPROGRESS or COMPLETED"),
             )
         })?;
-        let data = read.optional_string(&n.data)?;
-        if status == Status::Completed && data.is_none() {
+        let (data, object) = self.parse_data(&read)?;
+        if status == Status::Completed && data.is_none() && object.is_none() {
             return Err(read.malformed(&n.data, "is missing from a completed record".into()));
         }
-        Ok(IdempotencyRecord {
+        let record = IdempotencyRecord {
             key: read.string(&n.key)?,
             status,
             expiration: read.number(&n.expiration)?,
@@ -207,7 +271,144 @@ impl DynamoDbStore {
                 Some(_) => return Err(read.malformed(&n.error, "is not a boolean".into())),
             },
             execution: read.optional_string(&n.execution)?.unwrap_or_default(),
-        })
+        };
+        Ok((record, object))
+    }
+
+    /// The response as stored: JSON text (as Powertools writes it), or in one of
+    /// the forms of a response too large for the item (`data_encoding`).
+    fn parse_data(
+        &self,
+        read: &Attributes<'_>,
+    ) -> Result<(Option<String>, Option<ObjectRef>), StoreError> {
+        let n = &self.names;
+        let Some(encoding) = read.optional_string(&n.data_encoding)? else {
+            return Ok((read.optional_string(&n.data)?, None));
+        };
+        let encoding = Encoding::parse(&encoding).ok_or_else(|| {
+            read.malformed(
+                &n.data_encoding,
+                format!("is {encoding:?}, not gzip, s3 or s3+gzip"),
+            )
+        })?;
+        let stored = read.item.get(&n.data).ok_or_else(|| {
+            read.malformed(
+                &n.data,
+                format!("is missing, but data_encoding is {}", encoding.as_str()),
+            )
+        })?;
+        let unsupported = || {
+            read.malformed(
+                &n.data_encoding,
+                format!(
+                    "is {}, which this build reads only with the crate's {} feature",
+                    encoding.as_str(),
+                    encoding.feature()
+                ),
+            )
+        };
+        match (encoding, stored) {
+            (Encoding::Gzip, AttributeValue::B(compressed)) => {
+                #[cfg(feature = "compress-responses")]
+                return super::large::gunzip(compressed.as_ref())
+                    .map(|text| (Some(text), None))
+                    .map_err(|problem| read.malformed(&n.data, problem.into()));
+                #[cfg(not(feature = "compress-responses"))]
+                {
+                    let _ = compressed;
+                    Err(unsupported())
+                }
+            }
+            (Encoding::Gzip, _) => {
+                Err(read.malformed(&n.data, "is not binary, but data_encoding is gzip".into()))
+            }
+            (Encoding::S3 | Encoding::S3Gzip, AttributeValue::S(pointer)) => {
+                let object =
+                    ObjectRef::parse(pointer, encoding == Encoding::S3Gzip).ok_or_else(|| {
+                        read.malformed(
+                            &n.data,
+                            format!("is {pointer:?}, not an s3://bucket/key pointer"),
+                        )
+                    })?;
+                if cfg!(feature = "s3-responses") {
+                    Ok((None, Some(object)))
+                } else {
+                    Err(unsupported())
+                }
+            }
+            (Encoding::S3 | Encoding::S3Gzip, _) => Err(read.malformed(
+                &n.data,
+                format!(
+                    "is not a string, but data_encoding is {}",
+                    encoding.as_str()
+                ),
+            )),
+        }
+    }
+
+    /// A parsed record with its response in place: read from S3 when the record
+    /// points there (one `GetObject`).
+    async fn resolve(
+        &self,
+        (record, object): (IdempotencyRecord, Option<ObjectRef>),
+    ) -> Result<IdempotencyRecord, StoreError> {
+        let Some(object) = object else {
+            return Ok(record);
+        };
+        #[cfg(feature = "s3-responses")]
+        return self.read_object(record, object).await;
+        #[cfg(not(feature = "s3-responses"))]
+        {
+            // parse_data refuses S3 pointers without the feature.
+            let _ = object;
+            Ok(record)
+        }
+    }
+
+    /// The response of a record that points at S3 (one `GetObject`).
+    #[cfg(feature = "s3-responses")]
+    async fn read_object(
+        &self,
+        mut record: IdempotencyRecord,
+        object: ObjectRef,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        let bucket = self
+            .responses
+            .as_ref()
+            .ok_or_else(|| super::large::no_bucket(&object))?;
+        let malformed = |problem: String| StoreError::Malformed {
+            key: record.key.clone(),
+            attribute: self.names.data.clone(),
+            problem,
+        };
+        match bucket.get(&object).await? {
+            Some(body) if object.gzip => {
+                let text = super::large::gunzip(&body).map_err(|problem| {
+                    malformed(format!("points to {}, which {problem}", object.pointer()))
+                })?;
+                record.data = Some(text);
+            }
+            Some(body) => {
+                let text = String::from_utf8(body).map_err(|_| {
+                    malformed(format!(
+                        "points to {}, which does not hold UTF-8 text",
+                        object.pointer()
+                    ))
+                })?;
+                record.data = Some(text);
+            }
+            // Gone with the bucket's lifecycle: no matter once the record has
+            // expired too, as an expired record counts as absent.
+            None if record.is_expired(super::large::now_ms()) => {}
+            None => {
+                return Err(malformed(format!(
+                    "points to {}, which does not exist (deleted, or expired by the \
+                     bucket's lifecycle rule before the record expired)",
+                    object.pointer()
+                )))
+            }
+        }
+        Ok(record)
     }
 }
 
@@ -338,7 +539,9 @@ impl IdempotencyStore for DynamoDbStore {
             Ok(output) => Ok(output
                 .attributes
                 .filter(|item| !item.is_empty())
-                .and_then(|item| self.parse_item(&record.key, &item).ok())),
+                .and_then(|item| self.parse_item(&record.key, &item).ok())
+                // Its response is not needed: an S3 one is not fetched.
+                .map(|(replaced, _)| replaced)),
             Err(err) => {
                 let old = classify("PutItem (reserve)", err, |e| {
                     e.is_conditional_check_failed_exception().then(|| match e {
@@ -346,18 +549,19 @@ impl IdempotencyStore for DynamoDbStore {
                         _ => None,
                     })
                 })?;
-                let existing = old
-                    .as_ref()
-                    .map(|item| self.parse_item(&record.key, item).map(Box::new))
-                    .transpose()?;
+                let existing = match old {
+                    Some(item) => Some(Box::new(
+                        self.resolve(self.parse_item(&record.key, &item)?).await?,
+                    )),
+                    None => None,
+                };
                 Err(StoreError::Exists { existing })
             }
         }
     }
 
     async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
-        let item = self.to_item(record);
-        check_limits(item_bytes(&item), [])?;
+        let item = self.record_item(record, &[]).await?;
         let result = self
             .client
             .put_item()
@@ -410,10 +614,10 @@ impl IdempotencyStore for DynamoDbStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.get_item(key)
-            .await?
-            .map(|item| self.parse_item(key, &item))
-            .transpose()
+        match self.get_item(key).await? {
+            Some(item) => self.resolve(self.parse_item(key, &item)?).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     // `#[inline]` on the methods below that box an SDK future, and on the
@@ -493,18 +697,88 @@ impl OutboxStore for DynamoDbStore {
 }
 
 /// The size DynamoDB counts for an item: attribute names and values in UTF-8
-/// bytes; a number takes at most 21 bytes and a boolean 1.
+/// bytes, binary values in bytes; a number takes at most 21 bytes and a boolean 1.
 fn item_bytes(item: &Item) -> usize {
     item.iter()
         .map(|(name, value)| {
             name.len()
                 + match value {
                     AttributeValue::S(s) => s.len(),
+                    AttributeValue::B(b) => b.as_ref().len(),
                     AttributeValue::N(_) => 21,
                     _ => 1,
                 }
         })
         .sum()
+}
+
+impl DynamoDbStore {
+    /// The item a completing write stores for `record`, next to outbox items of
+    /// `outbox_sizes` bytes in the same transaction: the record as JSON text when
+    /// the write fits DynamoDB's limits (as without the features), else its
+    /// response gzip-compressed (`compress-responses`), else in S3
+    /// (`s3-responses` and a bucket; the object is written here, before the
+    /// record). When no form fits: the [`StoreError::TooLarge`] of the record as
+    /// text, so the error reports the response's own size.
+    async fn record_item(
+        &self,
+        record: &IdempotencyRecord,
+        outbox_sizes: &[usize],
+    ) -> Result<Item, StoreError> {
+        #[cfg_attr(not(feature = "compress-responses"), allow(unused_mut))]
+        let mut item = self.to_item(record);
+        let too_large = match check_limits(item_bytes(&item), outbox_sizes.iter().copied()) {
+            Ok(()) => return Ok(item),
+            Err(err) => err,
+        };
+        #[cfg(feature = "compress-responses")]
+        if let Some(text) = &record.data {
+            let n = &self.names;
+            let compressed = super::large::gzip(text.as_bytes());
+            item.insert(
+                n.data_encoding.clone(),
+                AttributeValue::S(Encoding::Gzip.as_str().into()),
+            );
+            item.insert(
+                n.data.clone(),
+                AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(compressed)),
+            );
+            if check_limits(item_bytes(&item), outbox_sizes.iter().copied()).is_ok() {
+                return Ok(item);
+            }
+            #[cfg(feature = "s3-responses")]
+            if let Some(bucket) = &self.responses {
+                let compressed = match item.remove(&n.data) {
+                    Some(AttributeValue::B(blob)) => blob.into_inner(),
+                    _ => Vec::new(),
+                };
+                let gzip = compressed.len() < text.len();
+                let object = ObjectRef {
+                    bucket: bucket.bucket.clone(),
+                    key: super::large::object_key(&record.key, &record.owner, gzip),
+                    gzip,
+                };
+                let encoding = if gzip { Encoding::S3Gzip } else { Encoding::S3 };
+                item.insert(
+                    n.data_encoding.clone(),
+                    AttributeValue::S(encoding.as_str().into()),
+                );
+                item.insert(n.data.clone(), AttributeValue::S(object.pointer()));
+                // Checked before the object is written: a write refused anyway
+                // leaves nothing behind.
+                if check_limits(item_bytes(&item), outbox_sizes.iter().copied()).is_ok() {
+                    let body = if gzip {
+                        compressed
+                    } else {
+                        text.as_bytes().to_vec()
+                    };
+                    bucket.put(&object, body).await?;
+                    return Ok(item);
+                }
+            }
+        }
+        Err(too_large)
+    }
 }
 
 /// `status` values of journal and outbox items (records use `INPROGRESS`/`COMPLETED`).
@@ -638,12 +912,9 @@ impl DynamoDbStore {
         if outbox.is_empty() {
             return self.complete(record).await;
         }
-        let record_item = self.to_item(record);
         let outbox_items: Vec<Item> = outbox.iter().map(|m| self.outbox_item(m)).collect();
-        check_limits(
-            item_bytes(&record_item),
-            outbox_items.iter().map(item_bytes),
-        )?;
+        let outbox_sizes: Vec<usize> = outbox_items.iter().map(item_bytes).collect();
+        let record_item = self.record_item(record, &outbox_sizes).await?;
         let put = |item: Item| Put::builder().table_name(&self.table).set_item(Some(item));
         let owned = put(record_item)
             .condition_expression("#owner = :owner")
@@ -800,7 +1071,7 @@ impl DynamoDbStore {
                 };
                 if own {
                     let key = Attributes { key: "", item }.string(&n.key)?;
-                    records.push(self.parse_item(&key, item)?);
+                    records.push(self.resolve(self.parse_item(&key, item)?).await?);
                 }
             }
             match page.last_evaluated_key() {

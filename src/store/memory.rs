@@ -52,15 +52,32 @@ impl MemoryStore {
 
 impl MemoryStore {
     /// Replaces an owned record (and adds its outbox) if it fits DynamoDB's limits.
+    ///
+    /// With the `compress-responses` feature a record fits when its response,
+    /// gzip-compressed, would fit, as `DynamoDbStore` would store it (the text is
+    /// kept as it is: only its size is measured). There is no S3 form here: a
+    /// response that does not fit even compressed is refused with
+    /// [`StoreError::TooLarge`], as by a `DynamoDbStore` without a response bucket.
     fn commit_now(
         &self,
         record: &IdempotencyRecord,
         outbox: &[OutboxRecord],
     ) -> Result<(), StoreError> {
-        check_limits(
-            record.approximate_size(),
-            outbox.iter().map(OutboxRecord::approximate_size),
-        )?;
+        let outbox_sizes = || outbox.iter().map(OutboxRecord::approximate_size);
+        if let Err(too_large) = check_limits(record.approximate_size(), outbox_sizes()) {
+            let compressed = compressed_size(record);
+            if compressed.is_none_or(|size| check_limits(size, outbox_sizes()).is_err()) {
+                return Err(too_large);
+            }
+        }
+        self.replace_owned(record, outbox)
+    }
+
+    fn replace_owned(
+        &self,
+        record: &IdempotencyRecord,
+        outbox: &[OutboxRecord],
+    ) -> Result<(), StoreError> {
         let mut tables = self.lock();
         match tables.records.get(&record.key) {
             Some(current) if current.owner == record.owner => {
@@ -72,6 +89,24 @@ impl MemoryStore {
             }
             _ => Err(StoreError::NotOwner),
         }
+    }
+}
+
+/// The record's size as `DynamoDbStore` would store it gzip-compressed
+/// (`data_encoding` = `gzip`, the compressed bytes in place of the text); `None`
+/// without the `compress-responses` feature or a response.
+fn compressed_size(record: &IdempotencyRecord) -> Option<usize> {
+    #[cfg(feature = "compress-responses")]
+    return record.data.as_ref().map(|data| {
+        record.approximate_size() - data.len()
+            + "data_encoding".len()
+            + "gzip".len()
+            + super::large::gzip(data.as_bytes()).len()
+    });
+    #[cfg(not(feature = "compress-responses"))]
+    {
+        let _ = record;
+        None
     }
 }
 

@@ -16,6 +16,7 @@
 //! with [`IdempotencyError::Unsupported`](crate::IdempotencyError::Unsupported).
 
 mod dynamodb;
+mod large;
 mod memory;
 
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
