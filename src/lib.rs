@@ -47,7 +47,7 @@
 //! | `jmespath-functions` | JMESPath's standard functions (`length`, `join`, ...) in key expressions |
 //! | `powertools-compat` | record ids as Powertools for Python derives them |
 //! | `metrics` | counts of every outcome through the `metrics` facade |
-//! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output ([`emf`]) |
+//! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output (the `emf` module) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
