@@ -153,30 +153,40 @@ pub(crate) struct Meter {
     counters: Option<std::sync::Arc<Counters>>,
 }
 
+/// The handler's labels, and a counter handle per name, each registered with
+/// the recorder on its first use: a handler's first call registers the one or
+/// two counters it touches, not all of them.
 #[cfg(feature = "metrics")]
 struct Counters {
-    outcomes: Vec<metrics::Counter>,
-    events: Vec<metrics::Counter>,
+    labels: [(&'static str, String); 3],
+    outcomes: [std::sync::OnceLock<metrics::Counter>; Outcome::ALL.len()],
+    events: [std::sync::OnceLock<metrics::Counter>; Event::ALL.len()],
+}
+
+#[cfg(feature = "metrics")]
+impl Counters {
+    fn add(&self, counter: &std::sync::OnceLock<metrics::Counter>, name: &str, count: u64) {
+        counter
+            .get_or_init(|| metrics::counter!(format!("idempotency.{name}"), &self.labels))
+            .increment(count);
+    }
 }
 
 impl Meter {
-    /// Registers the handler's counters with the installed recorder: handles are
-    /// taken once, so counting costs an atomic add per call, not a registry lookup.
+    /// The counters of `handler` in `function`; handles are taken from the
+    /// recorder on first use, so counting then costs an atomic add.
     #[cfg(feature = "metrics")]
     pub(crate) fn new(function: &str, handler: &str, observe: bool) -> Self {
-        let labels = [
-            ("function", function.to_owned()),
-            ("handler", handler.to_owned()),
-            (
-                "mode",
-                if observe { "observe" } else { "enforce" }.to_owned(),
-            ),
-        ];
-        let counter = |name: &str| metrics::counter!(format!("idempotency.{name}"), &labels);
+        let mode = if observe { "observe" } else { "enforce" };
         Self {
             counters: Some(std::sync::Arc::new(Counters {
-                outcomes: Outcome::ALL.iter().map(|o| counter(o.name())).collect(),
-                events: Event::ALL.iter().map(|e| counter(e.name())).collect(),
+                labels: [
+                    ("function", function.to_owned()),
+                    ("handler", handler.to_owned()),
+                    ("mode", mode.to_owned()),
+                ],
+                outcomes: Default::default(),
+                events: Default::default(),
             })),
         }
     }
@@ -184,7 +194,7 @@ impl Meter {
     pub(crate) fn outcome(&self, outcome: Outcome) {
         #[cfg(feature = "metrics")]
         if let Some(counters) = &self.counters {
-            counters.outcomes[outcome as usize].increment(1);
+            counters.add(&counters.outcomes[outcome as usize], outcome.name(), 1);
         }
         #[cfg(not(feature = "metrics"))]
         let _ = outcome;
@@ -193,7 +203,7 @@ impl Meter {
     pub(crate) fn event(&self, event: Event, count: u64) {
         #[cfg(feature = "metrics")]
         if let (Some(counters), 1..) = (&self.counters, count) {
-            counters.events[event as usize].increment(count);
+            counters.add(&counters.events[event as usize], event.name(), count);
         }
         #[cfg(not(feature = "metrics"))]
         let _ = (event, count);
