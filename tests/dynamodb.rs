@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 use support::localstack::{
-    client, create_table, default_table, recorded_client, table_name, Requests,
+    client, create_table, default_table, recorded_client, s, scan, table_name, Requests,
 };
 use support::{
     context, counting_service, idempotency_error, in_progress, incompressible, invoke, key_for,
@@ -38,24 +38,6 @@ async fn recorded_store(test: &str) -> (DynamoDbStore, Requests, String) {
     let table = default_table(test).await;
     let (client, requests) = recorded_client();
     (DynamoDbStore::new(client, &table), requests, table)
-}
-
-async fn scan(table: &str) -> Vec<Item> {
-    client()
-        .scan()
-        .table_name(table)
-        .consistent_read(true)
-        .send()
-        .await
-        .expect("scan")
-        .items()
-        .to_vec()
-}
-
-fn s<'a>(item: &'a Item, name: &str) -> &'a str {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .unwrap_or_else(|| panic!("{name} is not an S attribute in {item:?}"))
 }
 
 fn n(item: &Item, name: &str) -> i64 {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use support::localstack::{client, default_table, endpoint, recorded_client};
+use support::localstack::{client, default_table, endpoint, recorded_client, s, scan};
 use support::{
     context, idempotency_error, in_progress, incompressible, invoke, key_for, poll, Counter,
 };
@@ -158,21 +158,7 @@ async fn item(table: &str, key: &str) -> Item {
 }
 
 async fn item_count(table: &str) -> usize {
-    client()
-        .scan()
-        .table_name(table)
-        .consistent_read(true)
-        .send()
-        .await
-        .expect("scan")
-        .items()
-        .len()
-}
-
-fn s<'a>(item: &'a Item, name: &str) -> &'a str {
-    item.get(name)
-        .and_then(|v| v.as_s().ok())
-        .unwrap_or_else(|| panic!("{name} is not an S attribute in the item"))
+    scan(table).await.len()
 }
 
 fn gunzip(bytes: &[u8]) -> String {

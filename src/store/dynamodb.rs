@@ -473,16 +473,25 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let detail = match (err.code(), err.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(&err).to_string(),
-    };
     StoreError::Backend(Box::new(DynamoDbError {
         operation,
-        detail,
+        detail: sdk_detail(&err),
         source: err.into(),
     }))
+}
+
+/// What an AWS service said, `code: message`: the SDK's own `Display` says only
+/// "service error". (The S3 client's `SdkError` is the same type.)
+pub(super) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (err.code(), err.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(err).to_string(),
+    }
 }
 
 /// Turns an SDK error into a store error, keeping the conditional failure apart:

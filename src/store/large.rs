@@ -165,11 +165,7 @@ impl S3Error {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
-        let detail = match (err.code(), err.message()) {
-            (Some(code), Some(message)) => format!("{code}: {message}"),
-            (Some(code), None) => code.to_owned(),
-            _ => DisplayErrorContext(&err).to_string(),
-        };
+        let detail = super::dynamodb::sdk_detail(&err);
         StoreError::Backend(Box::new(S3Error {
             operation,
             object: object.pointer(),
@@ -180,7 +176,7 @@ impl S3Error {
 }
 
 #[cfg(feature = "s3-responses")]
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 /// The bucket a [`DynamoDbStore`](super::DynamoDbStore) stores responses in
 /// when even their compressed record would exceed 400 KB.

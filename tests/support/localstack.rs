@@ -7,8 +7,8 @@ use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
-    TimeToLiveSpecification,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 use aws_sdk_dynamodb::Client;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -152,4 +152,24 @@ fn key(name: &str, key_type: KeyType) -> KeySchemaElement {
         .key_type(key_type)
         .build()
         .expect("key schema")
+}
+
+/// Every item of `table` (a consistent scan of one page: tests' tables are small).
+pub async fn scan(table: &str) -> Vec<std::collections::HashMap<String, AttributeValue>> {
+    client()
+        .scan()
+        .table_name(table)
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("scan")
+        .items()
+        .to_vec()
+}
+
+/// The `S` attribute `name` of `item`.
+pub fn s<'a>(item: &'a std::collections::HashMap<String, AttributeValue>, name: &str) -> &'a str {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .unwrap_or_else(|| panic!("{name} is not an S attribute in {item:?}"))
 }
