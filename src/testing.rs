@@ -523,11 +523,10 @@ impl RunReport {
         repeated(&self.effects)
     }
 
-    /// Panics, with the report, unless the handler ran exactly once, every call
-    /// returned the same response byte for byte or was refused as in progress,
-    /// and no effect was repeated.
-    #[track_caller]
-    pub fn assert_idempotent(&self) {
+    /// What keeps the calls from being idempotent, in words; empty when the
+    /// handler ran exactly once, every call returned the same response byte for
+    /// byte or was refused as in progress, and no effect was repeated.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.executions != 1 {
             problems.push(format!(
@@ -548,6 +547,13 @@ impl RunReport {
         for effect in self.repeated_effects() {
             problems.push(format!("effect {effect:?} happened more than once"));
         }
+        problems
+    }
+
+    /// Panics, with the [`problems`](Self::problems) and the report, unless there are none.
+    #[track_caller]
+    pub fn assert_idempotent(&self) {
+        let problems = self.problems();
         if !problems.is_empty() {
             panic!("not idempotent: {}\n{self}", problems.join("; "));
         }
@@ -715,10 +721,10 @@ impl CrashReport {
             .collect()
     }
 
-    /// Panics, with the report, unless every phase converged, every crash point
-    /// was reached, and no effect was repeated.
-    #[track_caller]
-    pub fn assert_converged(&self) {
+    /// What went wrong, in words, one line per problem: the clean run failed, a
+    /// phase did not converge or its crash point was never reached, an effect
+    /// was repeated. Empty when the handler survives every crash.
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if let Err(err) = &self.clean {
             problems.push(format!("the clean run failed: {err}"));
@@ -737,6 +743,13 @@ impl CrashReport {
         for (phase, effect) in self.repeated_effects() {
             problems.push(format!("crash {phase}: effect {effect:?} happened twice"));
         }
+        problems
+    }
+
+    /// Panics, with the [`problems`](Self::problems) and the report, unless there are none.
+    #[track_caller]
+    pub fn assert_converged(&self) {
+        let problems = self.problems();
         if !problems.is_empty() {
             panic!("{}\n{self}", problems.join("\n"));
         }
