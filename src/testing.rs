@@ -35,10 +35,11 @@
 //!         let payments = payments.clone();
 //!         async move {
 //!             let fx = effects()?;
+//!             let amount = order["amount"].clone();
 //!             // In a step, with the step's derived key: a retry never charges twice.
 //!             let charge = fx
 //!                 .step("charge", |key| async move {
-//!                     Ok::<_, std::io::Error>(payments.call("charge", &key, order["amount"].clone()).await)
+//!                     Ok::<_, std::io::Error>(payments.call("charge", &key, amount).await)
 //!                 })
 //!                 .await?;
 //!             Ok::<_, Error<std::io::Error>>(json!({ "order": order["order_id"], "charge": charge["id"] }))
