@@ -135,7 +135,25 @@ type Invoke<S> = Arc<
 /// see the [module documentation](self).
 ///
 /// Generic over the store: [`MemoryStore`] by default ([`Kit::new`]); any other
-/// with [`Kit::with_store`], e.g. a `DynamoDbStore` on LocalStack.
+/// with [`Kit::with_store`], e.g. a `DynamoDbStore` on LocalStack. Its scenarios
+/// need a Tokio runtime with time enabled (`#[tokio::test]` and `#[tokio::main]`
+/// have it) and run one after the other: give each kit its own [`Receiver`].
+///
+/// ```
+/// use lambda_idempotency::testing::Kit;
+/// use lambda_idempotency::IdempotencyConfig;
+/// use serde_json::{json, Value};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = IdempotencyConfig::builder().key_expression("id").build()?;
+/// let kit = Kit::new(config, |event: Value| async move {
+///     Ok::<_, std::io::Error>(json!({ "greeted": event["id"] }))
+/// });
+/// let report = kit.run_twice(json!({ "id": 1 })).await;
+/// assert_eq!(report.executions, 1);
+/// assert!(report.same_response());
+/// # Ok(()) }
+/// ```
 pub struct Kit<S = MemoryStore> {
     idempotency: Idempotency<CrashStore<S>>,
     probe: Arc<Probe>,
@@ -498,7 +516,8 @@ pub struct RunReport {
     pub executions: usize,
     /// The receiver's calls per effect, compared with one clean run's.
     pub effects: Vec<EffectCount>,
-    /// Store requests the calls made (on DynamoDB, one request each).
+    /// Store requests the calls made (on DynamoDB, one request each); for
+    /// [`Kit::run_concurrently`], not those of its solo run.
     pub store_requests: usize,
 }
 
@@ -763,7 +782,10 @@ impl fmt::Display for CrashReport {
             Ok(text) => writeln!(f, "clean run: {text}")?,
             Err(err) => writeln!(f, "clean run failed: {err}")?,
         }
-        writeln!(f, "steps: {}", self.steps.join(", "))?;
+        match self.steps.is_empty() {
+            true => writeln!(f, "steps: none")?,
+            false => writeln!(f, "steps: {}", self.steps.join(", "))?,
+        }
         writeln!(
             f,
             "| crash | converged | attempts | executions | effects | store requests | response |"
