@@ -7,25 +7,21 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/order.rs"]
+mod order;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use lambda_idempotency::{effects, Dispatcher, Idempotency, IdempotencyConfig, OutboxMessage};
+use lambda_idempotency::{Dispatcher, Idempotency, IdempotencyConfig, OutboxMessage};
 use lambda_runtime::{service_fn, Error, LambdaEvent};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use order::{Order, Payments};
+use serde_json::Value;
 use std::sync::Arc;
 
 type Https = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-#[derive(Deserialize, Serialize)]
-struct Order {
-    order_id: String,
-    amount_cents: u64,
-}
 
 /// What the handler needs, shared by every invocation.
 struct Shop {
@@ -34,7 +30,7 @@ struct Shop {
     queue_url: String,
 }
 
-impl Shop {
+impl Payments for Shop {
     /// `POST {payments_url}` with the step's derived key.
     async fn charge(&self, key: &str, order: &Order) -> Result<Value, std::io::Error> {
         let request = Request::post(&self.payments_url)
@@ -63,25 +59,15 @@ impl Shop {
     }
 }
 
+/// The shared order logic, with `OrderPlaced` sent to the events queue.
 async fn place_order(event: LambdaEvent<Order>, shop: Arc<Shop>) -> Result<Value, Error> {
-    let order = event.payload;
-    let effects = effects()?;
-    // A retry after a crash replays this from the journal, or re-sends it with the
-    // same key: one charge either way.
-    let (shop_ref, order_ref) = (&shop, &order);
-    let receipt = effects
-        .step("charge", |key| async move {
-            shop_ref.charge(&key, order_ref).await
-        })
-        .await?;
-    let placed = json!({ "event": "OrderPlaced", "order_id": order.order_id, "charge": receipt });
     let queue_url = shop.queue_url.clone();
-    effects.outbox().push(OutboxMessage::Sqs {
+    order::place_order(event.payload, &*shop, |placed| OutboxMessage::Sqs {
         queue_url,
         body: placed.to_string(),
         group_id: None,
-    });
-    Ok(json!({ "order_id": order.order_id, "status": "placed" }))
+    })
+    .await
 }
 
 #[tokio::main]

@@ -27,8 +27,8 @@ step "cargo fmt --check"
 cargo fmt --check
 # Every feature a user can pick: none, each alone, all together. Targets that
 # need a feature are skipped without it (required-features in Cargo.toml).
-sources_and_sinks="sqs,streams,apigw,lambda-http,outbox-sqs,outbox-http,gzip,jmespath-functions,emf,compress-responses,s3-responses"
-for features in "" outbox sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat gzip jmespath-functions metrics emf compress-responses s3-responses; do
+sources_and_sinks="sqs,streams,apigw,lambda-http,outbox-sqs,outbox-http,gzip,jmespath-functions,emf,compress-responses,s3-responses,testing"
+for features in "" outbox sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat gzip jmespath-functions metrics emf compress-responses s3-responses testing; do
   step "cargo clippy --all-targets --features '$features' -- -D warnings"
   cargo clippy --all-targets --locked --features "$features" -- -D warnings
 done
@@ -54,6 +54,8 @@ cargo test --locked --features powertools-compat --lib --test powertools
 cargo test --doc --locked --features "powertools-compat,$sources_and_sinks"
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
+step "cargo run --example run_twice --features testing (the testing kit on a handler with two steps)"
+cargo run --locked --features testing --example run_twice >/dev/null
 step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
 bash scripts/dev-loop.sh
 step "chaos run, short (scripts/chaos.sh --short)"

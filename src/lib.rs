@@ -48,6 +48,7 @@
 //! | `powertools-compat` | record ids as Powertools for Python derives them |
 //! | `metrics` | counts of every outcome through the `metrics` facade |
 //! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output (the `emf` module) |
+//! | `testing` | the `testing` module: run your wrapped handler twice, concurrently, and crashed at every phase (for dev-dependencies) |
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -66,6 +67,9 @@ mod record;
 mod service;
 mod sources;
 pub mod store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
 #[cfg(feature = "outbox")]
