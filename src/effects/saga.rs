@@ -180,7 +180,10 @@ impl Effects {
     /// Runs the registered compensations, the latest step's first, each once per
     /// execution: the ones an earlier attempt journaled are skipped, each one
     /// that runs is journaled. Stops at the first failure.
-    pub(crate) async fn compensate(&self, failure: &PermanentError) -> Result<(), IdempotencyError> {
+    pub(crate) async fn compensate(
+        &self,
+        failure: &PermanentError,
+    ) -> Result<(), IdempotencyError> {
         let mut registered = std::mem::take(&mut self.saga().registered);
         registered.sort_by_key(|c| std::cmp::Reverse(c.position));
         let journal = match &self.inner.store {
@@ -191,7 +194,10 @@ impl Effects {
         };
         let key = self.inner.key.clone().unwrap_or_default();
         for compensation in registered {
-            let entry = format!("{}#compensation#{}", self.inner.scope, compensation.position);
+            let entry = format!(
+                "{}#compensation#{}",
+                self.inner.scope, compensation.position
+            );
             let name = format!("compensate:{}", compensation.step);
             if let (Some(journal), true) = (journal, self.inner.resumed) {
                 if let Some(done) = journal.get_step(&entry).await? {
@@ -204,20 +210,23 @@ impl Effects {
                         });
                     }
                     self.inner.meter.event(Event::CompensationReplayed, 1);
-                    tracing::debug!(step = compensation.step, "compensation journaled already; not run again");
+                    tracing::debug!(
+                        step = compensation.step,
+                        "compensation journaled already; not run again"
+                    );
                     continue;
                 }
             }
             tracing::info!(step = compensation.step, "compensating");
             self.inner.meter.event(Event::CompensationRun, 1);
-            let data = (compensation.undo)(compensation.derived).await.map_err(|source| {
-                IdempotencyError::CompensationFailed {
+            let data = (compensation.undo)(compensation.derived)
+                .await
+                .map_err(|source| IdempotencyError::CompensationFailed {
                     key: key.clone(),
                     step: compensation.step.clone(),
                     failure: failure.message.clone(),
                     source,
-                }
-            })?;
+                })?;
             if let Some(journal) = journal {
                 let record = StepRecord {
                     key: entry,
