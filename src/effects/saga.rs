@@ -71,7 +71,7 @@ impl Effects {
     /// that was compensating must fail permanently again. If it succeeds instead,
     /// its response is stored, and the compensations journaled so far stay done
     /// (nothing undoes a compensation). Compensations run outside the handler's
-    /// task scope: [`effects`](crate::effects) is not available in them. An
+    /// task scope: [`effects()`](fn@crate::effects) is not available in them. An
     /// unprotected invocation (see [`Effects`]) does not compensate.
     ///
     /// ```
