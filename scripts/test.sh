@@ -54,6 +54,8 @@ cargo test --locked --features powertools-compat --lib --test powertools
 cargo test --doc --locked --features "powertools-compat,$sources_and_sinks"
 step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
+step "cargo run --example saga (compensations on the memory store)"
+cargo run --locked --example saga >/dev/null
 step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
 bash scripts/dev-loop.sh
 step "chaos run, short (scripts/chaos.sh --short)"

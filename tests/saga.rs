@@ -372,6 +372,14 @@ fn crash_cases() -> [(&'static str, Fault); 3] {
     ]
 }
 
+/// A refund sent but not journaled is re-sent (same key); otherwise sent once.
+fn refund_requests(fault: &Fault) -> usize {
+    match (fault.op, fault.nth, fault.mode) {
+        (Op::PutStep, 4, Mode::CrashBefore) => 2,
+        _ => 1,
+    }
+}
+
 /// What one crash case came to.
 struct Row {
     runs: usize,
@@ -446,12 +454,7 @@ async fn crash_between_compensations<S: IdempotencyStore + Clone + 'static>(
 async fn a_crash_between_the_compensations_resumes_where_it_stopped_on_the_memory_store() {
     for (name, fault) in crash_cases() {
         let row = crash_between_compensations(MemoryStore::new(), name, fault, 150, None).await;
-        let expected_refunds = if fault.nth == 4 { 2 } else { 1 };
-        let expected_refunds = if fault.op == Op::Complete {
-            1
-        } else {
-            expected_refunds
-        };
+        let expected_refunds = refund_requests(&fault);
         assert_eq!(
             (row.release_requests, row.refund_requests),
             (1, expected_refunds),
@@ -517,8 +520,23 @@ async fn sagas_on_dynamodb_crashes_and_request_counts() {
             row.completing.join(", ")
         );
         assert_eq!(
-            row.release_requests, 1,
+            (row.release_requests, row.refund_requests),
+            (1, refund_requests(&fault)),
             "{name}: the journaled release was not sent again"
+        );
+        let resumed = [
+            "PutItem", "PutItem", "GetItem", "GetItem", "GetItem", "GetItem",
+        ];
+        let rest: &[&str] = match fault.op {
+            // The refund (left to run) is journaled, then the failure stored.
+            Op::PutStep => &["PutItem", "PutItem"],
+            // Both compensations were journaled: only the failure is stored.
+            _ => &["PutItem"],
+        };
+        assert_eq!(
+            row.completing,
+            [&resumed[..], rest].concat(),
+            "{name}: refused, take over, two steps and two compensations read, then write"
         );
     }
 }
