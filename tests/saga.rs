@@ -84,9 +84,20 @@ async fn place_order(addr: SocketAddr, run: usize, order: Value) -> Result<Value
 type Order<S> = IdempotentFunction<Box<dyn Fn(Value) -> Reply + Send + Sync>, S>;
 
 fn shop<S: IdempotencyStore>(store: S, addr: SocketAddr, runs: &Counter) -> Arc<Order<S>> {
+    shop_with(store, addr, runs, false)
+}
+
+/// The order function; `disabled`: idempotency off (the handler runs unprotected).
+fn shop_with<S: IdempotencyStore>(
+    store: S,
+    addr: SocketAddr,
+    runs: &Counter,
+    disabled: bool,
+) -> Arc<Order<S>> {
     let config = IdempotencyConfig::builder()
         .key_expression("order_id")
         .key_prefix("shop")
+        .disabled(disabled)
         .build()
         .expect("config");
     let runs = runs.clone();
@@ -339,6 +350,29 @@ async fn a_permanent_failure_before_any_compensated_step_is_not_a_saga() {
         );
     }
     assert_eq!(payments.requests(), 0);
+}
+
+#[tokio::test]
+async fn an_unprotected_invocation_runs_its_steps_and_compensates_nothing() {
+    let (payments, runs) = (Payments::start().await, Counter::default());
+    let order = shop_with(MemoryStore::new(), payments.addr, &runs, true);
+    let event = json!({ "order_id": "o-unprotected", "ship": "reject" });
+    for _ in 0..2 {
+        let failed = order.call(event.clone(), None).await;
+        assert_eq!(
+            permanent_message(&failed).as_deref(),
+            Some("address rejected")
+        );
+    }
+    assert_eq!(runs.get(), 2);
+    assert_eq!(
+        (payments.applied(CHARGES), payments.applied(RESERVATIONS)),
+        (2, 2)
+    );
+    assert_eq!(
+        (payments.applied(RELEASES), payments.applied(REFUNDS)),
+        (0, 0)
+    );
 }
 
 /// The crash cases: charge and stock are journal writes 1 and 2, the release
