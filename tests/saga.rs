@@ -574,3 +574,91 @@ async fn sagas_on_dynamodb_crashes_and_request_counts() {
         );
     }
 }
+
+/// The counters of a saga (feature `metrics`): a recorder local to the test's
+/// thread, the calls on a current-thread runtime inside it.
+#[cfg(feature = "metrics")]
+mod counted {
+    use super::*;
+    use metrics::{CounterFn, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Counts(Mutex<HashMap<String, Arc<Count>>>);
+
+    #[derive(Default)]
+    struct Count(AtomicU64);
+
+    impl CounterFn for Count {
+        fn increment(&self, value: u64) {
+            self.0.fetch_add(value, Ordering::SeqCst);
+        }
+        fn absolute(&self, value: u64) {
+            self.0.store(value, Ordering::SeqCst);
+        }
+    }
+
+    impl Counts {
+        fn get(&self, name: &str) -> u64 {
+            let counts = self.0.lock().expect("lock");
+            counts
+                .get(&format!("idempotency.{name}"))
+                .map_or(0, |c| c.0.load(Ordering::SeqCst))
+        }
+    }
+
+    impl metrics::Recorder for Counts {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> metrics::Counter {
+            let mut counts = self.0.lock().expect("lock");
+            let count = counts.entry(key.name().to_owned()).or_default();
+            metrics::Counter::from_arc(Arc::clone(count))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn compensations_run_and_replayed_are_counted_with_their_outcomes() {
+        let counts = Counts::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        metrics::with_local_recorder(&counts, || {
+            runtime.block_on(async {
+                let (payments, runs) = (Payments::start().await, Counter::default());
+                let order = shop(MemoryStore::new(), payments.addr, &runs);
+                let event = json!({ "order_id": "o-counted", "ship": "reject" });
+                payments.fail_next(REFUNDS, 1);
+                for _ in 0..3 {
+                    assert!(order.call(event.clone(), None).await.is_err());
+                }
+            })
+        });
+        let got = |name| counts.get(name);
+        assert_eq!(
+            (
+                got("compensation_failed"),
+                got("compensated"),
+                got("replayed_from_store")
+            ),
+            (1, 1, 1),
+            "the refund failed, the retry compensated, the third call replayed"
+        );
+        assert_eq!(
+            (got("compensation_run"), got("compensation_replayed")),
+            (3, 1),
+            "release, refund (failed), refund; the journaled release skipped"
+        );
+        assert_eq!(got("step_replayed"), 2);
+    }
+}
