@@ -56,6 +56,8 @@ step "cargo run --example quickstart"
 cargo run --locked --example quickstart >/dev/null
 step "cargo run --example run_twice --features testing (the testing kit on a handler with two steps)"
 cargo run --locked --features testing --example run_twice >/dev/null
+step "cargo run --example saga (compensations on the memory store)"
+cargo run --locked --example saga >/dev/null
 step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
 bash scripts/dev-loop.sh
 step "chaos run, short (scripts/chaos.sh --short)"

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod saga;
+
 tokio::task_local! {
     static CURRENT: Effects;
 }
@@ -80,6 +82,8 @@ struct Inner {
     expiration: i64,
     /// The handler's counters (steps replayed and re-issued).
     meter: Meter,
+    /// The compensations of the completed steps, and an explicit abort.
+    saga: Mutex<saga::Saga>,
     state: Mutex<State>,
 }
 
@@ -114,6 +118,7 @@ impl Effects {
             resumed,
             expiration,
             meter,
+            saga: Mutex::default(),
             state: Mutex::default(),
         })
     }
@@ -128,6 +133,7 @@ impl Effects {
             resumed: false,
             expiration: 0,
             meter: Meter::default(),
+            saga: Mutex::default(),
             state: Mutex::default(),
         })
     }

@@ -115,6 +115,22 @@ pub enum IdempotencyError {
         /// `step journal` or `outbox`.
         missing: &'static str,
     },
+    /// The handler failed permanently and one of the compensations of its completed
+    /// steps failed ([`Effects::step_with_compensation`](crate::Effects::step_with_compensation)).
+    /// The compensations before it are journaled; the record stays open, so a retry
+    /// resumes the execution and runs the remaining ones. Retry the call.
+    #[error("compensating {key} failed at {step:?} (the permanent failure: {failure}); a retry resumes the compensations: {source}")]
+    CompensationFailed {
+        /// The idempotency key of the invocation.
+        key: String,
+        /// The name of the step whose compensation failed.
+        step: String,
+        /// The message of the permanent failure being compensated.
+        failure: String,
+        /// The compensation's error.
+        #[source]
+        source: BoxError,
+    },
     /// The store failed (network, throttling, permissions). When this happens while
     /// reserving, the handler has not run.
     #[error("idempotency store failure: {0}")]
@@ -194,6 +210,7 @@ impl IdempotencyError {
             Self::OutboxTooLarge { .. } => "IdempotencyOutboxTooLargeError",
             Self::MalformedRecord { .. } => "IdempotencyMalformedRecordError",
             Self::Unsupported { .. } => "IdempotencyUnsupportedError",
+            Self::CompensationFailed { .. } => "IdempotencyCompensationError",
             Self::Store(_) => "IdempotencyPersistenceLayerError",
         }
     }

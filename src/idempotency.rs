@@ -454,11 +454,15 @@ impl<S: IdempotencyStore> Idempotency<S> {
                         }
                     }
                     Err(err) => {
-                        let permanent =
-                            as_permanent(&err).filter(|_| config.replay_permanent_errors);
+                        let permanent = as_permanent(&err).cloned().or_else(|| effects.aborted());
+                        // A saga failed permanently: undo its completed steps first.
+                        if let Some(failure) = permanent.as_ref().filter(|_| effects.has_compensations()) {
+                            return self.compensate(reservation, failure, err, &effects, resumed, &meter).await;
+                        }
+                        let permanent = permanent.filter(|_| config.replay_permanent_errors);
                         let outcome = match permanent {
                             Some(permanent) => {
-                                let stored = match serde_json::to_string(permanent) {
+                                let stored = match serde_json::to_string(&permanent) {
                                     Ok(data) => {
                                         self.complete(reservation, data, true, &effects, resumed, &meter)
                                             .await
@@ -879,6 +883,48 @@ impl<S: IdempotencyStore> Idempotency<S> {
         #[cfg(not(feature = "outbox"))]
         let _ = meter;
         Ok(())
+    }
+
+    /// A saga's permanent failure: runs the compensations of its completed steps
+    /// (see [`Effects::step_with_compensation`]), then stores `failure` as the
+    /// outcome, whatever `replay_permanent_errors` says, so no retry runs anything
+    /// again. A compensation that fails leaves the record open: the retry resumes.
+    async fn compensate<R, E>(
+        &self,
+        reservation: IdempotencyRecord,
+        failure: &PermanentError,
+        err: E,
+        effects: &Effects,
+        resumed: bool,
+        meter: &Meter,
+    ) -> Result<Executed<R>, Error<E>> {
+        let stored = match effects.compensate(failure).await {
+            Ok(()) => match serde_json::to_string(failure) {
+                Ok(data) => {
+                    self.complete(reservation, data, true, effects, resumed, meter)
+                        .await
+                }
+                Err(source) => Err(IdempotencyError::Serialization {
+                    key: reservation.key,
+                    source,
+                }),
+            },
+            Err(failed) => {
+                tracing::error!(error = %failed, "compensating failed; the record stays open and a retry resumes the compensations");
+                self.release(&reservation, effects, resumed).await;
+                Err(failed)
+            }
+        };
+        match stored {
+            Ok(()) => {
+                settle(meter, Outcome::Compensated);
+                Err(Error::Handler(err))
+            }
+            Err(stored) => {
+                settle(meter, Outcome::of(&stored));
+                Err(stored.into())
+            }
+        }
     }
 
     /// Gives the key back so a retry runs the handler again. Failures are logged,

@@ -32,6 +32,12 @@ pub(crate) enum Outcome {
     MalformedRecord,
     /// An event, response or step result that is not what the layer needs.
     InvalidInput,
+    /// The handler failed permanently; the compensations of its completed steps
+    /// ran (or were journaled already) and the error is stored and replayed.
+    Compensated,
+    /// The handler failed permanently and a compensation failed: the record stays
+    /// open and the retry resumes compensating.
+    CompensationFailed,
 }
 
 /// Something an invocation met on its way, counted besides its outcome.
@@ -57,11 +63,15 @@ pub(crate) enum Event {
     BatchFailures,
     /// FIFO messages not run because an earlier message of their group failed.
     BatchHeldBack,
+    /// A compensation ran (its closure was called).
+    CompensationRun,
+    /// A compensation found journaled by an earlier attempt of the execution: not run again.
+    CompensationReplayed,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Outcome {
-    const ALL: [Outcome; 14] = [
+    const ALL: [Outcome; 16] = [
         Outcome::Executed,
         Outcome::ReplayedFromStore,
         Outcome::ReplayedFromCache,
@@ -76,6 +86,8 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::MalformedRecord,
         Outcome::InvalidInput,
+        Outcome::Compensated,
+        Outcome::CompensationFailed,
     ];
 
     /// The stable name: the span's `outcome` field, and the counter's name after
@@ -96,6 +108,8 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::MalformedRecord => "malformed_record",
             Outcome::InvalidInput => "invalid_input",
+            Outcome::Compensated => "compensated",
+            Outcome::CompensationFailed => "compensation_failed",
         }
     }
 
@@ -110,6 +124,7 @@ impl Outcome {
             E::Store(_) => Outcome::StoreError,
             E::ResponseTooLarge { .. } | E::OutboxTooLarge { .. } => Outcome::TooLarge,
             E::MalformedRecord { .. } => Outcome::MalformedRecord,
+            E::CompensationFailed { .. } => Outcome::CompensationFailed,
             _ => Outcome::InvalidInput,
         }
     }
@@ -117,7 +132,7 @@ impl Outcome {
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Event {
-    const ALL: [Event; 9] = [
+    const ALL: [Event; 11] = [
         Event::ExpiredReexecuted,
         Event::TakenOver,
         Event::StepReplayed,
@@ -127,6 +142,8 @@ impl Event {
         Event::BatchRecords,
         Event::BatchFailures,
         Event::BatchHeldBack,
+        Event::CompensationRun,
+        Event::CompensationReplayed,
     ];
 
     /// The stable name, after `idempotency.` in the counter's name.
@@ -141,6 +158,8 @@ impl Event {
             Event::BatchRecords => "batch_records",
             Event::BatchFailures => "batch_failures",
             Event::BatchHeldBack => "batch_held_back",
+            Event::CompensationRun => "compensation_run",
+            Event::CompensationReplayed => "compensation_replayed",
         }
     }
 }

@@ -1,5 +1,7 @@
 //! A payments API on a local port, speaking plain HTTP/1.1: it dedupes charges on
 //! the `Idempotency-Key` header (replaying the first response) and counts them.
+//! Other paths (`/refunds`, `/stock/reservations`, `/stock/releases`) are deduped
+//! the same way and counted per path; a path can be made to fail its next requests.
 #![allow(dead_code)]
 
 use super::http1::read_request;
@@ -17,6 +19,10 @@ struct Ledger {
     /// Requests per key, and the response first given for it.
     by_key: HashMap<String, (usize, Value)>,
     requests: Vec<(String, String, Value)>,
+    /// Distinct keys applied, per path.
+    applied: HashMap<String, usize>,
+    /// Requests still to be refused (503, not applied), per path.
+    failing: HashMap<String, usize>,
 }
 
 #[derive(Clone)]
@@ -74,6 +80,29 @@ impl Payments {
         }
     }
 
+    /// How many times a request to `path` was applied (distinct keys).
+    pub fn applied(&self, path: &str) -> usize {
+        let ledger = self.ledger.lock().expect("lock");
+        ledger.applied.get(path).copied().unwrap_or_default()
+    }
+
+    /// The next `n` requests to `path` get a 503 (`{"error": ..}`) and are not applied.
+    pub fn fail_next(&self, path: &str, n: usize) {
+        let mut ledger = self.ledger.lock().expect("lock");
+        ledger.failing.insert(path.to_owned(), n);
+    }
+
+    /// The keys of the requests to `path`, in arrival order.
+    pub fn keys_on(&self, path: &str) -> Vec<String> {
+        let ledger = self.ledger.lock().expect("lock");
+        ledger
+            .requests
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, k, _)| k.clone())
+            .collect()
+    }
+
     pub fn requests_with_key(&self, key: &str) -> usize {
         self.ledger
             .lock()
@@ -88,6 +117,29 @@ impl Payments {
             return;
         };
         let key = headers.get("idempotency-key").cloned().unwrap_or_default();
+        let refused = {
+            let mut ledger = self.ledger.lock().expect("lock");
+            match ledger.failing.get_mut(&path) {
+                Some(left @ 1..) => {
+                    *left -= 1;
+                    ledger
+                        .requests
+                        .push((path.clone(), key.clone(), body.clone()));
+                    true
+                }
+                _ => false,
+            }
+        };
+        if refused {
+            self.received.notify_waiters();
+            let body = json!({ "error": "unavailable" }).to_string();
+            let reply = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+            return;
+        }
         let response = {
             let mut ledger = self.ledger.lock().expect("lock");
             ledger
@@ -103,6 +155,9 @@ impl Payments {
             let (first_time, response) = (entry.0 == 1, entry.1.clone());
             if first_time && is_charge {
                 ledger.charges += 1;
+            }
+            if first_time {
+                *ledger.applied.entry(path).or_default() += 1;
             }
             response
         };
