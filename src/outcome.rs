@@ -32,6 +32,8 @@ pub(crate) enum Outcome {
     MalformedRecord,
     /// An event, response or step result that is not what the layer needs.
     InvalidInput,
+    /// The condition of a staged write failed: nothing written, key released.
+    WriteConditionFailed,
 }
 
 /// Something an invocation met on its way, counted besides its outcome.
@@ -57,11 +59,14 @@ pub(crate) enum Event {
     BatchFailures,
     /// FIFO messages not run because an earlier message of their group failed.
     BatchHeldBack,
+    /// Staged versioned writes skipped because their entity was already at their
+    /// version or newer (the rest committed again without them).
+    VersionedAlreadyCurrent,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Outcome {
-    const ALL: [Outcome; 14] = [
+    const ALL: [Outcome; 15] = [
         Outcome::Executed,
         Outcome::ReplayedFromStore,
         Outcome::ReplayedFromCache,
@@ -76,6 +81,7 @@ impl Outcome {
         Outcome::TooLarge,
         Outcome::MalformedRecord,
         Outcome::InvalidInput,
+        Outcome::WriteConditionFailed,
     ];
 
     /// The stable name: the span's `outcome` field, and the counter's name after
@@ -96,6 +102,7 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::MalformedRecord => "malformed_record",
             Outcome::InvalidInput => "invalid_input",
+            Outcome::WriteConditionFailed => "write_condition_failed",
         }
     }
 
@@ -108,7 +115,10 @@ impl Outcome {
             E::MissingKey { .. } => Outcome::MissingKeyRefused,
             E::LostOwnership { .. } => Outcome::LostOwnership,
             E::Store(_) => Outcome::StoreError,
-            E::ResponseTooLarge { .. } | E::OutboxTooLarge { .. } => Outcome::TooLarge,
+            E::ResponseTooLarge { .. }
+            | E::OutboxTooLarge { .. }
+            | E::TransactionTooLarge { .. } => Outcome::TooLarge,
+            E::WriteConditionFailed { .. } => Outcome::WriteConditionFailed,
             E::MalformedRecord { .. } => Outcome::MalformedRecord,
             _ => Outcome::InvalidInput,
         }
@@ -117,7 +127,7 @@ impl Outcome {
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Event {
-    const ALL: [Event; 9] = [
+    const ALL: [Event; 10] = [
         Event::ExpiredReexecuted,
         Event::TakenOver,
         Event::StepReplayed,
@@ -127,6 +137,7 @@ impl Event {
         Event::BatchRecords,
         Event::BatchFailures,
         Event::BatchHeldBack,
+        Event::VersionedAlreadyCurrent,
     ];
 
     /// The stable name, after `idempotency.` in the counter's name.
@@ -141,6 +152,7 @@ impl Event {
             Event::BatchRecords => "batch_records",
             Event::BatchFailures => "batch_failures",
             Event::BatchHeldBack => "batch_held_back",
+            Event::VersionedAlreadyCurrent => "versioned_already_current",
         }
     }
 }
