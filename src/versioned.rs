@@ -2,7 +2,7 @@
 //! entity only if the stored version is older than the event's, and take "already
 //! at this version or newer" as a harmless retry, not an error.
 
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
@@ -82,14 +82,9 @@ impl VersionedWriteError {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
-        let detail = match (err.code(), err.message()) {
-            (Some(code), Some(message)) => format!("{code}: {message}"),
-            (Some(code), None) => code.to_owned(),
-            _ => DisplayErrorContext(&err).to_string(),
-        };
         Self {
             operation,
-            detail,
+            detail: crate::store::sdk_detail(&err),
             source: err.into(),
         }
     }

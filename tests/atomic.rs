@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use support::faults::FaultStore;
 use support::localstack::{
-    client, create_table, default_table, recorded_client, recorded_client_with, table_name,
-    Requests,
+    client, create_table, default_table, recorded_client, recorded_client_with, s as text, scan,
+    table_name, Requests,
 };
 use support::{context, idempotency_error, in_progress, poll, Counter};
 
@@ -174,25 +174,10 @@ impl Shop {
 
     /// `(id, status)` of every record of the records table.
     async fn records(&self) -> Vec<(String, String)> {
-        let scanned = client()
-            .scan()
-            .table_name(&self.records)
-            .consistent_read(true)
-            .send()
+        scan(&self.records)
             .await
-            .expect("scan");
-        scanned
-            .items()
             .iter()
-            .map(|item| {
-                let text = |name: &str| {
-                    item.get(name)
-                        .and_then(|v| v.as_s().ok())
-                        .cloned()
-                        .unwrap_or_default()
-                };
-                (text("id"), text("status"))
-            })
+            .map(|item| (text(item, "id").to_owned(), text(item, "status").to_owned()))
             .collect()
     }
 
@@ -760,5 +745,52 @@ async fn unprotected_calls_commit_their_staged_writes_alone() {
         ),
         "{again:?}"
     );
+    assert_eq!(shop.number("stock#s-1", "available").await, Some(9));
+}
+
+#[tokio::test]
+async fn the_same_commit_sent_twice_applies_the_writes_once() {
+    use lambda_idempotency::{IdempotencyRecord, Status};
+    // What an SDK retry of a commit whose response was lost does: DynamoDB sees
+    // the same ClientRequestToken and does not apply the writes again.
+    let shop = Shop::new("atomic-token").await;
+    let store = DynamoDbStore::new(client(), &shop.records);
+    let now = support::now_ms();
+    let record = IdempotencyRecord {
+        key: "atomic#token".into(),
+        status: Status::InProgress,
+        expiration: now / 1000 + 3600,
+        in_progress_expiration: Some(now + 60_000),
+        data: None,
+        validation: None,
+        execution: "e-1".into(),
+        owner: "e-1".into(),
+        is_error: false,
+    };
+    store.reserve(&record, now).await.expect("reserve");
+    let completed = IdempotencyRecord {
+        status: Status::Completed,
+        data: Some("{}".into()),
+        ..record
+    };
+    let decrement = Update::builder()
+        .table_name(&shop.business)
+        .key("pk", s("stock#s-1"))
+        .update_expression("ADD available :minus_one, writes :one")
+        .expression_attribute_values(":minus_one", n(-1))
+        .expression_attribute_values(":one", n(1))
+        .build()
+        .expect("update");
+    let writes = [aws_sdk_dynamodb::types::TransactWriteItem::builder()
+        .update(decrement)
+        .build()];
+    let transactions = store.transactions().expect("DynamoDbStore offers transactions");
+    for _ in 0..2 {
+        transactions
+            .commit_transaction(&completed, &[], &writes)
+            .await
+            .expect("commit");
+    }
+    assert_eq!(shop.number("stock#s-1", "writes").await, Some(1));
     assert_eq!(shop.number("stock#s-1", "available").await, Some(9));
 }

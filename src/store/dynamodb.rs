@@ -484,7 +484,7 @@ where
 
 /// What an AWS service said, `code: message`: the SDK's own `Display` says only
 /// "service error". (The S3 client's `SdkError` is the same type.)
-pub(super) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
+pub(crate) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,

@@ -25,6 +25,8 @@ mod dynamodb;
 mod large;
 mod memory;
 
+#[cfg(feature = "atomic-writes")]
+pub(crate) use dynamodb::sdk_detail;
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
 pub use memory::MemoryStore;
 
