@@ -784,7 +784,9 @@ async fn the_same_commit_sent_twice_applies_the_writes_once() {
     let writes = [aws_sdk_dynamodb::types::TransactWriteItem::builder()
         .update(decrement)
         .build()];
-    let transactions = store.transactions().expect("DynamoDbStore offers transactions");
+    let transactions = store
+        .transactions()
+        .expect("DynamoDbStore offers transactions");
     for _ in 0..2 {
         transactions
             .commit_transaction(&completed, &[], &writes)
