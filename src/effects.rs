@@ -291,7 +291,8 @@ impl Effects {
     ///             .expression_attribute_values(":one", AttributeValue::N("1".into()))
     ///             .build()?,
     ///     );
-    ///     Ok::<_, lambda_idempotency::Error<aws_sdk_dynamodb::error::BuildError>>(json!({ "placed": order["id"] }))
+    ///     // Nothing is written yet: the writes commit with the response.
+    ///     Ok::<_, lambda_runtime::Error>(json!({ "placed": order["id"] }))
     /// });
     /// place.call(json!({ "id": "o-1" }), None).await?;
     /// # Ok(()) }

@@ -94,7 +94,7 @@ pub enum IdempotencyError {
         limit: &'static str,
     },
     /// The completed record, the outbox messages and the staged writes
-    /// ([`Effects::writes`](crate::Effects::writes)) do not fit in one DynamoDB
+    /// (`Effects::writes`, feature `atomic-writes`) do not fit in one DynamoDB
     /// transaction (100 items, 4 MB, 400 KB per item). Nothing was written and the
     /// reservation was released.
     #[error("idempotency key {key}: {items} items of {bytes} bytes with the staged writes exceed the transaction limits ({limit})")]
