@@ -233,6 +233,22 @@ impl IdempotencyError {
     }
 }
 
+impl IdempotencyError {
+    /// Whether the handler's staged writes were refused (their condition, the
+    /// transaction's limits, a store without transactions): nothing of them was
+    /// written, so even observe-only mode returns the error, not the response.
+    pub(crate) fn refused_staged_writes(&self) -> bool {
+        matches!(
+            self,
+            Self::WriteConditionFailed { .. }
+                | Self::TransactionTooLarge { .. }
+                | Self::Unsupported {
+                    missing: "transactions"
+                }
+        )
+    }
+}
+
 /// Each failure reaches Lambda with its own `errorType` (see
 /// [`IdempotencyError::error_type`]); also lets batch helpers that return
 /// `Result<_, IdempotencyError>` go straight into `lambda_runtime::run`.

@@ -445,7 +445,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                             }
                             Err(err) => {
                                 settle(&meter, Outcome::of(&err));
-                                if observe {
+                                // Not when staged writes were refused: the response
+                                // would claim writes that did not happen.
+                                if observe && !err.refused_staged_writes() {
                                     tracing::info!(error = %err, "observe only: the response was not stored; returning it");
                                     return Ok(Executed::ran(response));
                                 }

@@ -763,8 +763,10 @@ async fn the_same_commit_sent_twice_applies_the_writes_once() {
         in_progress_expiration: Some(now + 60_000),
         data: None,
         validation: None,
-        execution: "e-1".into(),
-        owner: "e-1".into(),
+        // Unique, as every reservation's owner is: DynamoDB remembers a
+        // token (derived from the owner) for 10 minutes, across tables.
+        execution: format!("e-{now}"),
+        owner: format!("e-{now}"),
         is_error: false,
     };
     store.reserve(&record, now).await.expect("reserve");
@@ -795,4 +797,40 @@ async fn the_same_commit_sent_twice_applies_the_writes_once() {
     }
     assert_eq!(shop.number("stock#s-1", "writes").await, Some(1));
     assert_eq!(shop.number("stock#s-1", "available").await, Some(9));
+}
+
+#[tokio::test]
+async fn observe_only_still_fails_a_call_whose_staged_writes_were_refused() {
+    let shop = Shop::new("atomic-observe").await;
+    let observing = IdempotencyConfig::builder()
+        .key_expression("order_id")
+        .key_prefix("atomic")
+        .observe_only(true)
+        .build()
+        .expect("config");
+    let idempotency = Idempotency::new(
+        DynamoDbStore::new(shop.store_client.clone(), &shop.records),
+        observing,
+    );
+    let place = idempotency.function("place", |order: Value| {
+        let staged = shop.stage_order(&order);
+        async move {
+            staged?;
+            Ok::<_, Failure>(json!({ "placed": order["order_id"] }))
+        }
+    });
+    // Out of stock: the response would claim an order that was not written.
+    let failed = place
+        .call(json!({ "order_id": "o-7", "sku": "s-out" }), None)
+        .await
+        .expect_err("the writes were refused");
+    assert!(
+        matches!(
+            idempotency_error(&failed),
+            IdempotencyError::WriteConditionFailed { index: 1, .. }
+        ),
+        "{failed:?}"
+    );
+    assert!(shop.item("order#o-7").await.is_none());
+    assert!(shop.records().await.is_empty());
 }
