@@ -98,6 +98,8 @@ struct State {
     missed: bool,
     #[cfg(feature = "outbox")]
     staged: Vec<(String, OutboxMessage)>,
+    #[cfg(feature = "atomic-writes")]
+    writes: Vec<crate::atomic::StagedWrite>,
 }
 
 impl Effects {
@@ -267,6 +269,65 @@ impl Effects {
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn outbox(&self) -> Outbox<'_> {
         Outbox { effects: self }
+    }
+
+    /// The invocation's DynamoDB writes, committed in the same transaction as its
+    /// completed record and its outbox: all of them once, or none.
+    ///
+    /// ```no_run
+    /// use aws_sdk_dynamodb::types::{AttributeValue, Put, Update};
+    /// use lambda_idempotency::{effects, Idempotency, IdempotencyConfig, DynamoDbStore};
+    /// use serde_json::{json, Value};
+    ///
+    /// # async fn f(client: aws_sdk_dynamodb::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = DynamoDbStore::new(client, "idempotency");
+    /// let idempotency = Idempotency::new(store, IdempotencyConfig::default());
+    /// let place = idempotency.function("place_order", |order: Value| async move {
+    ///     let effects = effects()?;
+    ///     let writes = effects.writes();
+    ///     let id = AttributeValue::S(order["id"].as_str().unwrap_or_default().into());
+    ///     writes.put(Put::builder().table_name("orders").item("id", id).build()?);
+    ///     writes.update(
+    ///         Update::builder()
+    ///             .table_name("stock")
+    ///             .key("sku", AttributeValue::S("s-1".into()))
+    ///             .update_expression("ADD available :minus_one")
+    ///             .condition_expression("available >= :one")
+    ///             .expression_attribute_values(":minus_one", AttributeValue::N("-1".into()))
+    ///             .expression_attribute_values(":one", AttributeValue::N("1".into()))
+    ///             .build()?,
+    ///     );
+    ///     // Nothing is written yet: the writes commit with the response.
+    ///     Ok::<_, lambda_runtime::Error>(json!({ "placed": order["id"] }))
+    /// });
+    /// place.call(json!({ "id": "o-1" }), None).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A handler that fails drops its staged writes. On a store without
+    /// transactions ([`IdempotencyStore::transactions`]) staged writes fail the
+    /// call with [`IdempotencyError::Unsupported`], nothing is written and the key
+    /// is released. In an unprotected call (idempotency disabled, or no key
+    /// material in lenient mode) they are committed alone, in one transaction,
+    /// after the handler succeeds: on every call, like the handler.
+    #[cfg(feature = "atomic-writes")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+    pub fn writes(&self) -> crate::atomic::Writes<'_> {
+        crate::atomic::Writes { effects: self }
+    }
+
+    /// Stages `write`; returns its index among the staged writes.
+    #[cfg(feature = "atomic-writes")]
+    pub(crate) fn stage_write(&self, write: crate::atomic::StagedWrite) -> usize {
+        let mut state = self.state();
+        state.writes.push(write);
+        state.writes.len() - 1
+    }
+
+    /// The staged writes, emptying them.
+    #[cfg(feature = "atomic-writes")]
+    pub(crate) fn take_writes(&self) -> Vec<crate::atomic::StagedWrite> {
+        std::mem::take(&mut self.state().writes)
     }
 
     /// Whether a step's closure was called in this attempt.

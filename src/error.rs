@@ -93,6 +93,38 @@ pub enum IdempotencyError {
         /// Which limit was exceeded.
         limit: &'static str,
     },
+    /// The completed record, the outbox messages and the staged writes
+    /// (`Effects::writes`, feature `atomic-writes`) do not fit in one DynamoDB
+    /// transaction (100 items, 4 MB, 400 KB per item). Nothing was written and the
+    /// reservation was released.
+    #[error("idempotency key {key}: {items} items of {bytes} bytes with the staged writes exceed the transaction limits ({limit})")]
+    TransactionTooLarge {
+        /// The idempotency key.
+        key: String,
+        /// Items in the transaction (the record, the messages and the writes).
+        items: usize,
+        /// Their total size (an upper bound for the writes).
+        bytes: usize,
+        /// Which limit was exceeded.
+        limit: &'static str,
+    },
+    /// The condition of a write the handler staged failed (a `ConditionCheck`,
+    /// or a `Put`/`Update`/`Delete` with a condition expression). The transaction
+    /// was cancelled: nothing was written, and the reservation was released, so a
+    /// retry runs the handler again.
+    #[error("idempotency key {key}: the condition of staged write {index} on table {table} failed for item {item}; nothing was written")]
+    WriteConditionFailed {
+        /// The idempotency key.
+        key: String,
+        /// The write's table.
+        table: String,
+        /// The item: the key of an update, a delete or a condition check, the
+        /// whole item of a put (cut at 256 characters), as text.
+        item: String,
+        /// The write's index among the staged writes (what `Writes::put` and
+        /// the others returned).
+        index: usize,
+    },
     /// The store holds an item under the key that is not a valid record (wrong
     /// attribute type, missing attribute, unknown status, a completed record without
     /// a JSON response). The handler has not run and the item was left as it is:
@@ -112,7 +144,7 @@ pub enum IdempotencyError {
     /// committed and the reservation was released.
     #[error("the idempotency store keeps no {missing}")]
     Unsupported {
-        /// `step journal` or `outbox`.
+        /// `step journal`, `outbox` or `transactions`.
         missing: &'static str,
     },
     /// The handler failed permanently and one of the compensations of its completed
@@ -208,11 +240,29 @@ impl IdempotencyError {
             Self::Delivery(_) => "IdempotencyDeliveryError",
             Self::NoEffects => "IdempotencyNoEffectsError",
             Self::OutboxTooLarge { .. } => "IdempotencyOutboxTooLargeError",
+            Self::TransactionTooLarge { .. } => "IdempotencyTransactionTooLargeError",
+            Self::WriteConditionFailed { .. } => "IdempotencyWriteConditionError",
             Self::MalformedRecord { .. } => "IdempotencyMalformedRecordError",
             Self::Unsupported { .. } => "IdempotencyUnsupportedError",
             Self::CompensationFailed { .. } => "IdempotencyCompensationError",
             Self::Store(_) => "IdempotencyPersistenceLayerError",
         }
+    }
+}
+
+impl IdempotencyError {
+    /// Whether the handler's staged writes were refused (their condition, the
+    /// transaction's limits, a store without transactions): nothing of them was
+    /// written, so even observe-only mode returns the error, not the response.
+    pub(crate) fn refused_staged_writes(&self) -> bool {
+        matches!(
+            self,
+            Self::WriteConditionFailed { .. }
+                | Self::TransactionTooLarge { .. }
+                | Self::Unsupported {
+                    missing: "transactions"
+                }
+        )
     }
 }
 

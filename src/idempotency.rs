@@ -445,7 +445,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                             }
                             Err(err) => {
                                 settle(&meter, Outcome::of(&err));
-                                if observe {
+                                // Not when staged writes were refused: the response
+                                // would claim writes that did not happen.
+                                if observe && !err.refused_staged_writes() {
                                     tracing::info!(error = %err, "observe only: the response was not stored; returning it");
                                     return Ok(Executed::ran(response));
                                 }
@@ -604,9 +606,46 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .scope(async move { handler(event).await })
             .await
             .map_err(Error::Handler)?;
+        #[cfg(feature = "atomic-writes")]
+        self.write_unprotected(effects.take_writes()).await?;
         #[cfg(feature = "outbox")]
         self.deliver_unprotected(effects.take_staged()).await;
         Ok(Executed::ran(response))
+    }
+
+    /// An unprotected call's staged writes: committed now, alone, in one
+    /// transaction (they happen on every call, as the handler runs on every call).
+    #[cfg(feature = "atomic-writes")]
+    async fn write_unprotected(
+        &self,
+        writes: Vec<crate::atomic::StagedWrite>,
+    ) -> Result<(), IdempotencyError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let Some(transactions) = self.inner.store.transactions() else {
+            return Err(IdempotencyError::Unsupported {
+                missing: "transactions",
+            });
+        };
+        let key = "unprotected".to_owned();
+        match crate::atomic::commit(transactions, None, &writes, &Meter::default()).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::WriteConditionFailed { indexes }) => {
+                Err(crate::atomic::condition_failed(key, &writes, &indexes))
+            }
+            Err(StoreError::TooLarge {
+                items,
+                bytes,
+                limit,
+            }) => Err(IdempotencyError::TransactionTooLarge {
+                key,
+                items,
+                bytes,
+                limit,
+            }),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// An unprotected call's outbox: delivered now, once, or lost (logged).
@@ -795,8 +834,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
         })
     }
 
-    /// Stores the response under our reservation, with the outbox messages the
-    /// handler staged (one transaction), then dispatches them.
+    /// Stores the response under our reservation, with the outbox messages and
+    /// the writes the handler staged (one transaction), then dispatches the
+    /// messages.
     async fn complete(
         &self,
         reservation: IdempotencyRecord,
@@ -822,7 +862,29 @@ impl<S: IdempotencyStore> Idempotency<S> {
         };
         #[cfg(not(feature = "outbox"))]
         let outbox: Vec<crate::store::OutboxRecord> = Vec::new();
+        // The writes the handler staged go in the same transaction (a failed
+        // handler's are dropped with it).
+        #[cfg(feature = "atomic-writes")]
+        let writes = match is_error {
+            true => Vec::new(),
+            false => effects.take_writes(),
+        };
+        #[cfg(not(feature = "atomic-writes"))]
+        let writes: [(); 0] = [];
         let committed = match (outbox.is_empty(), store.outbox()) {
+            #[cfg(feature = "atomic-writes")]
+            _ if !writes.is_empty() => match store.transactions() {
+                Some(transactions) => {
+                    let committed = Some((&record, outbox.as_slice()));
+                    crate::atomic::commit(transactions, committed, &writes, meter).await
+                }
+                None => {
+                    self.release(&record, effects, resumed).await;
+                    return Err(IdempotencyError::Unsupported {
+                        missing: "transactions",
+                    });
+                }
+            },
             (true, _) => store.complete(&record).await,
             (false, Some(outbox_store)) => outbox_store.commit(&record, &outbox).await,
             (false, None) => {
@@ -838,7 +900,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 limit,
             }) => {
                 self.release(&record, effects, resumed).await;
-                return Err(if outbox.is_empty() {
+                return Err(if !writes.is_empty() {
+                    IdempotencyError::TransactionTooLarge {
+                        key: record.key,
+                        items,
+                        bytes,
+                        limit,
+                    }
+                } else if outbox.is_empty() {
                     IdempotencyError::ResponseTooLarge {
                         key: record.key,
                         size: bytes,
@@ -852,6 +921,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
                         limit,
                     }
                 });
+            }
+            // A staged write's own condition: nothing was written, the key goes back.
+            #[cfg(feature = "atomic-writes")]
+            Err(StoreError::WriteConditionFailed { indexes }) => {
+                self.release(&record, effects, resumed).await;
+                let err = crate::atomic::condition_failed(record.key, &writes, &indexes);
+                tracing::warn!(error = %err, "a staged write's condition failed; nothing was written");
+                return Err(err);
             }
             Err(StoreError::NotOwner) => {
                 tracing::error!(

@@ -36,6 +36,7 @@
 //! | feature | adds |
 //! |---|---|
 //! | `outbox` | `Effects::outbox`, `OutboxMessage`, `Dispatcher`, custom `Sink`s, the `Relay` |
+//! | `atomic-writes` | `outbox`, `Effects::writes` (DynamoDB writes committed with the record) and `VersionedWrite` |
 //! | `sqs` | `SqsBatch`: SQS batches with partial batch failures |
 //! | `streams` | `StreamBatch`: DynamoDB Streams and Kinesis; with `outbox`, `Relay::process_dynamodb` |
 //! | `apigw` | `HttpIdempotency`: API Gateway `Idempotency-Key` semantics |
@@ -52,6 +53,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "atomic-writes")]
+mod atomic;
 mod config;
 mod effects;
 #[cfg(feature = "emf")]
@@ -70,7 +73,12 @@ pub mod store;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+#[cfg(feature = "atomic-writes")]
+mod versioned;
 
+#[cfg(feature = "atomic-writes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+pub use atomic::Writes;
 pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
 #[cfg(feature = "outbox")]
 #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
@@ -94,10 +102,22 @@ pub use sources::StreamBatch;
 #[cfg(feature = "apigw")]
 #[cfg_attr(docsrs, doc(cfg(feature = "apigw")))]
 pub use sources::{HttpIdempotency, IDEMPOTENT_REPLAYED};
+#[cfg(feature = "atomic-writes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+pub use store::TransactionStore;
 pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore, OutboxStore, StepJournal};
+#[cfg(feature = "atomic-writes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+pub use versioned::{Versioned, VersionedWrite, VersionedWriteError, DEFAULT_VERSION_ATTRIBUTE};
 
-/// Compiles the README's Rust snippets as doc tests (they use the event sources
-/// and the outbox: the test command enables them).
+/// Compiles the README's Rust snippets as doc tests (they use the event sources,
+/// the outbox and atomic writes: the test command enables them).
 #[doc = include_str!("../README.md")]
-#[cfg(all(doctest, feature = "sqs", feature = "apigw", feature = "outbox"))]
+#[cfg(all(
+    doctest,
+    feature = "sqs",
+    feature = "apigw",
+    feature = "outbox",
+    feature = "atomic-writes"
+))]
 pub struct ReadmeDoctests;

@@ -38,6 +38,8 @@ pub(crate) enum Outcome {
     /// The handler failed permanently and a compensation failed: the record stays
     /// open and the retry resumes compensating.
     CompensationFailed,
+    /// The condition of a staged write failed: nothing written, key released.
+    WriteConditionFailed,
 }
 
 /// Something an invocation met on its way, counted besides its outcome.
@@ -67,11 +69,14 @@ pub(crate) enum Event {
     CompensationRun,
     /// A compensation found journaled by an earlier attempt of the execution: not run again.
     CompensationReplayed,
+    /// Staged versioned writes skipped because their entity was already at their
+    /// version or newer (the rest committed again without them).
+    VersionedAlreadyCurrent,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Outcome {
-    const ALL: [Outcome; 16] = [
+    const ALL: [Outcome; 17] = [
         Outcome::Executed,
         Outcome::ReplayedFromStore,
         Outcome::ReplayedFromCache,
@@ -88,6 +93,7 @@ impl Outcome {
         Outcome::InvalidInput,
         Outcome::Compensated,
         Outcome::CompensationFailed,
+        Outcome::WriteConditionFailed,
     ];
 
     /// The stable name: the span's `outcome` field, and the counter's name after
@@ -110,6 +116,7 @@ impl Outcome {
             Outcome::InvalidInput => "invalid_input",
             Outcome::Compensated => "compensated",
             Outcome::CompensationFailed => "compensation_failed",
+            Outcome::WriteConditionFailed => "write_condition_failed",
         }
     }
 
@@ -122,7 +129,10 @@ impl Outcome {
             E::MissingKey { .. } => Outcome::MissingKeyRefused,
             E::LostOwnership { .. } => Outcome::LostOwnership,
             E::Store(_) => Outcome::StoreError,
-            E::ResponseTooLarge { .. } | E::OutboxTooLarge { .. } => Outcome::TooLarge,
+            E::ResponseTooLarge { .. }
+            | E::OutboxTooLarge { .. }
+            | E::TransactionTooLarge { .. } => Outcome::TooLarge,
+            E::WriteConditionFailed { .. } => Outcome::WriteConditionFailed,
             E::MalformedRecord { .. } => Outcome::MalformedRecord,
             E::CompensationFailed { .. } => Outcome::CompensationFailed,
             _ => Outcome::InvalidInput,
@@ -132,7 +142,7 @@ impl Outcome {
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Event {
-    const ALL: [Event; 11] = [
+    const ALL: [Event; 12] = [
         Event::ExpiredReexecuted,
         Event::TakenOver,
         Event::StepReplayed,
@@ -144,6 +154,7 @@ impl Event {
         Event::BatchHeldBack,
         Event::CompensationRun,
         Event::CompensationReplayed,
+        Event::VersionedAlreadyCurrent,
     ];
 
     /// The stable name, after `idempotency.` in the counter's name.
@@ -160,6 +171,7 @@ impl Event {
             Event::BatchHeldBack => "batch_held_back",
             Event::CompensationRun => "compensation_run",
             Event::CompensationReplayed => "compensation_replayed",
+            Event::VersionedAlreadyCurrent => "versioned_already_current",
         }
     }
 }

@@ -1,4 +1,6 @@
 use super::large::{Encoding, ObjectRef};
+#[cfg(feature = "atomic-writes")]
+use super::TransactionStore;
 use super::{check_limits, BoxFuture, IdempotencyStore, StepJournal, StepRecord, StoreError};
 #[cfg(feature = "outbox")]
 use super::{OutboxRecord, OutboxStore};
@@ -482,7 +484,7 @@ where
 
 /// What an AWS service said, `code: message`: the SDK's own `Display` says only
 /// "service error". (The S3 client's `SdkError` is the same type.)
-pub(super) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
+pub(crate) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
@@ -645,6 +647,12 @@ impl IdempotencyStore for DynamoDbStore {
     fn outbox(&self) -> Option<&dyn OutboxStore> {
         Some(self)
     }
+
+    #[cfg(feature = "atomic-writes")]
+    #[inline]
+    fn transactions(&self) -> Option<&dyn TransactionStore> {
+        Some(self)
+    }
 }
 
 impl StepJournal for DynamoDbStore {
@@ -678,7 +686,7 @@ impl OutboxStore for DynamoDbStore {
         record: &'a IdempotencyRecord,
         outbox: &'a [OutboxRecord],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.commit_with_outbox(record, outbox))
+        Box::pin(self.commit_with_outbox(record, outbox, &[]))
     }
 
     #[inline]
@@ -705,6 +713,27 @@ impl OutboxStore for DynamoDbStore {
     }
 }
 
+#[cfg(feature = "atomic-writes")]
+impl TransactionStore for DynamoDbStore {
+    #[inline]
+    fn commit_transaction<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+        writes: &'a [TransactWriteItem],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.commit_with_outbox(record, outbox, writes))
+    }
+
+    #[inline]
+    fn commit_writes<'a>(
+        &'a self,
+        writes: &'a [TransactWriteItem],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.transact_writes(writes))
+    }
+}
+
 /// The size DynamoDB counts for an item: attribute names and values in UTF-8
 /// bytes, binary values in bytes; a number takes at most 21 bytes and a boolean 1.
 fn item_bytes(item: &Item) -> usize {
@@ -719,6 +748,70 @@ fn item_bytes(item: &Item) -> usize {
                 }
         })
         .sum()
+}
+
+/// The indexes of the items whose conditions failed, when DynamoDB cancelled the
+/// transaction for them.
+#[cfg(feature = "outbox")]
+fn failed_conditions<R>(
+    err: &SdkError<aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError, R>,
+) -> Vec<usize> {
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+    match err.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(c)) => c
+            .cancellation_reasons()
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.code() == Some("ConditionalCheckFailed"))
+            .map(|(i, _)| i)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// An upper bound of the size a staged write adds to a transaction: its item
+/// (or key), its expressions and their names and values.
+#[cfg(feature = "outbox")]
+fn write_bytes(write: &TransactWriteItem) -> usize {
+    let expressions =
+        |names: Option<&HashMap<String, String>>, values: Option<&Item>, texts: &[Option<&str>]| {
+            names.map_or(0, |n| n.iter().map(|(k, v)| k.len() + v.len()).sum())
+                + values.map_or(0, item_bytes)
+                + texts.iter().flatten().map(|t| t.len()).sum::<usize>()
+        };
+    let put = write.put().map_or(0, |p| {
+        item_bytes(p.item())
+            + expressions(
+                p.expression_attribute_names(),
+                p.expression_attribute_values(),
+                &[p.condition_expression()],
+            )
+    });
+    let update = write.update().map_or(0, |u| {
+        item_bytes(u.key())
+            + expressions(
+                u.expression_attribute_names(),
+                u.expression_attribute_values(),
+                &[Some(u.update_expression()), u.condition_expression()],
+            )
+    });
+    let delete = write.delete().map_or(0, |d| {
+        item_bytes(d.key())
+            + expressions(
+                d.expression_attribute_names(),
+                d.expression_attribute_values(),
+                &[d.condition_expression()],
+            )
+    });
+    let check = write.condition_check().map_or(0, |c| {
+        item_bytes(c.key())
+            + expressions(
+                c.expression_attribute_names(),
+                c.expression_attribute_values(),
+                &[Some(c.condition_expression())],
+            )
+    });
+    put + update + delete + check
 }
 
 impl DynamoDbStore {
@@ -911,19 +1004,22 @@ impl DynamoDbStore {
         Ok(pending)
     }
 
-    /// The completed record and the outbox messages in one transaction, the record
+    /// The completed record, the outbox messages and the staged `writes` (feature
+    /// `atomic-writes`; empty otherwise) in one transaction, the record
     /// conditional on our ownership: all written or none.
     async fn commit_with_outbox(
         &self,
         record: &IdempotencyRecord,
         outbox: &[OutboxRecord],
+        writes: &[TransactWriteItem],
     ) -> Result<(), StoreError> {
-        if outbox.is_empty() {
+        if outbox.is_empty() && writes.is_empty() {
             return self.complete(record).await;
         }
         let outbox_items: Vec<Item> = outbox.iter().map(|m| self.outbox_item(m)).collect();
-        let outbox_sizes: Vec<usize> = outbox_items.iter().map(item_bytes).collect();
-        let record_item = self.record_item(record, &outbox_sizes).await?;
+        let mut sizes: Vec<usize> = outbox_items.iter().map(item_bytes).collect();
+        sizes.extend(writes.iter().map(write_bytes));
+        let record_item = self.record_item(record, &sizes).await?;
         let put = |item: Item| Put::builder().table_name(&self.table).set_item(Some(item));
         let owned = put(record_item)
             .condition_expression("#owner = :owner")
@@ -931,7 +1027,7 @@ impl DynamoDbStore {
             .expression_attribute_values(":owner", AttributeValue::S(record.owner.clone()));
         let mut items = vec![owned];
         items.extend(outbox_items.into_iter().map(put));
-        let items = items
+        let mut items = items
             .into_iter()
             .map(|put| {
                 put.build()
@@ -939,28 +1035,68 @@ impl DynamoDbStore {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| StoreError::Backend(e.into()))?;
+        items.extend(writes.iter().cloned());
+        // Business writes need not be idempotent (`ADD stock :minus_one`): an SDK
+        // retry of a transaction whose response was lost must not apply them
+        // again. DynamoDB answers a repeated token (for 10 minutes) without
+        // writing. One token per attempt and number of writes: the commit
+        // retried without already-current versioned writes gets its own.
+        let token = (!writes.is_empty()).then(|| {
+            let material = serde_json::json!([record.key, record.owner, writes.len()]);
+            crate::key::hash_value(&material)[..36].to_owned()
+        });
         let result = self
             .client
             .transact_write_items()
             .set_transact_items(Some(items))
+            .set_client_request_token(token)
             .send()
             .await;
         match result {
             Ok(_) => Ok(()),
             Err(err) => {
-                // The record's condition is the only one: a cancellation for a failed
-                // condition on the first item means another owner holds the key.
-                let lost = err.as_service_error().is_some_and(|e| {
-                    e.is_transaction_canceled_exception()
-                        && matches!(e, aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)
-                            if c.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed"))
-                });
-                if lost {
-                    Err(StoreError::NotOwner)
-                } else {
-                    Err(backend("TransactWriteItems (complete with outbox)", err))
+                // Which conditions failed, by index: the record's (the first item)
+                // means another owner holds the key; the staged writes' come after
+                // the record and the outbox (whose puts have no condition).
+                let failed = failed_conditions(&err);
+                let first_write = 1 + outbox.len();
+                match failed.first() {
+                    Some(0) => Err(StoreError::NotOwner),
+                    #[cfg(feature = "atomic-writes")]
+                    Some(_) if failed.iter().all(|&i| i >= first_write) => {
+                        Err(StoreError::WriteConditionFailed {
+                            indexes: failed.iter().map(|i| i - first_write).collect(),
+                        })
+                    }
+                    _ => {
+                        let _ = first_write;
+                        Err(backend("TransactWriteItems (complete with outbox)", err))
+                    }
                 }
             }
+        }
+    }
+
+    /// Staged writes alone in one transaction (an unprotected call).
+    #[cfg(feature = "atomic-writes")]
+    async fn transact_writes(&self, writes: &[TransactWriteItem]) -> Result<(), StoreError> {
+        let mut sizes = writes.iter().map(write_bytes);
+        check_limits(sizes.next().unwrap_or_default(), sizes)?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(writes.to_vec()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err) => match failed_conditions(&err) {
+                indexes if !indexes.is_empty() => Err(StoreError::WriteConditionFailed { indexes }),
+                _ => Err(backend("TransactWriteItems (staged writes)", err)),
+            },
         }
     }
 

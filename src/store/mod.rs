@@ -11,14 +11,22 @@
 //! - [`OutboxStore`]: messages committed with the completed record and delivered
 //!   after it (`Outbox::push` and the `Relay`, feature `outbox`).
 //!
-//! A store offers the other two through [`IdempotencyStore::journal`] and
-//! [`IdempotencyStore::outbox`]; without them a step or a staged message fails
-//! with [`IdempotencyError::Unsupported`](crate::IdempotencyError::Unsupported).
+//! - `TransactionStore` (feature `atomic-writes`): the completed record, the
+//!   outbox and the handler's staged DynamoDB writes in one transaction
+//!   (`Effects::writes`). Its methods take the AWS SDK's own types, so it stays
+//!   apart from the generic contracts above.
+//!
+//! A store offers the others through [`IdempotencyStore::journal`],
+//! [`IdempotencyStore::outbox`] and `IdempotencyStore::transactions`; without
+//! them a step, a staged message or a staged write fails with
+//! [`IdempotencyError::Unsupported`](crate::IdempotencyError::Unsupported).
 
 mod dynamodb;
 mod large;
 mod memory;
 
+#[cfg(feature = "atomic-writes")]
+pub(crate) use dynamodb::sdk_detail;
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
 pub use memory::MemoryStore;
 
@@ -67,6 +75,16 @@ pub enum StoreError {
         attribute: String,
         /// What is wrong with it.
         problem: String,
+    },
+    /// The transaction was cancelled because the conditions of these staged
+    /// writes failed (indexes into the writes given to
+    /// [`TransactionStore::commit_transaction`], ascending). Nothing was written.
+    #[cfg(feature = "atomic-writes")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+    #[error("the conditions of staged writes {indexes:?} failed")]
+    WriteConditionFailed {
+        /// The failed writes' indexes.
+        indexes: Vec<usize>,
     },
     /// Anything else: network, throttling, permissions.
     #[error(transparent)]
@@ -182,6 +200,51 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     fn outbox(&self) -> Option<&dyn OutboxStore> {
         None
     }
+
+    /// This store's transactions with business writes, if it offers them
+    /// (`Some(self)`; [`DynamoDbStore`] does, [`MemoryStore`] does not).
+    #[cfg(feature = "atomic-writes")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+    fn transactions(&self) -> Option<&dyn TransactionStore> {
+        None
+    }
+}
+
+/// The completed record, its outbox and the handler's staged writes to any
+/// DynamoDB table of the account, in one transaction (feature `atomic-writes`).
+///
+/// A separate, optional contract: its writes are the AWS SDK's
+/// [`TransactWriteItem`](aws_sdk_dynamodb::types::TransactWriteItem)s, which only
+/// a DynamoDB-backed store can commit atomically with its records.
+#[cfg(feature = "atomic-writes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
+pub trait TransactionStore: Send + Sync {
+    /// Does what [`OutboxStore::commit`] does and applies `writes` in the same
+    /// atomic write: all or nothing. The record's condition (ownership) failing
+    /// gives [`StoreError::NotOwner`]; a write's own condition failing gives
+    /// [`StoreError::WriteConditionFailed`] with the indexes of the failed
+    /// writes; a transaction over the limits (100 items, 4 MB, 400 KB per item,
+    /// record and outbox included) is refused with [`StoreError::TooLarge`]
+    /// before anything is sent. With no writes, exactly [`OutboxStore::commit`].
+    ///
+    /// A retry of the same call (same record owner, same number of writes) must
+    /// not apply the writes twice: DynamoDB's `ClientRequestToken` does that for
+    /// [`DynamoDbStore`].
+    fn commit_transaction<'a>(
+        &'a self,
+        record: &'a IdempotencyRecord,
+        outbox: &'a [OutboxRecord],
+        writes: &'a [aws_sdk_dynamodb::types::TransactWriteItem],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The `writes` alone in one transaction, for a call that runs unprotected
+    /// (idempotency disabled, or no key material in lenient mode): all or
+    /// nothing, [`StoreError::WriteConditionFailed`] when conditions fail,
+    /// [`StoreError::TooLarge`] over the limits.
+    fn commit_writes<'a>(
+        &'a self,
+        writes: &'a [aws_sdk_dynamodb::types::TransactWriteItem],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 /// The journal of a handler's completed steps, one entry per step of an execution.

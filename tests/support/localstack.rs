@@ -76,6 +76,19 @@ pub fn recorded_client() -> (Client, Requests) {
     (client, requests)
 }
 
+/// A client whose requests are recorded, with one more interceptor after the
+/// recorder (e.g. one that fails a chosen operation).
+pub fn recorded_client_with(extra: impl Intercept + 'static) -> (Client, Requests) {
+    let requests = Requests::default();
+    let client = Client::from_conf(
+        config()
+            .interceptor(Recorder(requests.clone()))
+            .interceptor(extra)
+            .build(),
+    );
+    (client, requests)
+}
+
 /// A unique table name for one test.
 pub fn table_name(test: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
