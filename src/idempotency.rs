@@ -1174,14 +1174,25 @@ fn check_payload(
     }
 }
 
-/// The handler's error as a [`PermanentError`], whether returned directly or boxed
-/// as a `lambda_runtime::Error`.
+/// The handler's error as a [`PermanentError`], whether returned directly, boxed
+/// as a `lambda_runtime::Error`, or as a step's failure passed on with `?` (an
+/// `Error<PermanentError>`, directly or boxed).
 fn as_permanent<E: 'static>(err: &E) -> Option<&PermanentError> {
+    fn from_step(err: &Error<PermanentError>) -> Option<&PermanentError> {
+        match err {
+            Error::Handler(permanent) | Error::Replayed(permanent) => Some(permanent),
+            Error::Idempotency(_) => None,
+        }
+    }
     let any = err as &dyn Any;
-    any.downcast_ref::<PermanentError>().or_else(|| {
-        any.downcast_ref::<lambda_runtime::Error>()
-            .and_then(|boxed| boxed.downcast_ref())
-    })
+    any.downcast_ref::<PermanentError>()
+        .or_else(|| any.downcast_ref().and_then(from_step))
+        .or_else(|| {
+            let boxed = any.downcast_ref::<lambda_runtime::Error>()?;
+            boxed
+                .downcast_ref::<PermanentError>()
+                .or_else(|| boxed.downcast_ref().and_then(from_step))
+        })
 }
 
 fn now_ms() -> i64 {

@@ -1116,3 +1116,39 @@ async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_w
     // Only the plain handler's completed record is left: both refusals released theirs.
     assert_eq!(memory.len(), 1);
 }
+
+#[tokio::test]
+async fn a_step_s_permanent_error_passed_on_with_the_question_mark_is_permanent() {
+    let idempotency = Idempotency::new(
+        MemoryStore::new(),
+        config()
+            .replay_permanent_errors(true)
+            .build()
+            .expect("config"),
+    );
+    let runs = Counter::default();
+    let ship = idempotency.function("ship", {
+        let runs = runs.clone();
+        move |_: Value| {
+            runs.hit();
+            async move {
+                // The step's `PermanentError` reaches the engine inside an
+                // `Error<PermanentError>`, the handler's own error type.
+                lambda_idempotency::effects()?
+                    .step("carrier", |_| async move {
+                        Err::<Value, _>(PermanentError::new("no carrier serves this address"))
+                    })
+                    .await
+            }
+        }
+    });
+    for _ in 0..2 {
+        let err = ship
+            .call(json!({"order_id": "p-step"}), None)
+            .await
+            .expect_err("refused permanently");
+        assert!(err.to_string().contains("no carrier"), "{err}");
+    }
+    // Stored as a permanent error and replayed: the handler ran once.
+    assert_eq!(runs.get(), 1);
+}

@@ -43,7 +43,8 @@ impl Effects {
     /// `f` runs once per execution exactly as with `step`. Once it completes (or
     /// replays from the journal), `compensation` is registered with the step's
     /// result. If the handler then fails permanently (it returns a
-    /// [`PermanentError`], directly or boxed as a `lambda_runtime::Error`, or it
+    /// [`PermanentError`], directly, boxed as a `lambda_runtime::Error`, or as a
+    /// step's failure passed on with `?`, or it
     /// called [`abort`](Self::abort)), the engine runs the registered
     /// compensations before the call returns, the latest step's first, each
     /// once per execution:
@@ -158,8 +159,8 @@ impl Effects {
     /// and `error` is stored as its outcome. Returns `error`, for the handler to
     /// return (`return Err(effects.abort(PermanentError::new("out of stock")).into())`).
     ///
-    /// Returning a [`PermanentError`] (directly or boxed as a `lambda_runtime::Error`)
-    /// is the same abort; `abort` is for handlers whose error type cannot hold one.
+    /// Returning a [`PermanentError`] (directly, boxed as a `lambda_runtime::Error`,
+    /// or a step's passed on with `?`) is the same abort; `abort` is for handlers whose error type cannot hold one.
     /// Without compensations registered, an abort is a permanent error like any
     /// other: stored only with `replay_permanent_errors`.
     pub fn abort(&self, error: PermanentError) -> PermanentError {
