@@ -28,6 +28,27 @@ pub async fn steps(
     Ok(steps)
 }
 
+/// The compensations the execution journaled (a saga that failed permanently),
+/// as (step position, entry): `{key}#{execution}#compensation#{n}`, `n` the
+/// position of the step it undoes, so one probe per journaled step.
+pub async fn compensations(
+    store: &DynamoDbStore,
+    record: &IdempotencyRecord,
+    steps: usize,
+) -> Result<Vec<(usize, StepRecord)>, StoreError> {
+    let mut compensations = Vec::new();
+    for position in 0..steps {
+        let key = format!(
+            "{}#{}#compensation#{position}",
+            record.key, record.execution
+        );
+        if let Some(entry) = store.get_step(&key).await? {
+            compensations.push((position, entry));
+        }
+    }
+    Ok(compensations)
+}
+
 /// The execution's outbox messages (`{key}#{execution}#outbox#{n}`), delivered
 /// or not.
 pub async fn outbox(

@@ -41,6 +41,7 @@ pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
         ));
     };
     let steps = journal::steps(&store, &record).await?;
+    let compensations = journal::compensations(&store, &record, steps.len()).await?;
     let outbox = journal::outbox(&store, &record).await?;
 
     let mut human = String::new();
@@ -51,6 +52,9 @@ pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
     for (position, step) in steps.iter().enumerate() {
         let _ = writeln!(human, "step {position:<7} {} = {}", step.name, step.data);
     }
+    for (position, entry) in &compensations {
+        let _ = writeln!(human, "undo {position:<7} {} = {}", entry.name, entry.data);
+    }
     for message in &outbox {
         let _ = writeln!(human, "outbox       {}", outbox_line(message));
     }
@@ -59,6 +63,7 @@ pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
         "derived": derived,
         "record": record_json(&record, now),
         "steps": steps.iter().enumerate().map(|(i, s)| step_json(i, s)).collect::<Vec<_>>(),
+        "compensations": compensations.iter().map(|(i, c)| step_json(*i, c)).collect::<Vec<_>>(),
         "outbox": outbox.iter().map(|m| outbox_json(m, now)).collect::<Vec<_>>(),
     });
     Ok(Outcome::ok(document, human))

@@ -820,3 +820,37 @@ async fn malformed_items_and_usage_errors_have_their_exit_codes() {
         "{doc}"
     );
 }
+
+#[tokio::test]
+async fn show_lists_the_compensations_of_a_saga_that_failed_permanently() {
+    let table = table("saga").await;
+    let idempotency = idempotency(&table);
+    let ship = idempotency.function("ship", |_: Value| async move {
+        let effects = effects()?;
+        effects
+            .step_with_compensation(
+                "charge",
+                |_| async move { Ok::<_, lambda_idempotency::PermanentError>(json!("ch_1")) },
+                |charge: Value, _| async move { Ok::<_, BoxError>(json!({ "refunded": charge })) },
+            )
+            .await?;
+        Err::<Value, _>(lambda_idempotency::Error::Handler(
+            lambda_idempotency::PermanentError::new("no carrier"),
+        ))
+    });
+    let event = json!({ "order_id": "o-saga" });
+    ship.call(event.clone(), Some(&context(60_000)))
+        .await
+        .expect_err("fails permanently");
+    let record = only_record(&table).await;
+
+    let (code, doc) = run_json(&["show", "--table", &table, "--key", &record.key]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["steps"][0]["name"], "charge");
+    assert_eq!(doc["compensations"][0]["name"], "compensate:charge");
+    assert_eq!(doc["compensations"][0]["position"], 0);
+    assert_eq!(
+        doc["compensations"][0]["data"],
+        json!({ "refunded": "ch_1" }).to_string()
+    );
+}
