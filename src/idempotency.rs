@@ -328,58 +328,37 @@ impl<S: IdempotencyStore> Idempotency<S> {
             outcome = field::Empty,
             replayed = field::Empty
         );
+        // Steps 1 and 2 need no await: a replay from the local cache ends here,
+        // without allocating the protected path's future.
+        let keyed = span.in_scope(|| self.key_and_cache(&call, &event, &meter));
+        let (key, validation, now) = match keyed {
+            Keyed::Protect {
+                key,
+                validation,
+                now,
+            } => (key, validation, now),
+            Keyed::Replayed(replayed) => return replayed,
+            Keyed::Refused(err) => {
+                return Box::pin(self.refuse(&meter, err, event, handler).instrument(span)).await
+            }
+            Keyed::Unprotected => {
+                return Box::pin(self.run_unprotected(event, handler).instrument(span)).await
+            }
+            Keyed::Observed(outcome) => {
+                return Box::pin(
+                    self.observed(&meter, outcome, event, handler)
+                        .instrument(span),
+                )
+                .await
+            }
+        };
         // Boxed: with event types as deep as API Gateway's, the unboxed future
-        // overflows the compiler's layout query depth in the user's `main`.
+        // overflows the compiler's layout query depth in the user's `main`. The
+        // rare paths' futures are boxed apart, so that on the memory store this
+        // one stays under the kilobyte past which glibc's malloc consolidates its
+        // free lists (the wrapper's benchmarks).
         Box::pin(
             async move {
-                // 1. Key and validation hashes, from the event as JSON.
-                let hashes = match &call.key {
-                    CallKey::Given {
-                        material,
-                        validation,
-                    } => hashed(material, validation.as_ref(), config.key_hash),
-                    CallKey::Config => self.key_material(&event, None),
-                    CallKey::SourceDefault(path) => self.key_material(&event, Some(path)),
-                };
-                let hashes = match hashes {
-                    Ok(hashes) => hashes,
-                    Err(err) => return self.refuse(&meter, err, event, handler).await,
-                };
-                let Some((material_hash, validation)) = hashes else {
-                    if config.strict {
-                        let err = IdempotencyError::MissingKey {
-                            expression: config.key.describe().to_owned(),
-                        };
-                        return self.refuse(&meter, err, event, handler).await;
-                    }
-                    settle(&meter, Outcome::MissingKeyUnprotected);
-                    tracing::warn!(
-                        expression = config.key.describe(),
-                        "no idempotency key material in the event; running the handler without idempotency"
-                    );
-                    return self.run_unprotected(event, handler).await;
-                };
-                let key = format!("{}#{material_hash}", call.scope);
-                tracing::Span::current().record("key", field::display(&key));
-
-                // 2. A completed record in this execution environment: no request at all.
-                let now = now_ms();
-                if let Some(cached) = self.cached(&key, now) {
-                    if observe {
-                        let outcome = match check_payload(&cached.record, validation.as_deref()) {
-                            Ok(()) => Outcome::ReplayedFromCache,
-                            Err(_) => Outcome::PayloadMismatch,
-                        };
-                        return self.observed(&meter, outcome, event, handler).await;
-                    }
-                    let replayed = self.replay_cached(&cached, validation.as_deref());
-                    settle(&meter, replay_outcome(&replayed, Outcome::ReplayedFromCache));
-                    return replayed.map(|response| Executed {
-                        response,
-                        replayed: true,
-                    });
-                }
-
                 // 3. Reserve. A live record comes back with the refusal (one request).
                 // A new execution is named after its first reservation's token.
                 let owner = owner_token();
@@ -397,8 +376,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 let resumed = match self.reserve(&mut reservation, &meter).await {
                     Ok(Reserved::Ours { resumed }) => resumed,
                     Ok(Reserved::Completed(_)) if observe => {
-                        return self
-                            .observed(&meter, Outcome::ReplayedFromStore, event, handler)
+                        return Box::pin(self.observed(&meter, Outcome::ReplayedFromStore, event, handler))
                             .await;
                     }
                     Ok(Reserved::Completed(existing)) => {
@@ -412,7 +390,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                             replayed: true,
                         });
                     }
-                    Err(err) => return self.refuse(&meter, err, event, handler).await,
+                    Err(err) => return Box::pin(self.refuse(&meter, err, event, handler)).await,
                 };
 
                 // 4. Run the handler, then complete or release. Its steps and outbox
@@ -430,7 +408,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     Ok(response) => {
                         let stored = match serde_json::to_string(&response) {
                             Ok(data) => {
-                                self.complete(reservation, data, false, &effects, resumed, &meter)
+                                Box::pin(self.complete(reservation, data, false, &effects, resumed, &meter))
                                     .await
                             }
                             Err(source) => {
@@ -459,14 +437,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
                         let permanent = as_permanent(&err).cloned().or_else(|| effects.aborted());
                         // A saga failed permanently: undo its completed steps first.
                         if let Some(failure) = permanent.as_ref().filter(|_| effects.has_compensations()) {
-                            return self.compensate(reservation, failure, err, &effects, resumed, &meter).await;
+                            return Box::pin(self.compensate(reservation, failure, err, &effects, resumed, &meter)).await;
                         }
                         let permanent = permanent.filter(|_| config.replay_permanent_errors);
                         let outcome = match permanent {
                             Some(permanent) => {
                                 let stored = match serde_json::to_string(&permanent) {
                                     Ok(data) => {
-                                        self.complete(reservation, data, true, &effects, resumed, &meter)
+                                        Box::pin(self.complete(reservation, data, true, &effects, resumed, &meter))
                                             .await
                                     }
                                     Err(source) => Err(IdempotencyError::Serialization { key, source }),
@@ -496,6 +474,67 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .instrument(span),
         )
         .await
+    }
+
+    /// Steps 1 and 2 of a call: the key and validation hashes from the event as
+    /// JSON, then a completed record in this execution environment (no request).
+    fn key_and_cache<T: Serialize + 'static, R: DeserializeOwned, E>(
+        &self,
+        call: &Call<'_>,
+        event: &T,
+        meter: &Meter,
+    ) -> Keyed<R, E> {
+        let config = &self.inner.config;
+        // 1. Key and validation hashes, from the event as JSON.
+        let hashes = match &call.key {
+            CallKey::Given {
+                material,
+                validation,
+            } => hashed(material, validation.as_ref(), config.key_hash),
+            CallKey::Config => self.key_material(event, None),
+            CallKey::SourceDefault(path) => self.key_material(event, Some(path)),
+        };
+        let (material_hash, validation) = match hashes {
+            Ok(Some(hashes)) => hashes,
+            Err(err) => return Keyed::Refused(err),
+            Ok(None) if config.strict => {
+                return Keyed::Refused(IdempotencyError::MissingKey {
+                    expression: config.key.describe().to_owned(),
+                })
+            }
+            Ok(None) => {
+                settle(meter, Outcome::MissingKeyUnprotected);
+                tracing::warn!(
+                    expression = config.key.describe(),
+                    "no idempotency key material in the event; running the handler without idempotency"
+                );
+                return Keyed::Unprotected;
+            }
+        };
+        let key = [call.scope, "#", &material_hash].concat();
+        tracing::Span::current().record("key", field::display(&key));
+
+        // 2. A completed record in this execution environment: no request at all.
+        let now = now_ms();
+        let Some(cached) = self.cached(&key, now) else {
+            return Keyed::Protect {
+                key,
+                validation,
+                now,
+            };
+        };
+        if config.observe_only {
+            return Keyed::Observed(match check_payload(&cached.record, validation.as_deref()) {
+                Ok(()) => Outcome::ReplayedFromCache,
+                Err(_) => Outcome::PayloadMismatch,
+            });
+        }
+        let replayed = self.replay_cached(&cached, validation.as_deref());
+        settle(meter, replay_outcome(&replayed, Outcome::ReplayedFromCache));
+        Keyed::Replayed(replayed.map(|response| Executed {
+            response,
+            replayed: true,
+        }))
     }
 
     /// A call that enforcing refuses with `err`: refused, or, observing, run anyway.
@@ -1091,6 +1130,24 @@ impl<S: IdempotencyStore> Idempotency<S> {
             .into()
         })
     }
+}
+
+/// What steps 1 and 2 of a call decided.
+enum Keyed<R, E> {
+    /// Run protected, under `key`.
+    Protect {
+        key: String,
+        validation: Option<String>,
+        now: i64,
+    },
+    /// Replayed from the local cache (or failed to).
+    Replayed(Result<Executed<R>, Error<E>>),
+    /// Refused when enforcing (run anyway when observing).
+    Refused(IdempotencyError),
+    /// No key material, and not strict: run without a record.
+    Unprotected,
+    /// Observing: enforcing would have replayed from the cache, or refused.
+    Observed(Outcome),
 }
 
 /// A completed record in the local cache, with its response once parsed.

@@ -39,7 +39,7 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
                         match fields {
                             // Only the fields the call's result is read for, shared
                             // with the other searches of the event.
-                            Some(fields) => direct::parse(text, Some(fields))
+                            Some(fields) => direct::parse(text, Some(fields), false)
                                 .map(|document| to_variable(&document)),
                             None => parse_variable(text).ok(),
                         }
@@ -618,10 +618,40 @@ pub(crate) fn canonical_json(value: &Value) -> String {
         &JsonStyle {
             item_separator: ",",
             key_separator: ":",
-            string: |out, s| out.push_str(&serde_json::to_string(s).unwrap_or_default()),
-            number: |out, n| out.push_str(&canonical_number(n)),
+            string: push_json_string,
+            number: push_canonical_number,
         },
     )
+}
+
+/// `s` as serde_json writes a string; most need no escape and are copied as they are.
+fn push_json_string(out: &mut String, s: &str) {
+    if needs_escape(s) {
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    } else {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    }
+}
+
+/// Whether serde_json escapes a character of `s`: `"`, `\\` and controls.
+fn needs_escape(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// The number's canonical text (see [`canonical_number`]), written in place.
+fn push_canonical_number(out: &mut String, n: &serde_json::Number) {
+    use std::fmt::Write;
+    // Writing to a `String` cannot fail.
+    let _ = match (n.as_i64(), n.as_u64()) {
+        (Some(i), _) => write!(out, "{i}"),
+        (_, Some(u)) => write!(out, "{u}"),
+        _ => {
+            out.push_str(&canonical_number(n));
+            Ok(())
+        }
+    };
 }
 
 /// What two hashed renderings of JSON spell differently: separators, strings and
@@ -642,7 +672,35 @@ pub(crate) fn sorted_json(value: &Value, style: &JsonStyle) -> String {
         Key(&'a str),
         Text(&'static str),
     }
-    let mut out = String::new();
+    let mut out = String::with_capacity(64);
+    // Key material is most often a string or a number, and validated fields a
+    // list of them: no stack for those.
+    let scalar = |out: &mut String, value: &Value| match value {
+        Value::String(s) => (style.string)(out, s),
+        Value::Number(n) => (style.number)(out, n),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Null => out.push_str("null"),
+        Value::Array(_) | Value::Object(_) => {}
+    };
+    match value {
+        Value::Array(items) if items.iter().all(|v| !v.is_array() && !v.is_object()) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(style.item_separator);
+                }
+                scalar(&mut out, item);
+            }
+            out.push(']');
+            return out;
+        }
+        Value::Array(_) | Value::Object(_) => {}
+        scalar_value => {
+            scalar(&mut out, scalar_value);
+            return out;
+        }
+    }
     let mut stack = vec![Work::Value(value)];
     while let Some(work) = stack.pop() {
         match work {
@@ -692,6 +750,9 @@ const MAX_DATA_DEPTH: usize = 256;
 
 /// How deeply `value` nests, counted without recursion, stopping past `limit`.
 fn depth_exceeds(value: &Value, limit: usize) -> bool {
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        return limit == 0;
+    }
     let mut stack = vec![(value, 1usize)];
     while let Some((value, depth)) = stack.pop() {
         if depth > limit {
@@ -757,17 +818,25 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 /// per invocation).
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
+    let digits: Vec<u8> = bytes
+        .iter()
+        .flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]])
+        .collect();
+    // Hex digits are ASCII.
+    String::from_utf8(digits).unwrap_or_default()
 }
 
-/// Hash of the canonical form of `value`.
+/// Hash of the canonical form of `value`. A string that needs no escape (most
+/// keys) is hashed in place, without writing its canonical text first.
 pub(crate) fn hash_value(value: &Value) -> String {
-    sha256_hex(canonical_json(value).as_bytes())
+    match value {
+        Value::String(s) if !needs_escape(s) => hex(&Sha256::new()
+            .chain_update("\"")
+            .chain_update(s)
+            .chain_update("\"")
+            .finalize()),
+        _ => sha256_hex(canonical_json(value).as_bytes()),
+    }
 }
 
 #[cfg(test)]
@@ -1416,6 +1485,31 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_string_hashed_in_place_hashes_its_serde_json_text(s in any::<String>(), escaped in "[a-z\"\\\\\n\u{1}]{0,4}") {
+            for s in [s, escaped] {
+                let text = serde_json::to_string(&s).expect("a string");
+                let value = Value::String(s);
+                prop_assert_eq!(&canonical_json(&value), &text);
+                prop_assert_eq!(hash_value(&value), sha256_hex(text.as_bytes()));
+            }
+        }
+
+        #[test]
+        fn a_list_of_scalars_is_written_as_serde_json_writes_it(
+            items in prop::collection::vec(prop_oneof![
+                any::<String>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                Just(Value::Null),
+            ], 0..5)
+        ) {
+            let value = Value::Array(items);
+            prop_assert_eq!(canonical_json(&value), serde_json::to_string(&value).expect("JSON"));
+            let nested = Value::Array(vec![value.clone(), json!({"b": value, "a": 1})]);
+            prop_assert_eq!(canonical_json(&nested), serde_json::to_string(&nested).expect("JSON"));
+        }
 
         #[test]
         fn integers_take_the_short_way_to_the_same_canonical_text(i in any::<i64>(), u in any::<u64>()) {

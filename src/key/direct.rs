@@ -38,23 +38,37 @@ pub(super) enum Direct {
 
 static NULL: Value = Value::Null;
 
-/// The fields read from embedded documents, and the documents parsed, by text.
-type Shared = (Arc<[String]>, Vec<(String, Rc<Value>)>);
+/// During a shared search, the fields read from embedded documents; and the
+/// documents parsed so far (the list is kept between searches, emptied).
+type Shared = (Option<Arc<[String]>>, Vec<(Text, Rc<Value>)>);
+
+/// Which text a shared document was parsed from.
+#[derive(PartialEq)]
+enum Text {
+    /// A string of the event, by address and length: the event is borrowed for
+    /// the whole sharing scope, so the address names the text (no copy).
+    InEvent(usize, usize),
+    /// A string computed during a search, which may be freed and its address
+    /// reused: compared by content.
+    Computed(String),
+}
 
 thread_local! {
-    /// During a shared search ([`share`]): the fields read from embedded
-    /// documents, and the documents parsed so far, by text.
-    static PARSED: RefCell<Option<Shared>> = const { RefCell::new(None) };
+    /// Parses shared by the searches of one event ([`share`]).
+    static PARSED: RefCell<Shared> = const { RefCell::new((None, Vec::new())) };
 }
 
 /// Starts (`Some`) or ends (`None`) sharing parses between searches.
 pub(super) fn share(fields: Option<&Arc<[String]>>) {
-    PARSED.set(fields.map(|fields| (Arc::clone(fields), Vec::new())));
+    PARSED.with_borrow_mut(|(shared, parsed)| {
+        *shared = fields.map(Arc::clone);
+        parsed.clear();
+    });
 }
 
 #[cfg(test)]
 pub(super) fn sharing_ended() -> bool {
-    PARSED.with_borrow(Option::is_none)
+    PARSED.with_borrow(|(fields, parsed)| fields.is_none() && parsed.is_empty())
 }
 
 impl Direct {
@@ -135,24 +149,35 @@ impl Direct {
 /// `powertools_json(arg)` on `data`; `None` when `arg` is not a string of JSON.
 fn json(arg: &Direct, fields: &Option<Vec<String>>, data: &Value) -> Option<Rc<Value>> {
     match arg.select(data) {
-        Some(selected) => parse(selected.as_str()?, fields.as_deref()),
-        None => parse(arg.eval(data)?.as_str()?, fields.as_deref()),
+        Some(selected) => parse(selected.as_str()?, fields.as_deref(), true),
+        None => parse(arg.eval(data)?.as_str()?, fields.as_deref(), false),
     }
 }
 
 /// An embedded document, with only `fields` when it is an object and they are
 /// given; shared between the searches of a [`share`] scope. `None`: not JSON.
-/// (The jmespath interpreter's `powertools_json` parses through here too.)
-pub(super) fn parse(text: &str, fields: Option<&[String]>) -> Option<Rc<Value>> {
-    PARSED.with_borrow_mut(|shared| {
+/// `in_event`: `text` is borrowed from the searched event. (The jmespath
+/// interpreter's `powertools_json` parses through here too.)
+pub(super) fn parse(text: &str, fields: Option<&[String]>, in_event: bool) -> Option<Rc<Value>> {
+    PARSED.with_borrow_mut(|(shared, parsed)| {
         let object = text.trim_start().starts_with('{');
         match (shared, fields) {
-            (Some((all, parsed)), Some(_)) if object => {
-                if let Some((_, value)) = parsed.iter().find(|(seen, _)| seen == text) {
+            (Some(all), Some(_)) if object => {
+                let found = parsed.iter().find(|(seen, _)| match seen {
+                    Text::InEvent(at, len) => {
+                        in_event && (*at, *len) == (text.as_ptr() as usize, text.len())
+                    }
+                    Text::Computed(seen) => !in_event && seen == text,
+                });
+                if let Some((_, value)) = found {
                     return Some(Rc::clone(value));
                 }
                 let value = Rc::new(parse_fields(text, all)?);
-                parsed.push((text.to_owned(), Rc::clone(&value)));
+                let seen = match in_event {
+                    true => Text::InEvent(text.as_ptr() as usize, text.len()),
+                    false => Text::Computed(text.to_owned()),
+                };
+                parsed.push((seen, Rc::clone(&value)));
                 Some(value)
             }
             (_, Some(fields)) if object => parse_fields(text, fields).map(Rc::new),
