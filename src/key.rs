@@ -640,7 +640,10 @@ fn needs_escape(s: &str) -> bool {
     s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
-/// The number's canonical text (see [`canonical_number`]), written in place.
+/// The number's exact canonical text (see [`number`]), written to `out`. An
+/// integer of 64 bits is its own canonical text (at most 20 digits, written
+/// plainly; `-0` reads as 0). serde_json only holds valid JSON numbers, so the
+/// fallback to its own text never runs in practice.
 fn push_canonical_number(out: &mut String, n: &serde_json::Number) {
     use std::fmt::Write;
     // Writing to a `String` cannot fail.
@@ -648,7 +651,8 @@ fn push_canonical_number(out: &mut String, n: &serde_json::Number) {
         (Some(i), _) => write!(out, "{i}"),
         (_, Some(u)) => write!(out, "{u}"),
         _ => {
-            out.push_str(&canonical_number(n));
+            let text = n.to_string();
+            out.push_str(&number::canonical_number(&text).unwrap_or(text));
             Ok(())
         }
     };
@@ -732,11 +736,7 @@ pub(crate) fn sorted_json(value: &Value, style: &JsonStyle) -> String {
                     }
                 }
             }
-            Work::Value(Value::String(s)) => (style.string)(&mut out, s),
-            Work::Value(Value::Number(n)) => (style.number)(&mut out, n),
-            Work::Value(Value::Bool(true)) => out.push_str("true"),
-            Work::Value(Value::Bool(false)) => out.push_str("false"),
-            Work::Value(Value::Null) => out.push_str("null"),
+            Work::Value(value) => scalar(&mut out, value),
         }
     }
     out
@@ -765,21 +765,6 @@ fn depth_exceeds(value: &Value, limit: usize) -> bool {
         }
     }
     false
-}
-
-/// The number's exact canonical text (see [`number`]). serde_json only holds
-/// valid JSON numbers, so the fallback to its own text never runs in practice.
-fn canonical_number(n: &serde_json::Number) -> String {
-    // An integer of 64 bits is its own canonical text (at most 20 digits, written
-    // plainly); `-0` reads as 0.
-    if let Some(i) = n.as_i64() {
-        return i.to_string();
-    }
-    if let Some(u) = n.as_u64() {
-        return u.to_string();
-    }
-    let text = n.to_string();
-    number::canonical_number(&text).unwrap_or(text)
 }
 
 /// Without `exact-numbers`, a number in `value` that serde_json may have rounded
@@ -1482,6 +1467,12 @@ mod properties {
         #[cfg(feature = "jmespath-functions")]
         "length(powertools_json(j))",
     ];
+
+    fn canonical_number(n: &serde_json::Number) -> String {
+        let mut out = String::new();
+        push_canonical_number(&mut out, n);
+        out
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]

@@ -163,20 +163,14 @@ pub(super) fn parse(text: &str, fields: Option<&[String]>, in_event: bool) -> Op
         let object = text.trim_start().starts_with('{');
         match (shared, fields) {
             (Some(all), Some(_)) if object => {
-                let found = parsed.iter().find(|(seen, _)| match seen {
-                    Text::InEvent(at, len) => {
-                        in_event && (*at, *len) == (text.as_ptr() as usize, text.len())
-                    }
-                    Text::Computed(seen) => !in_event && seen == text,
-                });
-                if let Some((_, value)) = found {
-                    return Some(Rc::clone(value));
-                }
-                let value = Rc::new(parse_fields(text, all)?);
                 let seen = match in_event {
                     true => Text::InEvent(text.as_ptr() as usize, text.len()),
                     false => Text::Computed(text.to_owned()),
                 };
+                if let Some((_, value)) = parsed.iter().find(|(parsed, _)| *parsed == seen) {
+                    return Some(Rc::clone(value));
+                }
+                let value = Rc::new(parse_fields(text, all)?);
                 parsed.push((seen, Rc::clone(&value)));
                 Some(value)
             }
