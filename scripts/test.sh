@@ -28,7 +28,7 @@ cargo fmt --check
 # Every feature a user can pick: none, each alone, all together. Targets that
 # need a feature are skipped without it (required-features in Cargo.toml).
 sources_and_sinks="sqs,streams,apigw,lambda-http,outbox-sqs,outbox-http,atomic-writes,gzip,jmespath-functions,emf,compress-responses,s3-responses,testing"
-for features in "" outbox atomic-writes sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat gzip jmespath-functions metrics emf compress-responses s3-responses testing; do
+for features in "" outbox atomic-writes sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat gzip jmespath jmespath-functions metrics emf compress-responses s3-responses testing; do
   step "cargo clippy --all-targets --features '$features' -- -D warnings"
   cargo clippy --all-targets --locked --features "$features" -- -D warnings
 done

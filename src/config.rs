@@ -14,7 +14,8 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A JMESPath expression does not compile or calls an unknown function.
+    /// A JMESPath expression does not compile, calls an unknown function, or
+    /// needs a feature that is off (named in `reason`).
     #[error("invalid {role} expression {expression:?}: {reason}")]
     InvalidExpression {
         /// `key` or `payload validation`.
@@ -228,7 +229,12 @@ impl std::fmt::Debug for IdempotencyConfigBuilder {
 impl IdempotencyConfigBuilder {
     /// Selects the key material with a JMESPath expression over the event's JSON.
     /// The Powertools functions `powertools_json`, `powertools_base64` and
-    /// `powertools_base64_gzip` (feature `gzip`) are available.
+    /// `powertools_base64_gzip` (feature `gzip`) are available. By default an
+    /// expression is made of fields, sub-expressions (`a.b`), indexes,
+    /// multi-selects (`[a, b]`, `{x: a}`), `@`, `||` and parentheses; the rest of
+    /// JMESPath needs the feature `jmespath`, its standard functions
+    /// `jmespath-functions`. An expression that needs a feature is refused by
+    /// [`build`](Self::build), which names it.
     pub fn key_expression(mut self, expression: impl Into<String>) -> Self {
         self.key_expression = Some(expression.into());
         self

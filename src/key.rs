@@ -1,87 +1,23 @@
 //! Key derivation: select key material from the event, canonicalize it, hash it.
+//!
+//! A key expression is compiled once, with the config: the JMESPath subset of
+//! [`syntax`] into the in-place evaluator of [`direct`], and, with the `jmespath`
+//! feature, anything else by the jmespath crate ([`full`]).
 
 use base64::Engine as _;
-use jmespath::ast::Ast;
-use jmespath::functions::{ArgumentType, CustomFunction, Signature};
-use jmespath::{Context, ErrorReason, JmespathError, Rcvar, Runtime, RuntimeError, Variable};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::cell::Cell;
 #[cfg(feature = "gzip")]
 use std::io::Read as _;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 mod direct;
+#[cfg(feature = "jmespath")]
+mod full;
 mod number;
 #[cfg(feature = "powertools-compat")]
 pub(crate) mod powertools;
-
-/// The JMESPath runtime: the standard functions plus the three Powertools ones, so
-/// expressions written for Powertools work unchanged.
-static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
-    let mut runtime = Runtime::new();
-    #[cfg(feature = "jmespath-functions")]
-    runtime.register_builtin_functions();
-    let string_arg = || signature(POWERTOOLS_JSON).unwrap_or_else(|| Signature::new(vec![], None));
-    runtime.register_function(
-        POWERTOOLS_JSON,
-        Box::new(CustomFunction::new(
-            string_arg(),
-            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-                let text = first_string(args);
-                let offset = ctx.offset;
-                JSON_FIELDS
-                    .with_borrow(|calls| {
-                        let fields = calls
-                            .as_deref()
-                            .and_then(|calls| calls.iter().find(|(at, _)| *at == offset))
-                            .map(|(_, fields)| fields.as_slice());
-                        match fields {
-                            // Only the fields the call's result is read for, shared
-                            // with the other searches of the event.
-                            Some(fields) => direct::parse(text, Some(fields), false)
-                                .map(|document| to_variable(&document)),
-                            None => parse_variable(text).ok(),
-                        }
-                    })
-                    .ok_or_else(|| invalid(ctx, "a JSON string", text))
-            }),
-        )),
-    );
-    runtime.register_function(
-        POWERTOOLS_BASE64,
-        Box::new(CustomFunction::new(
-            string_arg(),
-            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-                let text = first_string(args);
-                let bytes = decode_base64(text, ctx)?;
-                let decoded = String::from_utf8(bytes)
-                    .map_err(|_| invalid(ctx, "base64 of UTF-8 text", text))?;
-                Ok(Rcvar::new(Variable::String(decoded)))
-            }),
-        )),
-    );
-    #[cfg(feature = "gzip")]
-    runtime.register_function(
-        POWERTOOLS_BASE64_GZIP,
-        Box::new(CustomFunction::new(
-            string_arg(),
-            Box::new(|args: &[Rcvar], ctx: &mut Context<'_>| {
-                let text = first_string(args);
-                let bytes = decode_base64(text, ctx)?;
-                let limit = MAX_INFLATED_BYTES.get();
-                match inflate(&bytes, limit) {
-                    Ok(decoded) => Ok(Rcvar::new(Variable::String(decoded))),
-                    Err(Inflate::TooLarge) => Err(fail(ctx, inflated_too_large(limit))),
-                    Err(Inflate::Invalid) => {
-                        Err(invalid(ctx, "base64 of gzipped UTF-8 text", text))
-                    }
-                }
-            }),
-        )),
-    );
-    runtime
-});
+mod syntax;
 
 /// Default bound on the text `powertools_base64_gzip` may inflate: 6 MiB, Lambda's
 /// limit for a synchronous payload. Gzip compresses up to about 1000:1, so without
@@ -90,33 +26,14 @@ static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
 /// gzipped payload, is at most 1 MiB inflated).
 pub(crate) const DEFAULT_MAX_INFLATED_BYTES: usize = 6 * 1024 * 1024;
 
-thread_local! {
-    /// The inflation bound of the search running on this thread. The JMESPath
-    /// runtime is a global static and its functions only get their arguments and a
-    /// `Context` without user data, so the bound of the expression being evaluated
-    /// reaches `powertools_base64_gzip` through here: [`JsonPath::search`] sets it
-    /// around a search, which is synchronous, so it cannot leak to another
-    /// expression on the same thread (a per-configuration runtime would need to be
-    /// leaked for the `'static` expressions).
-    static MAX_INFLATED_BYTES: Cell<usize> = const { Cell::new(DEFAULT_MAX_INFLATED_BYTES) };
-    /// Why the current search failed, when a Powertools function knows better than
-    /// the JMESPath error it has to return.
-    static FAILURE: Cell<Option<String>> = const { Cell::new(None) };
-    /// The fields each `powertools_json` call of the current search reads from
-    /// the document it parses, by the call's offset in the expression.
-    static JSON_FIELDS: std::cell::RefCell<Option<CallFields>> =
-        const { std::cell::RefCell::new(None) };
-}
-
 /// The fields `paths` read from embedded documents, all together: what
 /// [`share_parses`] parses them with (computed once, with the config).
 pub(crate) fn embedded_fields(paths: &[&JsonPath]) -> Arc<[String]> {
-    let fields: Vec<String> = paths
-        .iter()
-        .flat_map(|path| path.json_fields.iter())
-        .flat_map(|(_, fields)| fields.iter().cloned())
-        .collect();
-    sorted(fields).into()
+    let mut lists = Vec::new();
+    for path in paths {
+        path.embedded_fields(&mut lists);
+    }
+    sorted(lists.concat()).into()
 }
 
 /// Runs `f`, searches of one event with paths that read `fields` from embedded
@@ -139,165 +56,76 @@ pub(crate) fn share_parses<R>(fields: &Arc<[String]>, f: impl FnOnce() -> R) -> 
     f()
 }
 
-/// A JSON document as a JMESPath variable, parsed straight into it. serde_json's
-/// parser stops at 128 levels, so the result is bounded. With `exact-numbers`,
-/// serde_json hands numbers to a deserializer as a private one-field map, which
-/// jmespath's `Variable` would keep as an object: values go through a `Value`.
-fn parse_variable(text: &str) -> Result<Rcvar, serde_json::Error> {
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    let variable = variable(&mut deserializer)?;
-    deserializer.end()?;
-    Ok(variable)
+/// `powertools_base64`: `text` decoded from base64, as UTF-8.
+fn base64_text(text: &str) -> Result<String, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| invalid_text(POWERTOOLS_BASE64, "a base64 string", text))?;
+    String::from_utf8(bytes)
+        .map_err(|_| invalid_text(POWERTOOLS_BASE64, "base64 of UTF-8 text", text))
 }
 
-fn variable<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Rcvar, D::Error> {
-    #[cfg(not(feature = "exact-numbers"))]
-    return serde::Deserialize::deserialize(deserializer).map(Rcvar::new);
-    #[cfg(feature = "exact-numbers")]
-    return <Value as serde::Deserialize>::deserialize(deserializer).map(|v| to_variable(&v));
-}
-
-/// Sets this thread's inflation bound and `powertools_json` fields for one search;
-/// restores the previous ones when dropped, also on unwinding.
-struct SearchScope {
-    previous: usize,
-    previous_fields: Option<CallFields>,
-}
-
-impl SearchScope {
-    fn enter(max_inflated_bytes: usize, json_fields: &CallFields) -> Self {
-        FAILURE.set(None);
-        Self {
-            previous: MAX_INFLATED_BYTES.replace(max_inflated_bytes),
-            previous_fields: JSON_FIELDS.replace(Some(Arc::clone(json_fields))),
-        }
-    }
-
-    /// The failure a Powertools function recorded during the search, if any.
-    fn failure(&self) -> Option<String> {
-        FAILURE.take()
-    }
-}
-
-impl Drop for SearchScope {
-    fn drop(&mut self) {
-        MAX_INFLATED_BYTES.set(self.previous);
-        JSON_FIELDS.set(self.previous_fields.take());
-    }
-}
-
+/// `powertools_base64_gzip`: `text` decoded from base64 and gunzipped, as UTF-8 of
+/// at most `limit` bytes. Inflates one byte past the limit, to tell "exactly at
+/// the limit" from "over it" without inflating more.
 #[cfg(feature = "gzip")]
-enum Inflate {
-    TooLarge,
-    Invalid,
-}
-
-#[cfg(feature = "gzip")]
-/// Gunzips `bytes` into text of at most `limit` bytes. Reads one byte past the
-/// limit to tell "exactly at the limit" from "over it" without inflating more.
-fn inflate(bytes: &[u8], limit: usize) -> Result<String, Inflate> {
+fn gunzip_base64_text(text: &str, limit: usize) -> Result<String, String> {
+    let invalid = || invalid_text(POWERTOOLS_BASE64_GZIP, "base64 of gzipped UTF-8 text", text);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| invalid_text(POWERTOOLS_BASE64_GZIP, "a base64 string", text))?;
     let mut out = Vec::new();
     let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    flate2::read::GzDecoder::new(bytes)
+    flate2::read::GzDecoder::new(bytes.as_slice())
         .take(cap)
         .read_to_end(&mut out)
-        .map_err(|_| Inflate::Invalid)?;
+        .map_err(|_| invalid())?;
     if out.len() > limit {
-        return Err(Inflate::TooLarge);
+        return Err(format!(
+            "{POWERTOOLS_BASE64_GZIP}: the data inflates to more than {limit} bytes, \
+             the limit set by IdempotencyConfigBuilder::max_inflated_bytes"
+        ));
     }
-    String::from_utf8(out).map_err(|_| Inflate::Invalid)
+    String::from_utf8(out).map_err(|_| invalid())
 }
 
-#[cfg(feature = "gzip")]
-fn inflated_too_large(limit: usize) -> String {
-    format!(
-        "powertools_base64_gzip: the data inflates to more than {limit} bytes, \
-         the limit set by IdempotencyConfigBuilder::max_inflated_bytes"
-    )
-}
-
-#[cfg(feature = "gzip")]
-/// Records `reason` for [`JsonPath::search`] and returns the error JMESPath needs.
-fn fail(ctx: &Context<'_>, reason: String) -> JmespathError {
-    let err = JmespathError::from_ctx(ctx, ErrorReason::Parse(reason.clone()));
-    FAILURE.set(Some(reason));
-    err
-}
-
-/// The signature check has already run, so the first argument is a string.
-fn first_string(args: &[Rcvar]) -> &str {
-    args.first()
-        .and_then(|a| a.as_string())
-        .map_or("", String::as_str)
-}
-
-fn decode_base64(text: &str, ctx: &Context<'_>) -> Result<Vec<u8>, JmespathError> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text)
-        .map_err(|_| invalid(ctx, "a base64 string", text))
-}
-
-fn invalid(ctx: &Context<'_>, expected: &str, actual: &str) -> JmespathError {
+/// A Powertools function's error for an argument that is not what it expected.
+fn invalid_text(function: &str, expected: &str, actual: &str) -> String {
     let preview: String = actual.chars().take(40).collect();
-    JmespathError::from_ctx(
-        ctx,
-        ErrorReason::Runtime(RuntimeError::InvalidType {
-            expected: expected.to_owned(),
-            actual: format!("{preview:?}"),
-            position: 0,
-        }),
-    )
+    format!("{function}(): expected {expected}, given {preview:?}")
 }
 
-/// `value` as a JMESPath variable. Not `Variable::try_from` nor `search(&Value)`:
-/// without jmespath's nightly-only `specialized` feature both go through serde, and
-/// with serde_json's `arbitrary_precision` a number serializes as a private
-/// one-field object, so numbers would turn into objects. Recursive: callers bound
-/// the depth first ([`MAX_DATA_DEPTH`], serde_json's parser limit).
-fn to_variable(value: &Value) -> Rcvar {
-    Rcvar::new(match value {
-        Value::Null => Variable::Null,
-        Value::Bool(b) => Variable::Bool(*b),
-        Value::Number(n) => Variable::Number(n.clone()),
-        Value::String(s) => Variable::String(s.clone()),
-        Value::Array(items) => Variable::Array(items.iter().map(to_variable).collect()),
-        Value::Object(map) => Variable::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), to_variable(v)))
-                .collect(),
-        ),
-    })
-}
-
-/// The fields `powertools_json` call sites read, by the call's offset in the
-/// expression ([`json_fields`]).
-type CallFields = Arc<[(usize, Vec<String>)]>;
-
-/// A compiled JMESPath expression.
+/// A compiled key or validation expression.
 #[derive(Clone)]
 pub(crate) struct JsonPath {
-    expression: jmespath::Expression<'static>,
+    text: String,
     max_inflated_bytes: usize,
-    /// The top-level fields the expression can read ([`root_fields`]): only
-    /// those are converted for a search, not the whole event.
+    /// The top-level fields the expression can read: only those are checked for
+    /// depth (and, by jmespath, converted), not the whole event.
     root_fields: Option<Vec<String>>,
-    /// Likewise for the documents `powertools_json` parses, by call site.
-    json_fields: CallFields,
-    /// The expression evaluated on the event in place, when it has a simple shape.
-    direct: Option<direct::Direct>,
+    eval: Eval,
+}
+
+/// How an expression is evaluated.
+#[derive(Clone)]
+enum Eval {
+    /// On the event in place.
+    Direct(direct::Direct),
+    /// By the jmespath crate.
+    #[cfg(feature = "jmespath")]
+    Jmespath(full::Compiled),
 }
 
 impl std::fmt::Debug for JsonPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.expression.as_str())
+        f.write_str(&self.text)
     }
 }
 
 impl JsonPath {
     /// Compiles `expression`, rejecting syntax errors, expressions too long or too
-    /// deeply nested to evaluate safely, and function calls that can never work:
-    /// unknown functions, wrong argument counts, literal arguments of the wrong
-    /// type (the jmespath crate only reports these when a call is evaluated).
+    /// deeply nested to evaluate safely, and function calls that can never work.
+    /// JMESPath beyond [`syntax`]'s subset needs the `jmespath` feature.
     pub(crate) fn compile(expression: &str) -> Result<Self, String> {
         if expression.len() > MAX_EXPRESSION_BYTES {
             return Err(format!(
@@ -305,17 +133,28 @@ impl JsonPath {
                 expression.len()
             ));
         }
-        let compiled = RUNTIME.compile(expression).map_err(|e| e.to_string())?;
-        check_ast(compiled.as_ast())?;
-        let root_fields = root_fields(compiled.as_ast()).map(sorted);
-        let json_fields = json_fields(compiled.as_ast()).into();
-        let direct = direct::Direct::compile(compiled.as_ast());
+        let (eval, root_fields) = match syntax::parse(expression) {
+            Ok(direct) if direct.depth() > MAX_EXPRESSION_DEPTH => return Err(too_deep()),
+            Ok(direct) => {
+                let root_fields = direct.root_fields().map(sorted);
+                (Eval::Direct(direct), root_fields)
+            }
+            // jmespath decides, with its own message for what is not JMESPath.
+            #[cfg(feature = "jmespath")]
+            Err(_) => {
+                let (compiled, root_fields) = full::compile(expression)?;
+                (Eval::Jmespath(compiled), root_fields)
+            }
+            #[cfg(not(feature = "jmespath"))]
+            Err(syntax::ParseError::Syntax(reason) | syntax::ParseError::Unsupported(reason)) => {
+                return Err(reason)
+            }
+        };
         Ok(Self {
-            expression: compiled,
+            text: expression.to_owned(),
             max_inflated_bytes: DEFAULT_MAX_INFLATED_BYTES,
             root_fields,
-            json_fields,
-            direct,
+            eval,
         })
     }
 
@@ -327,20 +166,32 @@ impl JsonPath {
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        self.expression.as_str()
+        &self.text
     }
 
     pub(crate) fn search(&self, data: &Value) -> Result<Value, String> {
         self.check_depth(data)?;
-        if let Some(found) = self.direct.as_ref().and_then(|direct| direct.search(data)) {
-            return Ok(found);
+        match &self.eval {
+            Eval::Direct(direct) => direct.search(data, self.max_inflated_bytes),
+            #[cfg(feature = "jmespath")]
+            Eval::Jmespath(compiled) => {
+                compiled.search(data, self.root_fields.as_deref(), self.max_inflated_bytes)
+            }
         }
-        let root = self.root_variable(data);
-        let scope = SearchScope::enter(self.max_inflated_bytes, &self.json_fields);
-        let mut ctx = Context::new(self.expression.as_str(), &RUNTIME);
-        let found = jmespath::interpret(&root, self.expression.as_ast(), &mut ctx)
-            .map_err(|e| scope.failure().unwrap_or_else(|| e.to_string()))?;
-        serde_json::to_value(&*found).map_err(|e| e.to_string())
+    }
+
+    /// The fields each `powertools_json` call reads from its document, where known.
+    fn embedded_fields<'a>(&'a self, out: &mut Vec<&'a [String]>) {
+        match &self.eval {
+            Eval::Direct(direct) => direct.embedded_fields(out),
+            #[cfg(feature = "jmespath")]
+            Eval::Jmespath(compiled) => out.extend(
+                compiled
+                    .json_fields
+                    .iter()
+                    .map(|(_, fields)| fields.as_slice()),
+            ),
+        }
     }
 
     /// Refuses an event nested deeper than [`MAX_DATA_DEPTH`] where the expression
@@ -360,25 +211,10 @@ impl JsonPath {
             false => Ok(()),
         }
     }
-
-    /// The event as a JMESPath variable: of an object, only the fields the
-    /// expression can read (the same result, without copying the rest). Called
-    /// after [`check_depth`](Self::check_depth).
-    fn root_variable(&self, data: &Value) -> Rcvar {
-        match (&self.root_fields, data) {
-            (Some(fields), Value::Object(map)) => Rcvar::new(Variable::Object(
-                fields
-                    .iter()
-                    .filter_map(|field| Some((field.clone(), to_variable(map.get(field)?))))
-                    .collect(),
-            )),
-            _ => to_variable(data),
-        }
-    }
 }
 
-/// Longest expression accepted. The jmespath parser and interpreter recurse once or
-/// more per nesting level (parentheses, `!`, projections), so the length bounds
+/// Longest expression accepted. The parsers and the jmespath interpreter recurse
+/// once or more per nesting level (parentheses, `!`, projections), so the length bounds
 /// their stack use before parsing: 255 nested parentheses or 511 `!` overflow a
 /// 2 MiB thread in a debug build, 127 and 255 do not. Key expressions are a few
 /// dozen bytes.
@@ -387,208 +223,14 @@ const MAX_EXPRESSION_BYTES: usize = 256;
 /// the expression is evaluated (and when it is cloned or dropped).
 const MAX_EXPRESSION_DEPTH: usize = 64;
 
-/// Walks the tree with an explicit stack (a 10,000-segment `a.a.a...` is a tree
-/// 10,000 deep) and checks its depth and every function call.
-fn check_ast(root: &Ast) -> Result<(), String> {
-    let mut stack = vec![(root, 1usize)];
-    while let Some((ast, depth)) = stack.pop() {
-        if depth > MAX_EXPRESSION_DEPTH {
-            return Err(format!(
-                "the expression is nested more than {MAX_EXPRESSION_DEPTH} levels deep"
-            ));
-        }
-        if let Ast::Function { name, args, .. } = ast {
-            check_call(name, args)?;
-        }
-        stack.extend(children(ast).into_iter().map(|child| (child, depth + 1)));
-    }
-    Ok(())
-}
-
-/// The top-level fields an expression can read from the event, or `None` when it
-/// may read the event as a whole (`@`, `*`, `keys(@)`...). Follows where JMESPath
-/// evaluates each node: the left side of `a.b` and of a projection, a function's
-/// arguments, the items of a multi-select and the operands of comparisons and
-/// logic all see the event itself; everything else sees a value selected from it.
-/// Indexes and slices read the event as an array, and read nothing from an object.
-/// Called after [`check_ast`], which bounds the depth.
-fn root_fields(ast: &Ast) -> Option<Vec<String>> {
-    fn union<'a>(nodes: impl IntoIterator<Item = &'a Ast>) -> Option<Vec<String>> {
-        nodes.into_iter().try_fold(Vec::new(), |mut fields, node| {
-            fields.extend(root_fields(node)?);
-            Some(fields)
-        })
-    }
-    match ast {
-        Ast::Field { name, .. } => Some(vec![name.clone()]),
-        Ast::Subexpr { lhs, .. } | Ast::Projection { lhs, .. } => root_fields(lhs),
-        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => {
-            root_fields(node)
-        }
-        Ast::Comparison { lhs, rhs, .. } | Ast::And { lhs, rhs, .. } | Ast::Or { lhs, rhs, .. } => {
-            union([&**lhs, &**rhs])
-        }
-        Ast::Condition {
-            predicate, then, ..
-        } => union([&**predicate, &**then]),
-        Ast::Function { args, .. } => union(args),
-        Ast::MultiList { elements, .. } => union(elements),
-        Ast::MultiHash { elements, .. } => union(elements.iter().map(|kv| &kv.value)),
-        // A function applies `&expr` to the values of its other arguments.
-        Ast::Expref { .. } | Ast::Literal { .. } | Ast::Index { .. } | Ast::Slice { .. } => {
-            Some(Vec::new())
-        }
-        Ast::Identity { .. } => None,
-    }
-}
-
-/// The fields each `powertools_json(...)` call site reads from its document: the
-/// call followed by `.rest` reads what `rest` reads from its top level
-/// ([`root_fields`]); a call used any other way reads the whole document and is
-/// not listed.
-fn json_fields(root: &Ast) -> Vec<(usize, Vec<String>)> {
-    let mut calls = Vec::new();
-    let mut stack = vec![root];
-    while let Some(ast) = stack.pop() {
-        if let Ast::Subexpr { lhs, rhs, .. } = ast {
-            if let Ast::Function { name, offset, .. } = &**lhs {
-                if let (POWERTOOLS_JSON, Some(fields)) = (name.as_str(), root_fields(rhs)) {
-                    calls.push((*offset, sorted(fields)));
-                }
-            }
-        }
-        stack.extend(children(ast));
-    }
-    calls
+fn too_deep() -> String {
+    format!("the expression is nested more than {MAX_EXPRESSION_DEPTH} levels deep")
 }
 
 fn sorted(mut fields: Vec<String>) -> Vec<String> {
     fields.sort_unstable();
     fields.dedup();
     fields
-}
-
-fn children(ast: &Ast) -> Vec<&Ast> {
-    match ast {
-        Ast::Function { args, .. } => args.iter().collect(),
-        Ast::Comparison { lhs, rhs, .. }
-        | Ast::Projection { lhs, rhs, .. }
-        | Ast::And { lhs, rhs, .. }
-        | Ast::Or { lhs, rhs, .. }
-        | Ast::Subexpr { lhs, rhs, .. } => vec![lhs, rhs],
-        Ast::Condition {
-            predicate, then, ..
-        } => vec![predicate, then],
-        Ast::Expref { ast, .. } => vec![ast],
-        Ast::Flatten { node, .. } | Ast::Not { node, .. } | Ast::ObjectValues { node, .. } => {
-            vec![node]
-        }
-        Ast::MultiList { elements, .. } => elements.iter().collect(),
-        Ast::MultiHash { elements, .. } => elements.iter().map(|kv| &kv.value).collect(),
-        Ast::Identity { .. }
-        | Ast::Field { .. }
-        | Ast::Index { .. }
-        | Ast::Literal { .. }
-        | Ast::Slice { .. } => vec![],
-    }
-}
-
-/// A call to `name` with `args` that can never succeed: unknown function, wrong
-/// argument count, or an argument whose type is known now (a literal, or `&expr`)
-/// and does not fit the signature.
-fn check_call(name: &str, args: &[Ast]) -> Result<(), String> {
-    #[cfg(not(feature = "gzip"))]
-    if name == POWERTOOLS_BASE64_GZIP {
-        return Err(format!(
-            "{name}() needs the lambda-idempotency feature `gzip`"
-        ));
-    }
-    #[cfg(not(feature = "jmespath-functions"))]
-    if !matches!(
-        name,
-        POWERTOOLS_JSON | POWERTOOLS_BASE64 | POWERTOOLS_BASE64_GZIP
-    ) && signature(name).is_some()
-    {
-        return Err(format!(
-            "{name}() is a JMESPath standard function: it needs the lambda-idempotency feature `jmespath-functions`"
-        ));
-    }
-    let signature = signature(name).ok_or_else(|| format!("unknown function {name}()"))?;
-    let (fixed, variadic) = (signature.inputs.len(), signature.variadic.is_some());
-    if args.len() < fixed || (!variadic && args.len() > fixed) {
-        let expected = if variadic {
-            format!("at least {fixed}")
-        } else {
-            fixed.to_string()
-        };
-        return Err(format!(
-            "{name}() takes {expected} argument(s), given {}",
-            args.len()
-        ));
-    }
-    for (position, arg) in args.iter().enumerate() {
-        let expected = signature
-            .inputs
-            .get(position)
-            .or(signature.variadic.as_ref())
-            .unwrap_or(&ArgumentType::Any);
-        if let Some(given) = impossible_argument(arg, expected) {
-            return Err(format!(
-                "{name}() argument {} must be {expected}, given {given}",
-                position + 1
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// What `arg` is, when it can never be of type `expected`: a literal of another
-/// type, an `&expr` where a value is expected, or a value where `&expr` is.
-fn impossible_argument(arg: &Ast, expected: &ArgumentType) -> Option<String> {
-    match (arg, expected) {
-        (_, ArgumentType::Any) => None,
-        (Ast::Expref { .. }, ArgumentType::Expref) => None,
-        (Ast::Expref { .. }, _) => Some("an &expression".to_owned()),
-        (_, ArgumentType::Expref) => Some("a value (write &expression)".to_owned()),
-        (Ast::Literal { value, .. }, _) if !expected.is_valid(value) => {
-            Some(format!("the {} literal {value}", value.get_type()))
-        }
-        _ => None,
-    }
-}
-
-/// The signatures of jmespath 0.5's built-in functions, which it does not expose
-/// (`Runtime::get_function` gives a `dyn Function` without its signature), and of
-/// the Powertools ones. A test checks that this table and the runtime name the same
-/// functions.
-fn signature(name: &str) -> Option<Signature> {
-    use ArgumentType::{Any, Array, Bool, Expref, Null, Number, Object, String};
-    let typed = |t: ArgumentType| ArgumentType::TypedArray(Box::new(t));
-    let numbers_or_strings = || ArgumentType::Union(vec![typed(Number), typed(String)]);
-    let fixed = |inputs: Vec<ArgumentType>| Some(Signature::new(inputs, None));
-    match name {
-        "abs" | "ceil" | "floor" => fixed(vec![Number]),
-        "avg" | "sum" => fixed(vec![typed(Number)]),
-        "contains" => fixed(vec![ArgumentType::Union(vec![String, Array]), Any]),
-        "ends_with" | "starts_with" => fixed(vec![String, String]),
-        "join" => fixed(vec![String, typed(String)]),
-        "keys" | "values" => fixed(vec![Object]),
-        "length" => fixed(vec![ArgumentType::Union(vec![Array, Object, String])]),
-        "map" => fixed(vec![Expref, Array]),
-        "max" | "min" | "sort" => fixed(vec![numbers_or_strings()]),
-        "max_by" | "min_by" | "sort_by" => fixed(vec![Array, Expref]),
-        "merge" => Some(Signature::new(vec![Object], Some(Object))),
-        "not_null" => Some(Signature::new(vec![Any], Some(Any))),
-        "reverse" => fixed(vec![ArgumentType::Union(vec![Array, String])]),
-        "to_array" | "to_number" | "type" => fixed(vec![Any]),
-        "to_string" => fixed(vec![ArgumentType::Union(vec![
-            Object, Array, Bool, Number, String, Null,
-        ])]),
-        POWERTOOLS_JSON | POWERTOOLS_BASE64 => fixed(vec![String]),
-        #[cfg(feature = "gzip")]
-        POWERTOOLS_BASE64_GZIP => fixed(vec![String]),
-        _ => None,
-    }
 }
 
 const POWERTOOLS_JSON: &str = "powertools_json";
@@ -918,20 +560,41 @@ mod tests {
     #[test]
     fn syntax_errors_and_unknown_functions_fail_compilation() {
         assert!(JsonPath::compile("body.[").is_err());
-        let err = JsonPath::compile("a && powertools_jsn(body).id").expect_err("unknown function");
+        let err = JsonPath::compile("powertools_jsn(body).id").expect_err("unknown function");
         assert!(err.contains("powertools_jsn"), "{err}");
+        #[cfg(feature = "jmespath")]
+        {
+            let err = JsonPath::compile("a && powertools_jsn(body).id").expect_err("unknown");
+            assert!(err.contains("powertools_jsn"), "{err}");
+        }
+        #[cfg(not(feature = "jmespath"))]
+        {
+            let err = JsonPath::compile("a[*].b").expect_err("needs the feature");
+            assert!(
+                err.contains("projections") && err.contains("`jmespath`"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
     fn wrong_arity_and_literal_types_fail_compilation() {
         for (expression, mentions) in [
-            ("length(@, @)", "length"),
-            ("powertools_json(`1`)", "powertools_json"),
-            ("abs('a')", "abs"),
             ("a.powertools_base64()", "powertools_base64"),
+            ("powertools_json(a, b)", "powertools_json"),
+            #[cfg(feature = "jmespath")]
+            ("length(@, @)", "length"),
+            #[cfg(feature = "jmespath")]
+            ("powertools_json(`1`)", "powertools_json"),
+            #[cfg(feature = "jmespath")]
+            ("abs('a')", "abs"),
+            #[cfg(feature = "jmespath")]
             ("not_null()", "not_null"),
+            #[cfg(feature = "jmespath")]
             ("sort_by(items, id)", "sort_by"),
+            #[cfg(feature = "jmespath")]
             ("length(&a)", "length"),
+            #[cfg(feature = "jmespath")]
             ("merge(`{}`, `[]`)", "merge"),
         ] {
             let err = JsonPath::compile(expression).expect_err(expression);
@@ -998,48 +661,6 @@ mod tests {
         assert!(err.contains("levels deep"), "{err}");
         let ok = vec!["a"; 30].join(".");
         JsonPath::compile(&ok).expect("30 segments");
-    }
-
-    #[test]
-    fn the_signature_table_names_the_runtime_functions() {
-        for name in [
-            "abs",
-            "avg",
-            "ceil",
-            "contains",
-            "ends_with",
-            "floor",
-            "join",
-            "keys",
-            "length",
-            "map",
-            "max",
-            "max_by",
-            "merge",
-            "min",
-            "min_by",
-            "not_null",
-            "reverse",
-            "sort",
-            "sort_by",
-            "starts_with",
-            "sum",
-            "to_array",
-            "to_number",
-            "to_string",
-            "type",
-            "values",
-            POWERTOOLS_JSON,
-            POWERTOOLS_BASE64,
-            #[cfg(feature = "gzip")]
-            POWERTOOLS_BASE64_GZIP,
-        ] {
-            assert!(signature(name).is_some(), "{name}");
-            let powertools = [POWERTOOLS_JSON, POWERTOOLS_BASE64, POWERTOOLS_BASE64_GZIP];
-            if cfg!(feature = "jmespath-functions") || powertools.contains(&name) {
-                assert!(RUNTIME.get_function(name).is_some(), "{name}");
-            }
-        }
     }
 
     /// Drops `value` without recursion: serde_json's `Drop` recurses per level.
@@ -1331,19 +952,29 @@ mod properties {
         "a.b",
         "a[0]",
         "[0]",
+        #[cfg(feature = "jmespath")]
         "a[*].b",
+        #[cfg(feature = "jmespath")]
         "a[].c",
+        #[cfg(feature = "jmespath")]
         "a[?b == `1`]",
         "[a, b.c]",
         "{x: a, y: c.d}",
         "a || b",
+        #[cfg(feature = "jmespath")]
         "a && !c",
+        #[cfg(feature = "jmespath")]
         "a == b",
+        #[cfg(feature = "jmespath")]
         "*",
         "@",
+        #[cfg(feature = "jmespath")]
         "[*].a",
+        #[cfg(feature = "jmespath")]
         "[?a == `1`]",
+        #[cfg(feature = "jmespath")]
         "a.*",
+        #[cfg(feature = "jmespath")]
         "c[1:2]",
         "\"a\"",
         "d.c || d",
@@ -1371,50 +1002,74 @@ mod properties {
         "type(b)",
     ];
 
-    /// A search of the whole event, the reference the pruned search must equal.
+    /// A search of the whole event and of whole embedded documents, the
+    /// reference the pruned search must equal.
     fn unpruned(path: &JsonPath, data: &Value) -> Result<Value, String> {
+        let eval = match &path.eval {
+            Eval::Direct(direct) => Eval::Direct(direct.unpruned()),
+            #[cfg(feature = "jmespath")]
+            Eval::Jmespath(compiled) => Eval::Jmespath(compiled.unpruned()),
+        };
         let whole = JsonPath {
             root_fields: None,
-            json_fields: Arc::new([]),
-            direct: None,
+            eval,
             ..path.clone()
         };
         whole.search(data)
     }
 
+    fn is_direct(path: &JsonPath) -> bool {
+        matches!(path.eval, Eval::Direct(_))
+    }
+
     #[test]
-    fn simple_shapes_are_evaluated_in_place_and_others_by_jmespath() {
+    fn the_subset_is_evaluated_in_place_and_the_rest_by_jmespath() {
         let event = json!({"body": "{\"order_id\": \"o-1\", \"amount\": 5, \"items\": [1, 2]}",
-                           "a": {"b": 1}});
+                           "a": {"b": 1}, "l": [10, 20, 30], "e": ""});
         for (expression, expected) in [
             ("powertools_json(body).order_id", json!("o-1")),
             (
                 "powertools_json(body).[amount, order_id]",
                 json!([5, "o-1"]),
             ),
+            ("powertools_json(body).items[-1]", json!(2)),
             ("[a.b, missing]", json!([1, null])),
             ("{x: a.b}", json!({"x": 1})),
             ("missing.[a, b]", json!(null)),
+            ("l[0]", json!(10)),
+            ("l[-1]", json!(30)),
+            ("l[3]", json!(null)),
+            ("a[0]", json!(null)),
+            ("@.a", json!({"b": 1})),
+            ("e || missing || a.b", json!(1)),
+            ("(missing || l)[1]", json!(20)),
         ] {
             let path = JsonPath::compile(expression).expect("valid");
-            let direct = path.direct.as_ref().expect("a simple shape");
-            assert_eq!(
-                direct.search(&event),
-                Some(expected.clone()),
-                "{expression}"
-            );
+            assert!(is_direct(&path), "{expression}");
             assert_eq!(path.search(&event), Ok(expected), "{expression}");
         }
-        // Not JSON, or not a string: jmespath decides, with its error.
-        let path = JsonPath::compile("powertools_json(a).b").expect("valid");
-        assert_eq!(path.direct.as_ref().and_then(|d| d.search(&event)), None);
-        assert!(path.search(&event).is_err());
-        for other in ["a || b", "a[0]", "@", "length(a)"] {
+        // Not JSON, or not a string: an error, as in JMESPath.
+        for expression in [
+            "powertools_json(a).b",
+            "powertools_json(e)",
+            "powertools_base64(l)",
+        ] {
+            let err = JsonPath::compile(expression).expect("valid").search(&event);
+            assert!(err.is_err(), "{expression}: {err:?}");
+        }
+        let err = JsonPath::compile("powertools_base64(l)")
+            .expect("valid")
+            .search(&event);
+        assert_eq!(
+            err,
+            Err("powertools_base64() needs a string, given an array".into())
+        );
+        for other in ["a[*].b", "a | b", "`1`"] {
             let compiled = JsonPath::compile(other);
-            assert!(
-                compiled.map_or(true, |path| path.direct.is_none()),
-                "{other}"
-            );
+            #[cfg(feature = "jmespath")]
+            assert!(!is_direct(&compiled.expect("full JMESPath")), "{other}");
+            #[cfg(not(feature = "jmespath"))]
+            assert!(compiled.expect_err(other).contains("`jmespath`"), "{other}");
         }
     }
 
@@ -1430,15 +1085,20 @@ mod properties {
         assert_eq!(fields("sort_by(a, &b)"), Some(vec!["a".into()]));
         #[cfg(feature = "jmespath-functions")]
         assert_eq!(fields("keys(@)"), None);
+        assert_eq!(fields("@"), None);
+        assert_eq!(fields("[a, @.b]"), None);
+        assert_eq!(fields("a || b[0]"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(fields("[0]"), Some(vec![]));
+        #[cfg(feature = "jmespath")]
         assert_eq!(fields("*"), None);
+        #[cfg(feature = "jmespath")]
         assert_eq!(fields("[?a == `1`]"), None);
 
         let calls = |e: &str| {
             let path = JsonPath::compile(e).expect("valid");
-            path.json_fields
-                .iter()
-                .map(|(_, f)| f.clone())
-                .collect::<Vec<_>>()
+            let mut lists = Vec::new();
+            path.embedded_fields(&mut lists);
+            lists.iter().map(|f| f.to_vec()).collect::<Vec<_>>()
         };
         assert_eq!(
             calls("powertools_json(body).order_id"),
@@ -1449,6 +1109,8 @@ mod properties {
             [vec!["a".to_owned(), "b".to_owned()]]
         );
         assert!(calls("powertools_json(body)").is_empty());
+        assert!(calls("powertools_json(body).powertools_json(@)").is_empty());
+        #[cfg(feature = "jmespath")]
         assert!(calls("powertools_json(body).*").is_empty());
         // An index reads no field of an object (and an array is parsed whole).
         assert_eq!(calls("powertools_json(body)[0]"), [Vec::<String>::new()]);
@@ -1460,13 +1122,68 @@ mod properties {
         "powertools_json(j).[a, b.c]",
         "powertools_json(j).{x: d}",
         "powertools_json(j)",
+        #[cfg(feature = "jmespath")]
         "powertools_json(j).*",
         "powertools_json(j).a || powertools_json(j).b",
+        "powertools_json(j).a.powertools_json(@)",
         "powertools_json(j).a[0]",
         "powertools_json(j)[0]",
         #[cfg(feature = "jmespath-functions")]
         "length(powertools_json(j))",
     ];
+
+    /// Expressions of [`syntax`]'s subset: every kind of node, nested.
+    #[cfg(feature = "jmespath")]
+    fn subset_expression() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            "[a-d]".prop_map(String::from),
+            "[a-d]".prop_map(|name| format!("\"{name}\"")),
+            Just("@".to_owned()),
+            (-3i32..3).prop_map(|i| format!("[{i}]")),
+            Just("powertools_json(j)".to_owned()),
+        ];
+        leaf.prop_recursive(3, 16, 3, |inner| {
+            prop_oneof![
+                (inner.clone(), "[a-d]").prop_map(|(lhs, name)| format!("{lhs}.{name}")),
+                (inner.clone(), -3i32..3).prop_map(|(lhs, i)| format!("{lhs}[{i}]")),
+                (inner.clone(), prop::collection::vec(inner.clone(), 1..3))
+                    .prop_map(|(lhs, items)| format!("{lhs}.[{}]", items.join(", "))),
+                prop::collection::vec(inner.clone(), 1..3)
+                    .prop_map(|items| format!("[{}]", items.join(","))),
+                ("[a-d]", inner.clone()).prop_map(|(key, value)| format!("{{{key}: {value}}}")),
+                (inner.clone(), inner.clone()).prop_map(|(lhs, rhs)| format!("{lhs} || {rhs}")),
+                inner.clone().prop_map(|e| format!("({e})")),
+                inner.clone().prop_map(|e| format!("powertools_json({e})")),
+                inner
+                    .clone()
+                    .prop_map(|e| format!("{e}.powertools_json(@)")),
+            ]
+        })
+    }
+
+    /// An event: any value, an object of mostly false or empty values (for `||`),
+    /// or one with a JSON document embedded as text in field `j`.
+    #[cfg(feature = "jmespath")]
+    fn event_with_document() -> impl Strategy<Value = Value> {
+        let falsy = prop_oneof![
+            Just(json!("")),
+            Just(json!([])),
+            Just(json!({})),
+            Just(json!(null)),
+            Just(json!(false)),
+            json_value(),
+            prop::collection::vec(json_value(), 1..4).prop_map(Value::Array),
+        ];
+        prop_oneof![
+            json_value(),
+            prop::collection::vec(falsy.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-d]", falsy, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            (json_value(), json_value()).prop_map(|(document, other)| {
+                json!({"j": document.to_string(), "a": other, "b": document})
+            }),
+        ]
+    }
 
     fn canonical_number(n: &serde_json::Number) -> String {
         let mut out = String::new();
@@ -1545,11 +1262,11 @@ mod properties {
 
         #[test]
         // With `exact-numbers` the parse goes through a `Value` by construction.
-        #[cfg(not(feature = "exact-numbers"))]
+        #[cfg(all(feature = "jmespath", not(feature = "exact-numbers")))]
         fn a_document_parses_to_the_variable_its_value_converts_to(value in json_value()) {
             let text = value.to_string();
-            let parsed = parse_variable(&text).expect("valid JSON");
-            prop_assert_eq!(parsed, to_variable(&value));
+            let parsed = full::parse_variable(&text).expect("valid JSON");
+            prop_assert_eq!(parsed, full::to_variable(&value));
         }
 
         #[test]
@@ -1559,6 +1276,27 @@ mod properties {
             let expression = PRUNED_EXPRESSIONS[at.index(PRUNED_EXPRESSIONS.len())];
             let path = JsonPath::compile(expression).expect("valid");
             prop_assert_eq!(path.search(&event), unpruned(&path, &event), "{}", expression);
+        }
+    }
+
+    proptest! {
+        // Small expressions and events: many cases, in a fraction of a second.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        #[cfg(feature = "jmespath")]
+        fn the_subset_evaluated_in_place_finds_what_jmespath_finds(
+            expression in subset_expression(), event in event_with_document()
+        ) {
+            let path = JsonPath::compile(&expression).expect("valid");
+            prop_assert!(is_direct(&path), "{}", expression);
+            let (reference, _) = full::compile(&expression).expect("valid JMESPath");
+            let found = path.search(&event);
+            let expected = reference.search(&event, None, DEFAULT_MAX_INFLATED_BYTES);
+            match (&found, &expected) {
+                (Ok(_), Ok(_)) => prop_assert_eq!(found, expected, "{}", expression),
+                _ => prop_assert_eq!(found.is_ok(), expected.is_ok(), "{}: {:?} {:?}", expression, found, expected),
+            }
         }
     }
 

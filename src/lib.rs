@@ -45,7 +45,8 @@
 //! | `outbox-http` | `outbox`, and delivery of `OutboxMessage::Http` (`Dispatcher::with_http`) |
 //! | `exact-numbers` | keys exact for any JSON number (serde_json `arbitrary_precision`) |
 //! | `gzip` | `powertools_base64_gzip` in key expressions (flate2) |
-//! | `jmespath-functions` | JMESPath's standard functions (`length`, `join`, ...) in key expressions |
+//! | `jmespath` | full JMESPath in key expressions (projections, filters, pipes, literals, comparisons); without it, fields, `a.b`, indexes, multi-selects, `@`, `\|\|` and the Powertools functions |
+//! | `jmespath-functions` | `jmespath`, and JMESPath's standard functions (`length`, `join`, ...) in key expressions |
 //! | `powertools-compat` | record ids as Powertools for Python derives them |
 //! | `metrics` | counts of every outcome through the `metrics` facade |
 //! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output (the `emf` module) |
