@@ -473,6 +473,30 @@ mod tests {
     }
 
     #[test]
+    fn an_expression_needing_a_feature_names_it_at_build() {
+        let built = IdempotencyConfig::builder()
+            .key_expression("orders[*].id")
+            .build();
+        #[cfg(not(feature = "jmespath"))]
+        {
+            let err = built.expect_err("projections need the feature");
+            assert!(err.to_string().contains("`jmespath`"), "{err}");
+        }
+        #[cfg(feature = "jmespath")]
+        built.expect("full JMESPath");
+        let err = IdempotencyConfig::builder()
+            .payload_validation("length(items)")
+            .build()
+            .map(|_| ())
+            .err()
+            .map(|err| err.to_string());
+        match cfg!(feature = "jmespath-functions") {
+            true => assert_eq!(err, None),
+            false => assert!(err.is_some_and(|e| e.contains("`jmespath-functions`"))),
+        }
+    }
+
+    #[test]
     fn zero_durations_are_rejected() {
         assert!(IdempotencyConfig::builder()
             .expires_after(Duration::ZERO)
