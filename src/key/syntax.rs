@@ -170,17 +170,11 @@ impl<'a> Parser<'a> {
                 return Err(ParseError::Syntax(format!("unknown function {name}()")));
             }
         };
-        let mut args = Vec::new();
         self.skip_whitespace();
-        if self.peek() != Some(b')') {
-            args.push(self.or()?);
-            self.skip_whitespace();
-            while self.peek() == Some(b',') {
-                self.pos += 1;
-                args.push(self.or()?);
-                self.skip_whitespace();
-            }
-        }
+        let mut args = match self.peek() {
+            Some(b')') => Vec::new(),
+            _ => self.expressions()?,
+        };
         self.expect(b')')?;
         let given = args.len();
         match (args.pop(), given) {
@@ -194,15 +188,21 @@ impl<'a> Parser<'a> {
     /// `[a, b, ...]`, at a `[` that does not open an index.
     fn list(&mut self) -> Parsed {
         self.expect(b'[')?;
-        let mut elements = vec![self.or()?];
+        let elements = self.expressions()?;
+        self.expect(b']')?;
+        Ok(Direct::List(elements))
+    }
+
+    /// One or more expressions separated by `,`.
+    fn expressions(&mut self) -> Result<Vec<Direct>, ParseError> {
+        let mut items = vec![self.or()?];
         self.skip_whitespace();
         while self.peek() == Some(b',') {
             self.pos += 1;
-            elements.push(self.or()?);
+            items.push(self.or()?);
             self.skip_whitespace();
         }
-        self.expect(b']')?;
-        Ok(Direct::List(elements))
+        Ok(items)
     }
 
     /// `{key: value, ...}`.
