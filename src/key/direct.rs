@@ -196,10 +196,11 @@ impl Direct {
     /// bounded by serde_json's parser. `limit` bounds what
     /// `powertools_base64_gzip` may inflate.
     pub(super) fn search(&self, data: &Value, limit: usize) -> Result<Value, String> {
-        if let Some(selected) = self.select(data) {
-            return Ok(selected.clone());
-        }
         match self {
+            // Selected in place; only what is found is copied.
+            Self::Field(_) | Self::Index(_) | Self::Current => {
+                Ok(self.select(data).map_or(Value::Null, Value::clone))
+            }
             Self::Sub(lhs, rhs) => match (&**lhs, lhs.select(data)) {
                 (_, Some(selected)) => rhs.search(selected, limit),
                 (Self::Json { arg, fields }, None) => {
@@ -230,8 +231,6 @@ impl Direct {
                 limit,
                 |text, _| super::gunzip_base64_text(text, limit).map(Value::String),
             ),
-            // Always selected.
-            Self::Field(_) | Self::Index(_) | Self::Current => Ok(Value::Null),
         }
     }
 
