@@ -11,7 +11,7 @@
 #
 # Sizes and knobs come from CHAOS_INVOCATIONS, CHAOS_KEYS, CHAOS_WORKERS,
 # CHAOS_CONCURRENCY, CHAOS_KILL_INTERVAL_MS, CHAOS_MAX_KILLS, CHAOS_PAUSE_PERMILLE,
-# CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS (see examples/chaos.rs); the fault
+# CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS (see tests-integration/examples/chaos.rs); the fault
 # instance from CHAOS_FAULTS_PORT (4567) and CHAOS_ERROR_PROBABILITY (0.2).
 # Exits non-zero if any check of any run fails.
 set -euo pipefail
@@ -51,7 +51,7 @@ trap cleanup EXIT
 
 healthy() { curl -fsS --max-time 3 "$1/_localstack/health" >/dev/null 2>&1; }
 
-cargo build --locked --quiet --example chaos
+cargo build --locked --quiet -p lambda-idempotency-tests --example chaos
 bin="${CARGO_TARGET_DIR:-$root/target}/debug/examples/chaos"
 
 status=0

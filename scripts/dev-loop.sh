@@ -22,6 +22,7 @@
 # 6. Stops watch (and the function it started).
 #
 # Idempotent; a second run takes seconds. Exits non-zero when a check fails.
+# `scripts/dev-loop.sh install` only installs cargo-lambda (step 1).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,13 +41,15 @@ region="${AWS_REGION:-us-east-1}"
 work="$root/.cache/dev-loop"
 mkdir -p "$work"
 
-# 1. cargo-lambda
+# 1. cargo-lambda (`dev-loop.sh install` stops here: the test command installs it
+#    in the background while it compiles).
 if [[ "$("$cache/venv/bin/cargo-lambda" lambda --version 2>/dev/null)" != "cargo-lambda $version "* ]]; then
   log "installing cargo-lambda $version into $cache (first run only)"
   rm -rf "$cache/venv"
   python3 -m venv "$cache/venv"
   "$cache/venv/bin/pip" install -q --no-deps "cargo-lambda==$version"
 fi
+[[ "${1:-}" == install ]] && exit 0
 export PATH="$cache/venv/bin:$PATH"
 
 # 2. LocalStack

@@ -1,12 +1,82 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: lint the SAM template, check format
-# and clippy, then every test (unit, LocalStack integration, doc tests), the
-# quickstart, the cargo-lambda dev loop and a short chaos run. Starts LocalStack
-# when no endpoint answers and stops it afterwards.
+# The whole test suite, from a fresh machine. Stages, in order:
+#
+#   fmt         cargo fmt --check
+#   features    the library alone, without dev-dependencies, for no feature,
+#               each feature alone and all of them: clippy -D warnings (what
+#               `cargo hack --each-feature --no-dev-deps` proves), then its docs
+#               without broken links, with default and with all features
+#   clippy      the workspace, all targets, all features: one clippy -D warnings
+#   tests       every test of the workspace once, with every event source and
+#               sink (the LocalStack tests, the CLI, the crash matrix, the
+#               Powertools round trip, the benches run once), and the doc tests
+#               (the guide's chapters included)
+#   exact       the library's unit tests with `exact-numbers`
+#   examples    the README's `cargo run --example` commands
+#   readme      the README's "Use it" block and snippet as a crate of their own
+#   package     cargo package: the published crate builds from its own files
+#   cfn-lint    template.yaml
+#   dev-loop    the cargo-lambda loop (scripts/dev-loop.sh)
+#   chaos       a short chaos run (scripts/chaos.sh --short)
+#
+# What needs the network rather than the CPU (LocalStack, the Powertools venv,
+# cfn-lint, cargo-lambda) installs in the background while the first stages
+# compile. LocalStack is reused when one answers at $AWS_ENDPOINT_URL (or
+# 127.0.0.1:$LOCALSTACK_PORT, default 4566), else started and stopped at the
+# end. Prints the time of each stage at the end.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+logs="$root/.cache/test"
+mkdir -p "$logs"
+started_at=$SECONDS
+
+# --- stages and their times -------------------------------------------------
+stage_names=()
+stage_secs=()
+current=""
+stage() { # stage NAME: starts timing NAME (and ends the previous stage)
+  end_stage
+  current="$1"
+  stage_started=$SECONDS
+  echo "== $1" >&2
+}
+end_stage() {
+  if [[ -n "$current" ]]; then
+    stage_names+=("$current")
+    stage_secs+=($((SECONDS - stage_started)))
+    current=""
+  fi
+}
+report() {
+  end_stage
+  local i
+  echo "== stage times (s)" >&2
+  for i in "${!stage_names[@]}"; do
+    printf '%-10s %5d\n' "${stage_names[i]}" "${stage_secs[i]}" >&2
+  done
+  printf '%-10s %5d\n' total $((SECONDS - started_at)) >&2
+  local size
+  size="$(du -sh "${CARGO_TARGET_DIR:-$root/target}" 2>/dev/null | cut -f1 || true)"
+  echo "target dir: ${size:-?}" >&2
+}
+
+# --- background installs -----------------------------------------------------
+bg_pids=()
+background() { # background NAME COMMAND...: runs it, stdout to $logs/NAME.out
+  "${@:2}" >"$logs/$1.out" 2>"$logs/$1.err" &
+  bg_pids+=($!)
+  eval "bg_$1=$!"
+}
+await() { # await NAME: waits for a background job, shows its log if it failed
+  local pid_var="bg_$1"
+  if ! wait "${!pid_var}"; then
+    echo "background job $1 failed:" >&2
+    cat "$logs/$1.err" >&2
+    exit 1
+  fi
+}
 
 endpoint_was_up=false
 for candidate in "${AWS_ENDPOINT_URL:-}" "http://127.0.0.1:${LOCALSTACK_PORT:-4566}"; do
@@ -14,52 +84,82 @@ for candidate in "${AWS_ENDPOINT_URL:-}" "http://127.0.0.1:${LOCALSTACK_PORT:-45
     endpoint_was_up=true
   fi
 done
-AWS_ENDPOINT_URL="$(bash localstack/ensure.sh)"
-export AWS_ENDPOINT_URL
-if [[ "$endpoint_was_up" == false ]]; then
-  trap 'bash localstack/ensure.sh stop' EXIT
-fi
+on_exit() {
+  local status=$?
+  report
+  for pid in "${bg_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [[ "$endpoint_was_up" == true ]] || bash localstack/ensure.sh stop
+  [[ $status == 0 ]] && echo "== all checks passed" >&2
+  exit $status
+}
+trap on_exit EXIT
 
-step() { echo "== $*" >&2; }
-step "cfn-lint template.yaml"
-bash scripts/lint-template.sh
-step "cargo fmt --check"
-cargo fmt --check
-# Every feature a user can pick: none, each alone, all together. Targets that
-# need a feature are skipped without it (required-features in Cargo.toml).
-sources_and_sinks="sqs,streams,apigw,lambda-http,outbox-sqs,outbox-http,atomic-writes,gzip,jmespath-functions,emf,compress-responses,s3-responses,testing"
-for features in "" outbox atomic-writes sqs streams apigw lambda-http outbox-sqs outbox-http exact-numbers powertools-compat gzip jmespath jmespath-functions metrics emf compress-responses s3-responses testing; do
-  step "cargo clippy --all-targets --features '$features' -- -D warnings"
-  cargo clippy --all-targets --locked --features "$features" -- -D warnings
+background localstack bash localstack/ensure.sh
+background powertools bash scripts/powertools-venv.sh
+background cfn-lint bash scripts/lint-template.sh
+background cargo-lambda bash scripts/dev-loop.sh install
+
+# --- stages ------------------------------------------------------------------
+stage fmt
+cargo fmt --all --check
+
+stage features
+# The library's features, read from its manifest, so a new one is covered too.
+features="$(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
+import json, sys
+package = next(p for p in json.load(sys.stdin)["packages"] if p["name"] == "lambda-idempotency")
+print(" ".join(sorted(f for f in package["features"] if f != "default")))')"
+lint_lib() { # lint_lib ARGS...: the library alone, no dev-dependencies
+  echo "   clippy -p lambda-idempotency --lib $*" >&2
+  cargo clippy --quiet --locked -p lambda-idempotency --lib "$@" -- -D warnings
+}
+lint_lib --no-default-features
+for feature in $features; do
+  lint_lib --no-default-features --features "$feature"
 done
-step "cargo clippy --workspace --all-targets --features $sources_and_sinks, and --all-features"
-cargo clippy --workspace --all-targets --locked --features "$sources_and_sinks" -- -D warnings
-cargo clippy --all-targets --locked --all-features -- -D warnings
-step "cargo clippy -p lambda-idempotency-cli --features powertools (the operator's CLI with Powertools keys)"
-cargo clippy -p lambda-idempotency-cli --all-targets --locked --features powertools -- -D warnings
-step "cargo doc, default features and all: no broken links"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --all-features
-step "cargo test --features $sources_and_sinks (against LocalStack at $AWS_ENDPOINT_URL)"
-cargo test --all-targets --locked --features "$sources_and_sinks"
-cargo test --doc --locked --features "$sources_and_sinks"
-step "cargo test -p lambda-idempotency-cli (the operator's CLI against LocalStack)"
-cargo test --locked -p lambda-idempotency-cli
-step "cargo test --lib --features exact-numbers (keys exact for any JSON number)"
-cargo test --lib --locked --features exact-numbers
-step "powertools-compat feature: its tests, and the round trip with Powertools for Python"
-POWERTOOLS_PYTHON="$(bash scripts/powertools-venv.sh)"
+lint_lib --all-features
+echo "   doc -p lambda-idempotency, default and all features (no broken links)" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --locked -p lambda-idempotency --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --locked -p lambda-idempotency --no-deps --all-features
+
+stage clippy
+cargo clippy --locked --workspace --all-targets --all-features -- -D warnings
+
+stage tests
+await localstack
+AWS_ENDPOINT_URL="$(cat "$logs/localstack.out")"
+export AWS_ENDPOINT_URL
+await powertools
+POWERTOOLS_PYTHON="$(cat "$logs/powertools.out")"
 export POWERTOOLS_PYTHON
-cargo test --locked --features powertools-compat --lib --test powertools
-cargo test --doc --locked --features "powertools-compat,$sources_and_sinks"
-step "cargo run --example quickstart"
+echo "   LocalStack at $AWS_ENDPOINT_URL, Powertools for Python at $POWERTOOLS_PYTHON" >&2
+# The deploy package's functions are built by the dev-loop stage, in their own
+# feature set; here they would only be linked once more.
+cargo test --locked --workspace --exclude lambda-idempotency-functions --all-targets
+cargo test --locked --workspace --exclude lambda-idempotency-functions --doc
+
+stage exact
+cargo test --locked -p lambda-idempotency --lib --features exact-numbers
+
+stage examples
 cargo run --locked --example quickstart >/dev/null
-step "cargo run --example run_twice --features testing (the testing kit on a handler with two steps)"
-cargo run --locked --features testing --example run_twice >/dev/null
-step "cargo run --example saga (compensations on the memory store)"
+cargo run --locked --example run_twice --features testing >/dev/null
 cargo run --locked --example saga >/dev/null
-step "the cargo-lambda dev loop (scripts/dev-loop.sh): watch, invoke twice, the second replays"
+
+stage readme
+bash scripts/readme-crate.sh
+
+stage package
+cargo package --locked -p lambda-idempotency --allow-dirty
+
+stage cfn-lint
+await cfn-lint
+cat "$logs/cfn-lint.err" >&2
+
+stage dev-loop
+await cargo-lambda
 bash scripts/dev-loop.sh
-step "chaos run, short (scripts/chaos.sh --short)"
+
+stage chaos
 bash scripts/chaos.sh --short
-step "all checks passed"
+end_stage

@@ -110,15 +110,3 @@ pub use store::{DynamoDbStore, IdempotencyStore, MemoryStore, OutboxStore, StepJ
 #[cfg(feature = "atomic-writes")]
 #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
 pub use versioned::{Versioned, VersionedWrite, VersionedWriteError, DEFAULT_VERSION_ATTRIBUTE};
-
-/// Compiles the README's Rust snippets as doc tests (they use the event sources,
-/// the outbox and atomic writes: the test command enables them).
-#[doc = include_str!("../README.md")]
-#[cfg(all(
-    doctest,
-    feature = "sqs",
-    feature = "apigw",
-    feature = "outbox",
-    feature = "atomic-writes"
-))]
-pub struct ReadmeDoctests;

@@ -95,11 +95,11 @@ pub enum KeyLayout {
 /// that fit are written the same way with or without them. Reads restore the
 /// response's JSON text whatever its stored form (README "Responses of any size").
 ///
-/// ```no_run
-/// # async fn f() {
+/// ```
 /// use lambda_idempotency::DynamoDbStore;
-/// let sdk = aws_config::load_from_env().await;
-/// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&sdk), "idempotency");
+/// # fn f(client: aws_sdk_dynamodb::Client) {
+/// // client: aws_sdk_dynamodb::Client::new(&aws_config::load_defaults(BehaviorVersion::latest()).await)
+/// let store = DynamoDbStore::new(client, "idempotency");
 /// # }
 /// ```
 #[derive(Debug, Clone)]
@@ -143,12 +143,12 @@ impl DynamoDbStore {
     /// A record whose object is gone before the record expired is read as
     /// [`StoreError::Malformed`] (the handler does not run; see the README).
     ///
-    /// ```no_run
-    /// # async fn f() {
+    /// ```
     /// use lambda_idempotency::DynamoDbStore;
-    /// let sdk = aws_config::load_from_env().await;
-    /// let store = DynamoDbStore::new(aws_sdk_dynamodb::Client::new(&sdk), "idempotency")
-    ///     .with_response_bucket(aws_sdk_s3::Client::new(&sdk), "my-idempotency-responses");
+    /// # fn f(dynamodb: aws_sdk_dynamodb::Client, s3: aws_sdk_s3::Client) {
+    /// // Both clients from one aws_config::SdkConfig: Client::new(&sdk).
+    /// let store = DynamoDbStore::new(dynamodb, "idempotency")
+    ///     .with_response_bucket(s3, "my-idempotency-responses");
     /// # }
     /// ```
     #[cfg(feature = "s3-responses")]

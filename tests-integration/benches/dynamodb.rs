@@ -7,7 +7,6 @@
 
 #[path = "../tests/support/localstack.rs"]
 mod localstack;
-#[cfg(feature = "sqs")]
 #[path = "support/sqs_batch.rs"]
 mod sqs_batch;
 
@@ -154,7 +153,6 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     // The deadline a Lambda event carries, a minute ahead.
-    #[cfg(feature = "sqs")]
     sqs_batch::bench(
         c,
         &runtime,

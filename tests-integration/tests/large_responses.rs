@@ -613,7 +613,6 @@ async fn an_uncompressed_s3_record_replays_and_malformed_forms_are_typed_errors(
 /// With staged outbox messages the record's `Put` goes in one
 /// `TransactWriteItems` with them: the object is written first and the
 /// transaction carries the pointer.
-#[cfg(feature = "outbox")]
 #[tokio::test]
 async fn with_an_outbox_the_pointer_is_committed_in_the_transaction() {
     use lambda_idempotency::{effects, OutboxMessage};

@@ -643,22 +643,15 @@ async fn integers_beyond_64_bits_never_share_a_key() {
         serde_json::from_str(r#"{"order_id": 18446752753646647041, "note": "second"}"#)
             .expect("json");
     let (first, second) = (echo.call(first, None).await, echo.call(second, None).await);
-    if cfg!(feature = "exact-numbers") {
-        assert_eq!(first.expect("first")["echo"], "first");
-        assert_eq!(
-            second.expect("second")["echo"],
-            "second",
-            "not the first order's response"
-        );
-    } else {
-        // serde_json rounded both to one f64: refused, never confused.
-        for outcome in [first, second] {
-            match outcome {
-                Err(Error::Idempotency(IdempotencyError::InvalidEvent(reason))) => {
-                    assert!(reason.contains("exact-numbers"), "{reason}")
-                }
-                other => panic!("{other:?}"),
+    // serde_json rounded both to one f64: refused, never confused. (With
+    // `exact-numbers` both are distinct keys: the library's unit tests cover
+    // that build, which this package cannot be, see its Cargo.toml.)
+    for outcome in [first, second] {
+        match outcome {
+            Err(Error::Idempotency(IdempotencyError::InvalidEvent(reason))) => {
+                assert!(reason.contains("exact-numbers"), "{reason}")
             }
+            other => panic!("{other:?}"),
         }
     }
 }

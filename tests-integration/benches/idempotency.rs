@@ -4,7 +4,6 @@
 //!
 //! `cargo bench --bench idempotency`; DynamoDB figures: `benches/dynamodb.rs`.
 
-#[cfg(feature = "sqs")]
 #[path = "support/sqs_batch.rs"]
 mod sqs_batch;
 
@@ -147,7 +146,6 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     // No deadline: reservations last the in-progress timeout.
-    #[cfg(feature = "sqs")]
     sqs_batch::bench(
         c,
         &runtime,
@@ -160,14 +158,11 @@ fn benches(c: &mut Criterion) {
 /// A store a network away: each request takes `LATENCY` (DynamoDB's is a few
 /// milliseconds in the same Region), so the figures show how many round trips
 /// a batch waits for.
-#[cfg(feature = "sqs")]
 #[derive(Clone, Default)]
 struct Remote(MemoryStore);
 
-#[cfg(feature = "sqs")]
 const LATENCY: std::time::Duration = std::time::Duration::from_millis(5);
 
-#[cfg(feature = "sqs")]
 impl lambda_idempotency::IdempotencyStore for Remote {
     async fn get(
         &self,

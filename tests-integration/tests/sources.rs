@@ -9,7 +9,6 @@ use aws_lambda_events::apigw::{
     ApiGatewayV2httpResponse,
 };
 use aws_lambda_events::encodings::Body;
-#[cfg(not(feature = "exact-numbers"))]
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_lambda_events::http::HeaderValue;
@@ -246,7 +245,6 @@ async fn api_gateway_keys_are_scoped_by_caller_and_server_errors_are_not_stored(
 
 // aws_lambda_events reads Kinesis timestamps through an untagged enum that
 // serde_json's `arbitrary_precision` breaks (see the `exact-numbers` feature).
-#[cfg(not(feature = "exact-numbers"))]
 #[tokio::test]
 async fn kinesis_records_replay_and_a_failure_reports_it_and_every_later_record() {
     let event: KinesisEvent = fixture("kinesis.json");

@@ -430,7 +430,6 @@ async fn falsy_responses_replay_exactly_as_stored() {
 
 /// With `compress-responses` the memory store accepts what `DynamoDbStore`
 /// stores compressed (it keeps the text; it only measures).
-#[cfg(feature = "compress-responses")]
 #[tokio::test]
 async fn a_response_that_fits_compressed_is_stored_and_replayed() {
     let store = MemoryStore::new();
@@ -1089,7 +1088,6 @@ async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_w
     );
     assert_eq!(effect_runs.get(), 0);
 
-    #[cfg(feature = "outbox")]
     {
         // Staged messages cannot be committed: refused, nothing kept, key released.
         let with_outbox = idempotency.function("with_outbox", |order: Value| async move {

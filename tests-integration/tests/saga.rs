@@ -577,7 +577,6 @@ async fn sagas_on_dynamodb_crashes_and_request_counts() {
 
 /// The counters of a saga (feature `metrics`): a recorder local to the test's
 /// thread, the calls on a current-thread runtime inside it.
-#[cfg(feature = "metrics")]
 mod counted {
     use super::*;
     use metrics::{CounterFn, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};

@@ -5,7 +5,7 @@
 //! message), and a broken handler that charges outside a step with a fresh random
 //! key, whose repeated charge the crash matrix must report.
 
-#[path = "../examples/common/order.rs"]
+#[path = "../../examples/functions/common/order.rs"]
 mod order;
 mod support;
 

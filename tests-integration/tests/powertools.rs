@@ -5,9 +5,8 @@
 //! The Python side is the real Powertools package (version pinned in
 //! `scripts/powertools-venv.sh`, which this test runs to get the venv's python
 //! unless `POWERTOOLS_PYTHON` names one) running `tests/powertools/run.py`
-//! against the same LocalStack table. Needs the `powertools-compat` feature:
-//! `cargo test --features powertools-compat --test powertools`.
-#![cfg(feature = "powertools-compat")]
+//! against the same LocalStack table (this package builds the crate with
+//! `powertools-compat`): `cargo test -p lambda-idempotency-tests --test powertools`.
 
 mod support;
 
@@ -73,7 +72,7 @@ fn python() -> String {
     if let Ok(python) = std::env::var("POWERTOOLS_PYTHON") {
         return python;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/powertools-venv.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/powertools-venv.sh");
     let out = Command::new("bash")
         .arg(&script)
         .stderr(Stdio::inherit())

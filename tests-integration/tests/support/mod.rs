@@ -1,7 +1,6 @@
 //! Shared test helpers. Each test binary uses a part of them.
 #![allow(dead_code)]
 
-#[cfg(all(feature = "sqs", feature = "streams", feature = "outbox-sqs"))]
 pub mod events;
 pub mod faults;
 pub mod http1;
@@ -178,7 +177,6 @@ impl Audit {
     }
 }
 
-#[cfg(feature = "outbox")]
 impl lambda_idempotency::Sink for Audit {
     fn deliver<'a>(
         &'a self,
