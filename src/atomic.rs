@@ -1,8 +1,11 @@
 //! Atomic business writes (feature `atomic-writes`): DynamoDB writes a handler
-//! stages through [`Effects::writes`], committed in the same `TransactWriteItems`
-//! as its completed record and its outbox.
+//! stages through [`Effects::writes`](crate::Effects::writes), committed in the
+//! same `TransactWriteItems` as its completed record and its outbox.
+//!
+//! The invocation's [`Effects`](crate::Effects) hold a [`StagedWrites`] and
+//! hand out [`Writes`] on it. This module does not know the effects: the
+//! dependency runs one way, `effects` to `atomic`, as `effects` to `outbox`.
 
-use crate::effects::Effects;
 use crate::error::IdempotencyError;
 use crate::outcome::{Event, Meter};
 use crate::record::IdempotencyRecord;
@@ -12,6 +15,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, ConditionCheck, Delete, Put, TransactWriteItem, Update,
 };
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 /// A write staged by a handler: the transaction item, and whether it is a
 /// version-checked write (whose failed condition means "already current").
@@ -21,13 +25,47 @@ pub(crate) struct StagedWrite {
     pub(crate) versioned: bool,
 }
 
+/// The writes one invocation staged, in the order it staged them: an index into
+/// them is what [`IdempotencyError::WriteConditionFailed`] reports.
+#[derive(Debug, Default)]
+pub(crate) struct StagedWrites {
+    writes: Mutex<Vec<StagedWrite>>,
+}
+
+impl StagedWrites {
+    /// The handle a handler stages writes through.
+    pub(crate) fn writes(&self) -> Writes<'_> {
+        Writes { staged: self }
+    }
+
+    /// The staged writes, emptying them.
+    pub(crate) fn take(&self) -> Vec<StagedWrite> {
+        std::mem::take(&mut self.lock())
+    }
+
+    /// Stages `write`; returns its index among the staged writes.
+    fn push(&self, write: StagedWrite) -> usize {
+        let mut writes = self.lock();
+        writes.push(write);
+        writes.len() - 1
+    }
+
+    /// The writes, even after a panic poisoned the lock, as for the rest of the
+    /// invocation's state.
+    fn lock(&self) -> MutexGuard<'_, Vec<StagedWrite>> {
+        self.writes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Stages DynamoDB writes committed with the invocation's completed record; see
-/// [`Effects::writes`].
+/// [`Effects::writes`](crate::Effects::writes).
 ///
 /// Each method returns the write's index among the staged writes, the `index` of
 /// [`IdempotencyError::WriteConditionFailed`] if its condition fails.
 pub struct Writes<'a> {
-    pub(crate) effects: &'a Effects,
+    staged: &'a StagedWrites,
 }
 
 impl std::fmt::Debug for Writes<'_> {
@@ -68,7 +106,7 @@ impl Writes<'_> {
     }
 
     fn stage(&self, item: TransactWriteItem, versioned: bool) -> usize {
-        self.effects.stage_write(StagedWrite { item, versioned })
+        self.staged.push(StagedWrite { item, versioned })
     }
 }
 

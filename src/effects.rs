@@ -2,6 +2,8 @@
 //! journaled so a retry does not redo them, and outbox messages committed with
 //! the response.
 
+#[cfg(feature = "atomic-writes")]
+use crate::atomic::{StagedWrite, StagedWrites, Writes};
 use crate::error::{Error, IdempotencyError};
 use crate::key::hash_value;
 #[cfg(feature = "outbox")]
@@ -84,6 +86,9 @@ struct Inner {
     meter: Meter,
     /// The compensations of the completed steps, and an explicit abort.
     saga: Mutex<saga::Saga>,
+    /// The DynamoDB writes staged for the commit.
+    #[cfg(feature = "atomic-writes")]
+    writes: StagedWrites,
     state: Mutex<State>,
 }
 
@@ -98,8 +103,6 @@ struct State {
     missed: bool,
     #[cfg(feature = "outbox")]
     staged: Vec<(String, OutboxMessage)>,
-    #[cfg(feature = "atomic-writes")]
-    writes: Vec<crate::atomic::StagedWrite>,
 }
 
 impl Effects {
@@ -121,6 +124,8 @@ impl Effects {
             expiration,
             meter,
             saga: Mutex::default(),
+            #[cfg(feature = "atomic-writes")]
+            writes: StagedWrites::default(),
             state: Mutex::default(),
         })
     }
@@ -136,6 +141,8 @@ impl Effects {
             expiration: 0,
             meter: Meter::default(),
             saga: Mutex::default(),
+            #[cfg(feature = "atomic-writes")]
+            writes: StagedWrites::default(),
             state: Mutex::default(),
         })
     }
@@ -312,22 +319,14 @@ impl Effects {
     /// after the handler succeeds: on every call, like the handler.
     #[cfg(feature = "atomic-writes")]
     #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
-    pub fn writes(&self) -> crate::atomic::Writes<'_> {
-        crate::atomic::Writes { effects: self }
-    }
-
-    /// Stages `write`; returns its index among the staged writes.
-    #[cfg(feature = "atomic-writes")]
-    pub(crate) fn stage_write(&self, write: crate::atomic::StagedWrite) -> usize {
-        let mut state = self.state();
-        state.writes.push(write);
-        state.writes.len() - 1
+    pub fn writes(&self) -> Writes<'_> {
+        self.inner.writes.writes()
     }
 
     /// The staged writes, emptying them.
     #[cfg(feature = "atomic-writes")]
-    pub(crate) fn take_writes(&self) -> Vec<crate::atomic::StagedWrite> {
-        std::mem::take(&mut self.state().writes)
+    pub(crate) fn take_writes(&self) -> Vec<StagedWrite> {
+        self.inner.writes.take()
     }
 
     /// Whether a step's closure was called in this attempt.

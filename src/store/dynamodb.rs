@@ -1,11 +1,13 @@
 use super::large::{Encoding, ObjectRef};
 #[cfg(feature = "atomic-writes")]
 use super::TransactionStore;
-use super::{check_limits, BoxFuture, IdempotencyStore, StepJournal, StepRecord, StoreError};
+use super::{
+    check_limits, sdk_detail, BoxFuture, IdempotencyStore, StepJournal, StepRecord, StoreError,
+};
 #[cfg(feature = "outbox")]
 use super::{OutboxRecord, OutboxStore};
 use crate::record::{IdempotencyRecord, Status};
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 #[cfg(feature = "outbox")]
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
@@ -480,20 +482,6 @@ where
         detail: sdk_detail(&err),
         source: err.into(),
     }))
-}
-
-/// What an AWS service said, `code: message`: the SDK's own `Display` says only
-/// "service error". (The S3 client's `SdkError` is the same type.)
-pub(crate) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    match (err.code(), err.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_owned(),
-        _ => DisplayErrorContext(err).to_string(),
-    }
 }
 
 /// Turns an SDK error into a store error, keeping the conditional failure apart:

@@ -23,7 +23,7 @@
 //! bucket's lifecycle rule deletes it).
 
 #[cfg(feature = "s3-responses")]
-use super::StoreError;
+use super::{sdk_detail, StoreError};
 
 /// The `data_encoding` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,11 +165,10 @@ impl S3Error {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
-        let detail = super::dynamodb::sdk_detail(&err);
         StoreError::Backend(Box::new(S3Error {
             operation,
             object: object.pointer(),
-            detail,
+            detail: sdk_detail(&err),
             source: Some(err.into()),
         }))
     }

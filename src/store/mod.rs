@@ -25,13 +25,12 @@ mod dynamodb;
 mod large;
 mod memory;
 
-#[cfg(feature = "atomic-writes")]
-pub(crate) use dynamodb::sdk_detail;
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
 pub use memory::MemoryStore;
 
 use crate::error::BoxError;
 use crate::record::{IdempotencyRecord, MAX_ITEM_BYTES};
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -322,4 +321,20 @@ fn check_limits(
         bytes,
         limit,
     })
+}
+
+/// What an AWS service said, `code: message`: the SDK's own `Display` says only
+/// "service error". Here rather than in one client's module because the
+/// DynamoDB store, the S3 response bucket (`large`) and versioned writes all
+/// report through it (the S3 client's `SdkError` is the same type).
+pub(crate) fn sdk_detail<E, R>(err: &SdkError<E, R>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match (err.code(), err.message()) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_owned(),
+        _ => DisplayErrorContext(err).to_string(),
+    }
 }
