@@ -1216,3 +1216,55 @@ impl DynamoDbStore {
         Ok(records)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose client is never called: these tests read items only.
+    fn offline_store() -> DynamoDbStore {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            // No async sleep without the SDK's runtime features: nothing that waits.
+            .retry_config(aws_sdk_dynamodb::config::retry::RetryConfig::disabled())
+            .timeout_config(aws_sdk_dynamodb::config::timeout::TimeoutConfig::disabled())
+            .stalled_stream_protection(
+                aws_sdk_dynamodb::config::StalledStreamProtectionConfig::disabled(),
+            )
+            .identity_cache(aws_sdk_dynamodb::config::IdentityCache::no_cache())
+            .build();
+        DynamoDbStore::new(Client::from_conf(config), "idempotency")
+    }
+
+    /// A build without `compress-responses` meets a record another function
+    /// stored compressed: a malformed record naming the feature, never a guess
+    /// (the engine then neither runs the handler nor touches the item).
+    #[cfg(not(feature = "compress-responses"))]
+    #[test]
+    fn a_compressed_record_needs_the_feature_to_be_read() {
+        let item: Item = HashMap::from([
+            ("id".into(), AttributeValue::S("orders#gz-1".into())),
+            ("status".into(), AttributeValue::S("COMPLETED".into())),
+            ("expiration".into(), AttributeValue::N("4102444800".into())),
+            ("data_encoding".into(), AttributeValue::S("gzip".into())),
+            (
+                "data".into(),
+                AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+                    b"\x1f\x8b".to_vec(),
+                )),
+            ),
+        ]);
+        match offline_store().parse_item("orders#gz-1", &item) {
+            Err(StoreError::Malformed {
+                key,
+                attribute,
+                problem,
+            }) => {
+                assert_eq!(key, "orders#gz-1");
+                assert_eq!(attribute, "data_encoding");
+                assert!(problem.contains("compress-responses"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
