@@ -67,10 +67,10 @@ bg_pids=()
 background() { # background NAME COMMAND...: runs it, stdout to $logs/NAME.out
   "${@:2}" >"$logs/$1.out" 2>"$logs/$1.err" &
   bg_pids+=($!)
-  eval "bg_$1=$!"
+  eval "bg_${1//-/_}=$!"
 }
 await() { # await NAME: waits for a background job, shows its log if it failed
-  local pid_var="bg_$1"
+  local pid_var="bg_${1//-/_}"
   if ! wait "${!pid_var}"; then
     echo "background job $1 failed:" >&2
     cat "$logs/$1.err" >&2
