@@ -2,8 +2,13 @@
 //!
 //! Shows the record behind a key or an event, lists and releases stuck
 //! reservations, lists and delivers the outbox. It reaches AWS through the SDK's
-//! usual configuration (profile, region, `AWS_ENDPOINT_URL`), or the global
+//! usual configuration (profile, region, `AWS_ENDPOINT_URL`), or the
 //! `--profile`, `--region` and `--endpoint-url` options.
+//!
+//! Those and `--table` and `--json` are global: they go before or after the
+//! command (`idempotency --json --table T in-progress`). Every command needs
+//! `--table`; clap cannot require a global option, so `main` checks it and
+//! answers as the parser would (exit 2, with `--json` one error document).
 
 mod args;
 mod aws;
@@ -15,14 +20,21 @@ mod reservations;
 mod show;
 mod time;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use error::{CliError, Outcome};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = match args::Cli::try_parse() {
+    let matches = match args::Cli::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(err) => return usage_error(err),
+    };
+    let cli = match args::Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => return usage_error(err),
+    };
+    let Some(table) = cli.globals.table.clone() else {
+        return usage_error(missing_table(&matches));
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -31,9 +43,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let json = cli.command.json();
+    let json = cli.globals.json;
     let result = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(run(cli)),
+        Ok(runtime) => runtime.block_on(run(cli, &table)),
         Err(err) => Err(CliError::Runtime(err)),
     };
     let outcome = result.unwrap_or_else(Outcome::from_error);
@@ -52,28 +64,58 @@ fn usage_error(err: clap::Error) -> ExitCode {
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     );
+    // `--json` anywhere on the line, as it is global: the parse that failed
+    // cannot say whether it saw it.
     if !help && std::env::args().any(|arg| arg == "--json") {
-        let message = err.kind().as_str().unwrap_or("invalid arguments");
         let rendered = err.render().to_string();
-        let detail = rendered.lines().next().unwrap_or(message);
-        let document = serde_json::json!({ "error": { "kind": "usage", "message": detail.trim_start_matches("error: ") } });
+        // The error's first paragraph on one line: it names what is missing or
+        // wrong ("...not provided: --table <TABLE>"), without the usage and tips.
+        let detail = rendered
+            .split("\n\n")
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let message = detail.strip_prefix("error: ").unwrap_or(&detail);
+        let message = match message {
+            "" => err.kind().as_str().unwrap_or("invalid arguments"),
+            message => message,
+        };
+        let document = serde_json::json!({ "error": { "kind": "usage", "message": message } });
         println!("{document:#}");
     }
     let _ = err.print();
     ExitCode::from(u8::try_from(code).unwrap_or(2))
 }
 
-async fn run(cli: args::Cli) -> Result<Outcome, CliError> {
+/// The parser's own error for a missing `--table`, with the usage of the
+/// command that was given: clap cannot require a global argument itself.
+fn missing_table(matches: &clap::ArgMatches) -> clap::Error {
+    let mut command = args::Cli::command();
+    // Gives subcommands their full names ("idempotency outbox pending") for the usage line.
+    command.build();
+    let mut level = matches;
+    while let Some((name, sub_matches)) = level.subcommand() {
+        let Some(sub) = command.find_subcommand(name).cloned() else {
+            break;
+        };
+        command = sub;
+        level = sub_matches;
+    }
+    command.error(
+        clap::error::ErrorKind::MissingRequiredArgument,
+        "the following required arguments were not provided:\n  --table <TABLE>",
+    )
+}
+
+async fn run(cli: args::Cli, table: &str) -> Result<Outcome, CliError> {
     let sdk = aws::load(&cli.aws).await;
     match cli.command {
-        args::Command::Show(show) => show::run(&sdk, show).await,
-        args::Command::InProgress(list) => reservations::list(&sdk, list).await,
-        args::Command::Release(release) => reservations::release(&sdk, release).await,
-        args::Command::Outbox(args::OutboxCommand::Pending(pending)) => {
-            outbox::pending(&sdk, pending).await
-        }
-        args::Command::Outbox(args::OutboxCommand::Deliver(deliver)) => {
-            outbox::deliver(&sdk, deliver).await
-        }
+        args::Command::Show(show) => show::run(&sdk, table, show).await,
+        args::Command::InProgress(list) => reservations::list(&sdk, table, list).await,
+        args::Command::Release(release) => reservations::release(&sdk, table, release).await,
+        args::Command::Outbox(args::OutboxCommand::Pending) => outbox::pending(&sdk, table).await,
+        args::Command::Outbox(args::OutboxCommand::Deliver) => outbox::deliver(&sdk, table).await,
     }
 }

@@ -13,8 +13,8 @@ use std::fmt::Write;
 
 /// Lists `INPROGRESS` reservations whose deadline passed at least `--older-than`
 /// ago (with `--live`, also those whose deadline is ahead), oldest deadline first.
-pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn list(sdk: &SdkConfig, table: &str, args: InProgressArgs) -> Result<Outcome, CliError> {
+    let store = aws::store(sdk, table);
     let now = now_ms();
     let older_than = i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX);
     let mut listed: Vec<IdempotencyRecord> = store
@@ -49,7 +49,7 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
         );
     }
     let document = json!({
-        "table": args.common.table,
+        "table": table,
         "now": now,
         "older_than_ms": older_than,
         "count": listed.len(),
@@ -62,8 +62,8 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
 /// retry resumes its execution (same derived keys, journaled steps replayed);
 /// deletes it only when it has no execution (written by another tool) or with
 /// `--delete` and nothing journaled.
-pub async fn release(sdk: &SdkConfig, args: ReleaseArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn release(sdk: &SdkConfig, table: &str, args: ReleaseArgs) -> Result<Outcome, CliError> {
+    let store = aws::store(sdk, table);
     let now = now_ms();
     let Some(record) = store.get(&args.key).await? else {
         let reason = format!("no record under {}: nothing to release", args.key);

@@ -12,7 +12,7 @@ use std::fmt::Write;
 
 /// Shows the record (with its execution's steps and outbox) behind a key, or
 /// behind the key an event gets.
-pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
+pub async fn run(sdk: &SdkConfig, table: &str, args: ShowArgs) -> Result<Outcome, CliError> {
     let (key, derived) = match (&args.key, &args.event) {
         (Some(key), _) => (key.clone(), false),
         (None, Some(_)) => match derive_key(&args)? {
@@ -29,7 +29,7 @@ pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
         },
         (None, None) => return Err(CliError::Usage("give --key or --event".into())),
     };
-    let store = aws::store(sdk, &args.common.table);
+    let store = aws::store(sdk, table);
     let now = now_ms();
     let Some(record) = store.get(&key).await? else {
         let reason = format!("no record under {key}: no call with this key was recorded, or its record expired and was deleted (the next call runs the handler)");
