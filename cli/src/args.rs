@@ -14,8 +14,9 @@ Exit codes:
      no key material (show --event)
   2  usage error: bad arguments, an unreadable event file, an invalid key expression
   3  refused: not the owner, a live reservation without --force, a completed record
-  4  AWS or store error (the message carries DynamoDB's error code), or messages
-     left undelivered by `outbox deliver`
+  4  AWS or store error (the message carries DynamoDB's error code), no AWS
+     credentials (checked before the command runs; the message names the sources
+     tried), or messages left undelivered by `outbox deliver`
   5  malformed record: an item under the key (or in a listing) is not a valid record
 
 With --json, stdout carries exactly one JSON document, also on errors

@@ -9,6 +9,11 @@
 //! command (`idempotency --json --table T in-progress`). Every command needs
 //! `--table`; clap cannot require a global option, so `main` checks it and
 //! answers as the parser would (exit 2, with `--json` one error document).
+//!
+//! Credentials are resolved before the first AWS call (`aws::load`): without any,
+//! the tool prints one line naming the sources the SDK's chain tried and exits
+//! 4 (with `--json`, one error document of kind `aws`). The SDK's own warnings
+//! about loading configuration and credentials are off unless `RUST_LOG` asks.
 
 mod args;
 mod aws;
@@ -23,6 +28,12 @@ mod time;
 use clap::{CommandFactory as _, FromArgMatches as _};
 use error::{CliError, Outcome};
 use std::process::ExitCode;
+
+/// The log filter without `RUST_LOG`: warnings, but not the SDK's own about
+/// loading its configuration and credentials (a missing profile file, each
+/// credential source that failed): `aws::load` reports the outcome in one line,
+/// and `RUST_LOG` (e.g. `aws_config=debug`) shows them all.
+const DEFAULT_LOG: &str = "warn,aws_config=error,aws_runtime::env_config=error";
 
 fn main() -> ExitCode {
     let matches = match args::Cli::command().try_get_matches() {
@@ -40,7 +51,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .init();
     let json = cli.globals.json;
@@ -109,13 +120,16 @@ fn missing_table(matches: &clap::ArgMatches) -> clap::Error {
     )
 }
 
+/// Runs the command. Each loads the AWS configuration (and so checks the
+/// credentials) only when it needs AWS: a bad event file or key expression is a
+/// usage error even on a machine without credentials.
 async fn run(cli: args::Cli, table: &str) -> Result<Outcome, CliError> {
-    let sdk = aws::load(&cli.aws).await;
+    let aws = &cli.aws;
     match cli.command {
-        args::Command::Show(show) => show::run(&sdk, table, show).await,
-        args::Command::InProgress(list) => reservations::list(&sdk, table, list).await,
-        args::Command::Release(release) => reservations::release(&sdk, table, release).await,
-        args::Command::Outbox(args::OutboxCommand::Pending) => outbox::pending(&sdk, table).await,
-        args::Command::Outbox(args::OutboxCommand::Deliver) => outbox::deliver(&sdk, table).await,
+        args::Command::Show(show) => show::run(aws, table, show).await,
+        args::Command::InProgress(list) => reservations::list(aws, table, list).await,
+        args::Command::Release(release) => reservations::release(aws, table, release).await,
+        args::Command::Outbox(args::OutboxCommand::Pending) => outbox::pending(aws, table).await,
+        args::Command::Outbox(args::OutboxCommand::Deliver) => outbox::deliver(aws, table).await,
     }
 }

@@ -1,17 +1,18 @@
 //! `outbox pending` and `outbox deliver`.
 
+use crate::args::AwsArgs;
 use crate::aws;
 use crate::error::{exit, CliError, Outcome};
 use crate::render::{outbox_json, outbox_line};
 use crate::time::now_ms;
-use aws_config::SdkConfig;
 use lambda_idempotency::{Dispatcher, OutboxStore, Relay};
 use serde_json::json;
 use std::fmt::Write;
 
 /// Lists the outbox messages still `PENDING` (a consistent scan).
-pub async fn pending(sdk: &SdkConfig, table: &str) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, table);
+pub async fn pending(aws_args: &AwsArgs, table: &str) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let now = now_ms();
     let pending = store.pending_outbox().await?;
     let mut human = String::new();
@@ -31,10 +32,11 @@ pub async fn pending(sdk: &SdkConfig, table: &str) -> Result<Outcome, CliError> 
 
 /// Delivers every pending message and marks it delivered: the relay's sweep,
 /// with SQS (the SDK's configuration) and HTTP sinks.
-pub async fn deliver(sdk: &SdkConfig, table: &str) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, table);
+pub async fn deliver(aws_args: &AwsArgs, table: &str) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let dispatcher = Dispatcher::new()
-        .with_sqs(aws_sdk_sqs::Client::new(sdk))
+        .with_sqs(aws_sdk_sqs::Client::new(&sdk))
         .with_http()
         .map_err(|e| CliError::Setup(format!("cannot set up the HTTP client: {e}")))?;
     let report = Relay::new(store, dispatcher).sweep().await?;

@@ -17,7 +17,7 @@ use lambda_idempotency::{
 use lambda_runtime::{service_fn, Context, LambdaEvent};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -1068,4 +1068,135 @@ fn a_missing_table_is_a_usage_error_naming_it() {
             assert!(message.contains("--table"), "{line:?}: {document}");
         }
     }
+}
+
+/// The tool in an environment without any AWS credentials: none in the
+/// environment, profile files that do not exist, an empty home folder, only a
+/// region and the endpoint. The instance metadata service is left enabled, as on
+/// an operator's laptop (which has no route to it); the tool must still fail
+/// fast and say so in one line.
+fn without_credentials() -> (Command, PathBuf) {
+    let home = std::env::temp_dir().join(unique("cli-home"));
+    std::fs::create_dir_all(&home).expect("create the home folder");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotency"));
+    command
+        .env_clear()
+        .env("HOME", &home)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_CONFIG_FILE", home.join("no-such-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            home.join("no-such-credentials"),
+        );
+    (command, home)
+}
+
+/// Runs `command` to its end, killing it if it runs past `limit`: a guard
+/// against a hang, far above what the command takes.
+fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the idempotency binary");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait for the binary").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn without_credentials_one_line_on_stderr_and_exit_4() {
+    // The instance metadata service at its address (from this machine, an answer
+    // or no route, as from a laptop), and at a loopback port nothing listens on
+    // (unreachable, whatever the machine's network).
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("address").port();
+        format!("http://127.0.0.1:{port}")
+    };
+    for imds in [None, Some(closed.as_str())] {
+        let (mut command, home) = without_credentials();
+        if let Some(imds) = imds {
+            command.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds);
+        }
+        command.args(["in-progress", "--table", "cli-no-credentials"]);
+        let output = output_within(&mut command, Duration::from_secs(120));
+        let _ = std::fs::remove_dir_all(home);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "IMDS {imds:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "IMDS {imds:?}: one line on stderr: {stderr}"
+        );
+        assert!(
+            lines[0].starts_with("error: no AWS credentials found"),
+            "IMDS {imds:?}: {stderr}"
+        );
+        assert!(lines[0].contains("EC2 instance metadata"), "{stderr}");
+        assert!(output.stdout.is_empty(), "{:?}", output.stdout);
+    }
+}
+
+#[test]
+fn without_credentials_json_is_one_aws_error_document() {
+    let (mut command, home) = without_credentials();
+    command.args([
+        "outbox",
+        "pending",
+        "--table",
+        "cli-no-credentials",
+        "--json",
+    ]);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(home);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(4), "{stdout}{stderr}");
+    let document: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {stdout:?}; stderr: {stderr}"));
+    assert_eq!(document["error"]["kind"], "aws", "{document}");
+    let message = document["error"]["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("no AWS credentials found"),
+        "{document}"
+    );
+    assert!(!message.contains('\n'), "{document}");
+    let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(lines, 1, "one line on stderr: {stderr}");
+}
+
+#[test]
+fn without_credentials_usage_errors_come_first() {
+    // An unreadable event file is the operator's mistake whatever the machine:
+    // the tool reads it before it looks for credentials.
+    let (mut command, home) = without_credentials();
+    command.args([
+        "show",
+        "--table",
+        "cli-no-credentials",
+        "--event",
+        "/nonexistent.json",
+        "--key-expression",
+        "a",
+    ]);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(home);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent.json"), "{stderr}");
 }
