@@ -41,7 +41,7 @@ pub struct Cli {
 
 /// Options of every command, before or after its name.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Global options")]
+#[command(next_help_heading = "Global options (before or after the command)")]
 pub struct Globals {
     /// The idempotency table (required by every command).
     // Optional here because clap cannot require a global argument: main checks it.
