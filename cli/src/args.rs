@@ -1,6 +1,7 @@
 //! The command line.
 
 use crate::time::parse_duration;
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,8 +14,9 @@ Exit codes:
      no key material (show --event)
   2  usage error: bad arguments, an unreadable event file, an invalid key expression
   3  refused: not the owner, a live reservation without --force, a completed record
-  4  AWS or store error (the message carries DynamoDB's error code), or messages
-     left undelivered by `outbox deliver`
+  4  AWS or store error (the message carries DynamoDB's error code), no AWS
+     credentials (checked before the command runs; the message names the sources
+     tried), or messages left undelivered by `outbox deliver`
   5  malformed record: an item under the key (or in a listing) is not a valid record
 
 With --json, stdout carries exactly one JSON document, also on errors
@@ -22,17 +24,37 @@ With --json, stdout carries exactly one JSON document, also on errors
 
 /// The operator's tool for lambda-idempotency tables: why an event was not
 /// executed, stuck reservations, the outbox.
+///
+/// The global options (`--table`, `--json` and the AWS options) go before or
+/// after the command: `idempotency --json --table T in-progress` and
+/// `idempotency in-progress --table T --json` are the same.
 #[derive(Debug, Parser)]
 #[command(name = "idempotency", version, after_long_help = EXIT_CODES, after_help = "Exit codes: 0 ok, 1 not found, 2 usage, 3 refused, 4 AWS error, 5 malformed record (--help for details).")]
 pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
     #[command(flatten)]
     pub aws: AwsArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Options of every command, before or after its name.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options (before or after the command)")]
+pub struct Globals {
+    /// The idempotency table (required by every command).
+    // Optional here because clap cannot require a global argument: main checks it.
+    #[arg(long, global = true, value_name = "TABLE", value_parser = NonEmptyStringValueParser::new())]
+    pub table: Option<String>,
+    /// One JSON document on stdout instead of text, also on errors.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
 /// Where AWS is: the SDK's usual configuration unless given here.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "AWS options (global)")]
 pub struct AwsArgs {
     /// A named profile (default: `AWS_PROFILE`, else `default`).
     #[arg(long, global = true)]
@@ -64,34 +86,9 @@ pub enum Command {
     Outbox(OutboxCommand),
 }
 
-impl Command {
-    /// Whether the command asked for JSON output.
-    pub fn json(&self) -> bool {
-        match self {
-            Command::Show(a) => a.common.json,
-            Command::InProgress(a) => a.common.json,
-            Command::Release(a) => a.common.json,
-            Command::Outbox(OutboxCommand::Pending(a) | OutboxCommand::Deliver(a)) => a.common.json,
-        }
-    }
-}
-
-/// Options of every command.
-#[derive(Debug, Args)]
-pub struct Common {
-    /// The idempotency table.
-    #[arg(long)]
-    pub table: String,
-    /// One JSON document on stdout instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// `show`.
 #[derive(Debug, Args)]
 pub struct ShowArgs {
-    #[command(flatten)]
-    pub common: Common,
     /// The record's key, `{prefix}#{hash}` (from a log line or an error).
     #[arg(long, required_unless_present = "event", conflicts_with = "event")]
     pub key: Option<String>,
@@ -126,8 +123,6 @@ pub struct ShowArgs {
 /// `in-progress`.
 #[derive(Debug, Args)]
 pub struct InProgressArgs {
-    #[command(flatten)]
-    pub common: Common,
     /// Only reservations whose deadline passed at least this long ago
     /// (`90s`, `10m`, `2h`, `1d`, `1h30m`).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
@@ -143,8 +138,6 @@ pub struct InProgressArgs {
 /// `release`.
 #[derive(Debug, Args)]
 pub struct ReleaseArgs {
-    #[command(flatten)]
-    pub common: Common,
     /// The record's key.
     #[arg(long)]
     pub key: String,
@@ -169,16 +162,9 @@ pub struct ReleaseArgs {
 pub enum OutboxCommand {
     /// List outbox messages still PENDING.
     #[command(after_long_help = EXIT_CODES)]
-    Pending(OutboxArgs),
+    Pending,
     /// Deliver every PENDING message and mark it DELIVERED (the relay's sweep):
     /// SQS messages with the SDK's configuration, HTTP webhooks.
     #[command(after_long_help = EXIT_CODES)]
-    Deliver(OutboxArgs),
-}
-
-/// Options of the outbox commands.
-#[derive(Debug, Args)]
-pub struct OutboxArgs {
-    #[command(flatten)]
-    pub common: Common,
+    Deliver,
 }

@@ -33,6 +33,17 @@ pub enum CliError {
     /// The engine refused the operation (e.g. deriving a key).
     #[error(transparent)]
     Idempotency(#[from] IdempotencyError),
+    /// No source of the SDK's credential chain has credentials; `tried` lists
+    /// the sources in the chain's order.
+    #[error("no AWS credentials found (tried {tried}); set AWS_PROFILE or --profile to a profile that has them, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (RUST_LOG=aws_config=debug shows what each source answered)")]
+    NoCredentials {
+        /// The sources tried, as a phrase.
+        tried: String,
+    },
+    /// A credential source failed (an expired SSO session, a role that cannot
+    /// be assumed, a source that hangs): its reason, on one line.
+    #[error("cannot load AWS credentials: {0}")]
+    Credentials(String),
     /// A client could not be set up (e.g. no root certificates for HTTPS).
     #[error("{0}")]
     Setup(String),
@@ -50,6 +61,8 @@ impl CliError {
             CliError::Idempotency(IdempotencyError::InvalidEvent(_)) => exit::USAGE,
             CliError::Store(_)
             | CliError::Idempotency(_)
+            | CliError::NoCredentials { .. }
+            | CliError::Credentials(_)
             | CliError::Setup(_)
             | CliError::Runtime(_) => exit::AWS,
         }

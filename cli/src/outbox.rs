@@ -1,18 +1,18 @@
 //! `outbox pending` and `outbox deliver`.
 
-use crate::args::OutboxArgs;
+use crate::args::AwsArgs;
 use crate::aws;
 use crate::error::{exit, CliError, Outcome};
 use crate::render::{outbox_json, outbox_line};
 use crate::time::now_ms;
-use aws_config::SdkConfig;
 use lambda_idempotency::{Dispatcher, OutboxStore, Relay};
 use serde_json::json;
 use std::fmt::Write;
 
 /// Lists the outbox messages still `PENDING` (a consistent scan).
-pub async fn pending(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn pending(aws_args: &AwsArgs, table: &str) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let now = now_ms();
     let pending = store.pending_outbox().await?;
     let mut human = String::new();
@@ -23,7 +23,7 @@ pub async fn pending(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliEr
         let _ = writeln!(human, "{}", outbox_line(message));
     }
     let document = json!({
-        "table": args.common.table,
+        "table": table,
         "count": pending.len(),
         "messages": pending.iter().map(|m| outbox_json(m, now)).collect::<Vec<_>>(),
     });
@@ -32,15 +32,16 @@ pub async fn pending(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliEr
 
 /// Delivers every pending message and marks it delivered: the relay's sweep,
 /// with SQS (the SDK's configuration) and HTTP sinks.
-pub async fn deliver(sdk: &SdkConfig, args: OutboxArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn deliver(aws_args: &AwsArgs, table: &str) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let dispatcher = Dispatcher::new()
-        .with_sqs(aws_sdk_sqs::Client::new(sdk))
+        .with_sqs(aws_sdk_sqs::Client::new(&sdk))
         .with_http()
         .map_err(|e| CliError::Setup(format!("cannot set up the HTTP client: {e}")))?;
     let report = Relay::new(store, dispatcher).sweep().await?;
     let document = json!({
-        "table": args.common.table,
+        "table": table,
         "delivered": report.delivered,
         "failed": report.failed,
     });

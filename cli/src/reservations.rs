@@ -1,11 +1,10 @@
 //! `in-progress` and `release`: stuck reservations.
 
-use crate::args::{InProgressArgs, ReleaseArgs};
+use crate::args::{AwsArgs, InProgressArgs, ReleaseArgs};
 use crate::error::{exit, CliError, Outcome};
 use crate::render::{deadline_text, record_json, State};
 use crate::time::{now_ms, relative, rfc3339_ms, rfc3339_s};
 use crate::{aws, journal};
-use aws_config::SdkConfig;
 use lambda_idempotency::store::StoreError;
 use lambda_idempotency::{IdempotencyRecord, IdempotencyStore, Status};
 use serde_json::json;
@@ -13,8 +12,13 @@ use std::fmt::Write;
 
 /// Lists `INPROGRESS` reservations whose deadline passed at least `--older-than`
 /// ago (with `--live`, also those whose deadline is ahead), oldest deadline first.
-pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn list(
+    aws_args: &AwsArgs,
+    table: &str,
+    args: InProgressArgs,
+) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let now = now_ms();
     let older_than = i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX);
     let mut listed: Vec<IdempotencyRecord> = store
@@ -49,7 +53,7 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
         );
     }
     let document = json!({
-        "table": args.common.table,
+        "table": table,
         "now": now,
         "older_than_ms": older_than,
         "count": listed.len(),
@@ -62,8 +66,13 @@ pub async fn list(sdk: &SdkConfig, args: InProgressArgs) -> Result<Outcome, CliE
 /// retry resumes its execution (same derived keys, journaled steps replayed);
 /// deletes it only when it has no execution (written by another tool) or with
 /// `--delete` and nothing journaled.
-pub async fn release(sdk: &SdkConfig, args: ReleaseArgs) -> Result<Outcome, CliError> {
-    let store = aws::store(sdk, &args.common.table);
+pub async fn release(
+    aws_args: &AwsArgs,
+    table: &str,
+    args: ReleaseArgs,
+) -> Result<Outcome, CliError> {
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let now = now_ms();
     let Some(record) = store.get(&args.key).await? else {
         let reason = format!("no record under {}: nothing to release", args.key);

@@ -1,18 +1,17 @@
 //! `show`: the record behind a key or an event.
 
-use crate::args::ShowArgs;
+use crate::args::{AwsArgs, ShowArgs};
 use crate::error::{exit, CliError, Outcome};
 use crate::render::{outbox_json, outbox_line, record_json, record_text, step_json};
 use crate::time::now_ms;
 use crate::{aws, journal};
-use aws_config::SdkConfig;
 use lambda_idempotency::{Idempotency, IdempotencyConfig, IdempotencyStore, MemoryStore};
 use serde_json::{json, Value};
 use std::fmt::Write;
 
 /// Shows the record (with its execution's steps and outbox) behind a key, or
 /// behind the key an event gets.
-pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
+pub async fn run(aws_args: &AwsArgs, table: &str, args: ShowArgs) -> Result<Outcome, CliError> {
     let (key, derived) = match (&args.key, &args.event) {
         (Some(key), _) => (key.clone(), false),
         (None, Some(_)) => match derive_key(&args)? {
@@ -29,7 +28,8 @@ pub async fn run(sdk: &SdkConfig, args: ShowArgs) -> Result<Outcome, CliError> {
         },
         (None, None) => return Err(CliError::Usage("give --key or --event".into())),
     };
-    let store = aws::store(sdk, &args.common.table);
+    let sdk = aws::load(aws_args).await?;
+    let store = aws::store(&sdk, table);
     let now = now_ms();
     let Some(record) = store.get(&key).await? else {
         let reason = format!("no record under {key}: no call with this key was recorded, or its record expired and was deleted (the next call runs the handler)");

@@ -17,7 +17,7 @@ use lambda_idempotency::{
 use lambda_runtime::{service_fn, Context, LambdaEvent};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -149,19 +149,28 @@ where
         .await
 }
 
-/// Runs the tool with the test's endpoint and credentials: (exit code, stdout, stderr).
-fn run(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_idempotency"))
-        .args(args)
+/// The tool with the test's endpoint and credentials in its environment.
+fn tool() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotency"));
+    command
         .env("AWS_ENDPOINT_URL", endpoint())
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env_remove("AWS_PROFILE")
-        .env_remove("AWS_LAMBDA_FUNCTION_NAME")
-        .output()
-        .expect("run the idempotency binary");
+        .env_remove("AWS_LAMBDA_FUNCTION_NAME");
+    command
+}
+
+/// Runs the tool with the test's endpoint and credentials: (exit code, stdout, stderr).
+fn run(args: &[&str]) -> (i32, String, String) {
+    run_command(tool().args(args))
+}
+
+/// Runs `command` to its end: (exit code, stdout, stderr).
+fn run_command(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().expect("run the idempotency binary");
     (
         output.status.code().expect("exit code"),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -853,4 +862,341 @@ async fn show_lists_the_compensations_of_a_saga_that_failed_permanently() {
         doc["compensations"][0]["data"],
         json!({ "refunded": "ch_1" }).to_string()
     );
+}
+
+/// Runs the tool with `args` twice, once with `global` (an option and its value)
+/// before the command and once after it, and checks both answer alike: the same
+/// exit code and the same `summary` of stdout (without the times, which differ).
+/// Returns the exit code and the summary.
+fn before_and_after(
+    command: fn() -> Command,
+    global: &[&str],
+    args: &[&str],
+    summary: fn(&str) -> Value,
+) -> (i32, Value) {
+    let (subcommand, rest) = args.split_first().expect("a command");
+    let first: Vec<&str> = global
+        .iter()
+        .chain([subcommand])
+        .chain(rest)
+        .copied()
+        .collect();
+    let last: Vec<&str> = args.iter().chain(global).copied().collect();
+    let (code, stdout, stderr) = run_command(command().args(&first));
+    let (code_after, stdout_after, stderr_after) = run_command(command().args(&last));
+    let (before, after) = (summary(&stdout), summary(&stdout_after));
+    assert_eq!(
+        (code, &before),
+        (code_after, &after),
+        "{first:?} (stderr: {stderr}) and {last:?} (stderr: {stderr_after}) differ"
+    );
+    (code, before)
+}
+
+/// An `in-progress --json` listing without its times: the table, the count and the keys.
+fn listing(stdout: &str) -> Value {
+    let document: Value = serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {stdout:?}"));
+    let keys: Vec<Value> = document["reservations"]
+        .as_array()
+        .map(|list| list.iter().map(|r| r["key"].clone()).collect())
+        .unwrap_or_default();
+    json!({ "table": document["table"], "count": document["count"], "keys": keys })
+}
+
+/// The first line of a text listing: the first reservation's key.
+fn first_line(stdout: &str) -> Value {
+    json!(stdout.lines().next())
+}
+
+#[tokio::test]
+async fn global_options_are_accepted_before_and_after_the_command() {
+    let table = table("globals").await;
+    let store = DynamoDbStore::new(dynamodb(), &table);
+    let now = now_ms();
+    let dead = IdempotencyRecord {
+        key: "orders#globals".into(),
+        status: Status::InProgress,
+        expiration: now / 1000 + 3600,
+        in_progress_expiration: Some(now - 60_000),
+        data: None,
+        validation: None,
+        owner: "dead-owner".into(),
+        is_error: false,
+        execution: "dead-owner".into(),
+    };
+    store.reserve(&dead, now).await.expect("reserve");
+    let listed = json!({ "table": table, "count": 1, "keys": ["orders#globals"] });
+
+    // --json, and --table.
+    let (code, summary) = before_and_after(
+        tool,
+        &["--json"],
+        &["in-progress", "--table", &table],
+        listing,
+    );
+    assert_eq!((code, &summary), (0, &listed));
+    let (code, summary) = before_and_after(
+        tool,
+        &["--table", &table],
+        &["in-progress", "--json"],
+        listing,
+    );
+    assert_eq!((code, &summary), (0, &listed));
+    // Both before a nested command, and between its two words.
+    for args in [
+        ["--json", "--table", &table, "outbox", "pending"],
+        ["outbox", "--json", "--table", &table, "pending"],
+    ] {
+        let (code, stdout, stderr) = run(&args);
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        let document: Value = serde_json::from_str(&stdout).expect("one JSON document");
+        assert_eq!(document["count"], 0, "{args:?}: {document}");
+    }
+    // Text output too: the human listing starts with the key.
+    let (code, summary) =
+        before_and_after(tool, &["--table", &table], &["in-progress"], first_line);
+    assert_eq!((code, summary), (0, json!("orders#globals")));
+
+    // --endpoint-url: without AWS_ENDPOINT_URL, only the option reaches LocalStack.
+    let endpoint = endpoint();
+    let without_endpoint = || {
+        let mut command = tool();
+        command.env_remove("AWS_ENDPOINT_URL");
+        command
+    };
+    let (code, summary) = before_and_after(
+        without_endpoint,
+        &["--endpoint-url", &endpoint],
+        &["in-progress", "--table", &table, "--json"],
+        listing,
+    );
+    assert_eq!((code, &summary), (0, &listed));
+
+    // --region: LocalStack keeps tables per region, and the environment names another.
+    let elsewhere = || {
+        let mut command = tool();
+        command.env("AWS_REGION", "eu-west-1");
+        command
+    };
+    let (code, _, _) = run_command(elsewhere().args(["in-progress", "--table", &table, "--json"]));
+    assert_eq!(code, 4, "the table is in us-east-1 only");
+    let (code, summary) = before_and_after(
+        elsewhere,
+        &["--region", "us-east-1"],
+        &["in-progress", "--table", &table, "--json"],
+        listing,
+    );
+    assert_eq!((code, &summary), (0, &listed));
+
+    // --profile: a profile file gives the region and the credentials, the
+    // environment neither.
+    let with_profile = || {
+        let mut command = tool();
+        command
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_CONFIG_FILE", profile_files().join("config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                profile_files().join("credentials"),
+            );
+        command
+    };
+    let (code, _, _) = run_command(with_profile().args(["in-progress", "--table", &table]));
+    assert_eq!(code, 4, "no credentials without the profile");
+    let (code, summary) = before_and_after(
+        with_profile,
+        &["--profile", "cli-globals"],
+        &["in-progress", "--table", &table, "--json"],
+        listing,
+    );
+    assert_eq!((code, &summary), (0, &listed));
+}
+
+/// A folder holding AWS config and credentials files with one profile,
+/// `cli-globals` (region us-east-1, LocalStack's test credentials).
+fn profile_files() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(unique("cli-profiles"));
+        std::fs::create_dir_all(&dir).expect("create the profile folder");
+        std::fs::write(
+            dir.join("config"),
+            "[profile cli-globals]\nregion = us-east-1\n",
+        )
+        .expect("write the config file");
+        std::fs::write(
+            dir.join("credentials"),
+            "[cli-globals]\naws_access_key_id = test\naws_secret_access_key = test\n",
+        )
+        .expect("write the credentials file");
+        dir
+    })
+    .clone()
+}
+
+#[test]
+fn a_missing_table_is_a_usage_error_naming_it() {
+    for args in [
+        &["in-progress"][..],
+        &["show", "--key", "k"],
+        &["release", "--key", "k", "--owner", "o"],
+        &["outbox", "pending"],
+        &["outbox", "deliver"],
+    ] {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert!(stderr.contains("--table"), "{args:?}: {stderr}");
+
+        // With --json before or after the command: one JSON document naming it.
+        let (subcommand, rest) = args.split_first().expect("a command");
+        let first: Vec<&str> = ["--json", subcommand]
+            .into_iter()
+            .chain(rest.iter().copied())
+            .collect();
+        let last: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+        for line in [first, last] {
+            let (code, stdout, stderr) = run(&line);
+            assert_eq!(code, 2, "{line:?}: {stderr}");
+            let document: Value = serde_json::from_str(&stdout)
+                .unwrap_or_else(|e| panic!("{line:?}: not one JSON document ({e}): {stdout:?}"));
+            assert_eq!(document["error"]["kind"], "usage", "{line:?}: {document}");
+            let message = document["error"]["message"].as_str().expect("message");
+            assert!(message.contains("--table"), "{line:?}: {document}");
+        }
+    }
+}
+
+/// The tool in an environment without any AWS credentials: none in the
+/// environment, profile files that do not exist, an empty home folder, only a
+/// region and the endpoint. The instance metadata service is left enabled, as on
+/// an operator's laptop (which has no route to it); the tool must still fail
+/// fast and say so in one line.
+fn without_credentials() -> (Command, PathBuf) {
+    let home = std::env::temp_dir().join(unique("cli-home"));
+    std::fs::create_dir_all(&home).expect("create the home folder");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_idempotency"));
+    command
+        .env_clear()
+        .env("HOME", &home)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", endpoint())
+        .env("AWS_CONFIG_FILE", home.join("no-such-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            home.join("no-such-credentials"),
+        );
+    (command, home)
+}
+
+/// Runs `command` to its end, killing it if it runs past `limit`: a guard
+/// against a hang, far above what the command takes.
+fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the idempotency binary");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait for the binary").is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "still running after {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn without_credentials_one_line_on_stderr_and_exit_4() {
+    // The instance metadata service at its address (from this machine, an answer
+    // or no route, as from a laptop), and at a loopback port nothing listens on
+    // (unreachable, whatever the machine's network).
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("address").port();
+        format!("http://127.0.0.1:{port}")
+    };
+    for imds in [None, Some(closed.as_str())] {
+        let (mut command, home) = without_credentials();
+        if let Some(imds) = imds {
+            command.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds);
+        }
+        command.args(["in-progress", "--table", "cli-no-credentials"]);
+        let output = output_within(&mut command, Duration::from_secs(120));
+        let _ = std::fs::remove_dir_all(home);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "IMDS {imds:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "IMDS {imds:?}: one line on stderr: {stderr}"
+        );
+        assert!(
+            lines[0].starts_with("error: no AWS credentials found"),
+            "IMDS {imds:?}: {stderr}"
+        );
+        assert!(lines[0].contains("EC2 instance metadata"), "{stderr}");
+        assert!(output.stdout.is_empty(), "{:?}", output.stdout);
+    }
+}
+
+#[test]
+fn without_credentials_json_is_one_aws_error_document() {
+    let (mut command, home) = without_credentials();
+    command.args([
+        "outbox",
+        "pending",
+        "--table",
+        "cli-no-credentials",
+        "--json",
+    ]);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(home);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert_eq!(output.status.code(), Some(4), "{stdout}{stderr}");
+    let document: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {stdout:?}; stderr: {stderr}"));
+    assert_eq!(document["error"]["kind"], "aws", "{document}");
+    let message = document["error"]["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("no AWS credentials found"),
+        "{document}"
+    );
+    assert!(!message.contains('\n'), "{document}");
+    let lines = stderr.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(lines, 1, "one line on stderr: {stderr}");
+}
+
+#[test]
+fn without_credentials_usage_errors_come_first() {
+    // An unreadable event file is the operator's mistake whatever the machine:
+    // the tool reads it before it looks for credentials.
+    let (mut command, home) = without_credentials();
+    command.args([
+        "show",
+        "--table",
+        "cli-no-credentials",
+        "--event",
+        "/nonexistent.json",
+        "--key-expression",
+        "a",
+    ]);
+    let output = output_within(&mut command, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(home);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent.json"), "{stderr}");
 }
