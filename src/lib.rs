@@ -74,6 +74,8 @@ guide_needs!(
     "testing",
     "powertools-compat"
 );
+#[cfg(test)]
+mod guide_checks;
 mod idempotency;
 mod key;
 #[cfg(feature = "outbox")]
