@@ -4,7 +4,7 @@
 # - Reuses an endpoint that already answers ($AWS_ENDPOINT_URL, else 127.0.0.1:4566),
 #   e.g. a Docker LocalStack started from localstack/docker-compose.yml.
 # - Otherwise installs LocalStack on the host (no Docker needed) into .cache/ and starts it.
-#   See README "LocalStack" for the reasons behind each pin below.
+#   See docs/developing.md ("LocalStack") for the reasons behind each pin below.
 # - Idempotent: a second run finds the running endpoint and does nothing.
 #
 # Usage: localstack/ensure.sh        -> prints the endpoint URL on stdout (logs on stderr)

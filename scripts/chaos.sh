@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chaos run of the idempotency engine against DynamoDB on LocalStack (README "Chaos run").
+# Chaos run of the idempotency engine against DynamoDB on LocalStack (docs/developing.md, "Chaos run").
 #
 #   scripts/chaos.sh            full size: 10,000 invocations over 1,000 keys, 4 workers,
 #                               then the same again on a second LocalStack with DynamoDB

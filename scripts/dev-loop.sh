@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Develop locally with cargo-lambda" loop, end to end, as a check:
+# The cargo-lambda loop of docs/developing.md, end to end, as a check:
 #
 # 1. cargo-lambda 1.9.2 from PyPI into .cache/cargo-lambda/ (once). Installed
 #    without its `ziglang` dependency: watch and invoke build for the host with
@@ -9,7 +9,7 @@
 # 3. The table $IDEMPOTENCY_TABLE (default idempotency-dev), partition key `id`,
 #    TTL on `expiration`: recreated on every run, so the first invoke runs the
 #    handler. Sent with curl: LocalStack does not check request signatures, so the
-#    AWS CLI is not needed (the README shows the same with `aws dynamodb`).
+#    AWS CLI is not needed (docs/developing.md shows the same with `aws dynamodb`).
 # 4. `cargo lambda watch` on the deploy package, on a free port, with the
 #    function's environment (table, endpoint, region, credentials). The binary is
 #    built first with the command watch runs, so the first invoke does not wait on

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a Python venv with AWS Lambda Powertools for Python (and boto3) for the
-# Powertools compatibility tests (tests/powertools.rs), and prints its python.
+# Powertools compatibility tests (tests-integration/tests/powertools.rs), and prints its python.
 #
 # Idempotent and cached: .cache/powertools/venv is built once (uv from PyPI, the
 # versions pinned below, their dependencies resolved as of --exclude-newer so that

@@ -68,7 +68,7 @@ impl KeySource {
 /// How key material and validation fields become the hashes in a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum KeyHash {
-    /// SHA-256 of this crate's canonical JSON (README "What a record's key is made of").
+    /// SHA-256 of this crate's canonical JSON (the guide's [keys](crate::guide::keys) chapter).
     #[default]
     Canonical,
     /// Powertools for Python's hash of `json.dumps(material, sort_keys=True)`.
@@ -374,8 +374,8 @@ impl IdempotencyConfigBuilder {
     /// The record id is `{prefix}#{hash}`, and Powertools' prefix is
     /// `{function name}.{module}.{qualname}` of the decorated Python function
     /// (or its own `key_prefix`): give that text with [`key_prefix`](Self::key_prefix)
-    /// and wrap with `wrap` (not `wrap_as`, which appends the name). See README
-    /// "Migrating from Powertools Python".
+    /// and wrap with `wrap` (not `wrap_as`, which appends the name). See the guide's
+    /// [migrating from Powertools](crate::guide::migrating_from_powertools) chapter.
     ///
     /// ```
     /// use lambda_idempotency::{IdempotencyConfig, PowertoolsHash};

@@ -27,30 +27,15 @@
 //! ```
 //!
 //! In production use [`DynamoDbStore`]; [`MemoryStore`] is for tests and local runs.
+//! Steps with derived keys, an outbox, SQS, stream and API Gateway adapters,
+//! sagas, metrics and a testing kit build on the same engine; each beyond the
+//! wrapper is behind a Cargo feature, listed in
+//! [the guide's feature table](guide::getting_started#cargo-features).
 //!
-//! ## Cargo features
-//!
-//! The default build is the wrapper, the function wrapper, and the DynamoDB and
-//! memory stores. Each event source and outbox sink is opt-in:
-//!
-//! | feature | adds |
-//! |---|---|
-//! | `outbox` | `Effects::outbox`, `OutboxMessage`, `Dispatcher`, custom `Sink`s, the `Relay` |
-//! | `atomic-writes` | `outbox`, `Effects::writes` (DynamoDB writes committed with the record) and `VersionedWrite` |
-//! | `sqs` | `SqsBatch`: SQS batches with partial batch failures |
-//! | `streams` | `StreamBatch`: DynamoDB Streams and Kinesis; with `outbox`, `Relay::process_dynamodb` |
-//! | `apigw` | `HttpIdempotency`: API Gateway `Idempotency-Key` semantics |
-//! | `lambda-http` | `HttpIdempotency::handle_request` for `lambda_http` |
-//! | `outbox-sqs` | `outbox`, and delivery of `OutboxMessage::Sqs` (`Dispatcher::with_sqs`) |
-//! | `outbox-http` | `outbox`, and delivery of `OutboxMessage::Http` (`Dispatcher::with_http`) |
-//! | `exact-numbers` | keys exact for any JSON number (serde_json `arbitrary_precision`) |
-//! | `gzip` | `powertools_base64_gzip` in key expressions (flate2) |
-//! | `jmespath` | full JMESPath in key expressions (projections, filters, pipes, literals, comparisons); without it, fields, `a.b`, indexes, multi-selects, `@`, `\|\|` and the Powertools functions |
-//! | `jmespath-functions` | `jmespath`, and JMESPath's standard functions (`length`, `join`, ...) in key expressions |
-//! | `powertools-compat` | record ids as Powertools for Python derives them |
-//! | `metrics` | counts of every outcome through the `metrics` facade |
-//! | `emf` | `metrics`, and CloudWatch Embedded Metric Format output (the `emf` module) |
-//! | `testing` | the `testing` module: run your wrapped handler twice, concurrently, and crashed at every phase (for dev-dependencies) |
+//! **[The guide](guide)** explains the crate chapter by chapter, from a first
+//! wrapped handler to running it in production; its
+//! [reference](guide::reference) lists every `errorType`, limit and environment
+//! variable.
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -62,6 +47,35 @@ mod effects;
 #[cfg_attr(docsrs, doc(cfg(feature = "emf")))]
 pub mod emf;
 mod error;
+// The guide (docs/*.md) is documentation only: rendered by every `cargo doc`,
+// where links to items of features that are off become plain text, and compiled
+// as doc tests only when every feature its code uses is on (the test command's
+// doc-test run has them all). The macro names those features once for both.
+macro_rules! guide_needs {
+    ($($feature:literal),+) => {
+        #[cfg(any(doc, all(doctest, $(feature = $feature),+)))]
+        #[cfg_attr(
+            not(all($(feature = $feature),+)),
+            allow(rustdoc::broken_intra_doc_links)
+        )]
+        pub mod guide;
+    };
+}
+guide_needs!(
+    "sqs",
+    "streams",
+    "apigw",
+    "lambda-http",
+    "outbox-sqs",
+    "outbox-http",
+    "atomic-writes",
+    "emf",
+    "s3-responses",
+    "testing",
+    "powertools-compat"
+);
+#[cfg(test)]
+mod guide_checks;
 mod idempotency;
 mod key;
 #[cfg(feature = "outbox")]

@@ -5,7 +5,7 @@ use lambda_idempotency::store::StoreError;
 use lambda_idempotency::IdempotencyError;
 use serde_json::{json, Value};
 
-/// Exit codes (documented in `--help` and the README).
+/// Exit codes (documented in `--help` and docs/production.md).
 pub mod exit {
     /// Success: found, listed, released, delivered.
     pub const OK: i32 = 0;

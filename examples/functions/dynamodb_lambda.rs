@@ -2,7 +2,7 @@
 //! DynamoDB. Deployed by `template.yaml` (`sam build && sam deploy --guided`).
 //!
 //! Environment: `IDEMPOTENCY_TABLE` (the table name). Locally, against LocalStack
-//! (README "Develop locally with cargo-lambda"; `scripts/dev-loop.sh` runs it all):
+//! (docs/developing.md, "A function under cargo-lambda"; `scripts/dev-loop.sh` runs it all):
 //! the function is the `dynamodb_lambda` binary of the `deploy/` package, so watch
 //! that package (`cargo lambda watch --example dynamodb_lambda` fails: cargo-lambda
 //! asks cargo for a binary of that name in the root package, which has none), then

@@ -45,7 +45,7 @@ pub struct AttributeNames {
     /// How `data` holds a response too large for the item as JSON text: `gzip`
     /// (`data` is binary), `s3` or `s3+gzip` (`data` is an `s3://bucket/key`
     /// pointer); absent on every record that fits. Default `data_encoding`. See
-    /// README "Responses of any size".
+    /// the guide's [large responses](crate::guide::large_responses) chapter.
     pub data_encoding: String,
 }
 
@@ -95,7 +95,8 @@ pub enum KeyLayout {
 /// stores it gzip-compressed (when that fits) or `s3-responses` with
 /// `DynamoDbStore::with_response_bucket` stores it in S3; records
 /// that fit are written the same way with or without them. Reads restore the
-/// response's JSON text whatever its stored form (README "Responses of any size").
+/// response's JSON text whatever its stored form (see the guide's
+/// [large responses](crate::guide::large_responses) chapter).
 ///
 /// ```
 /// use lambda_idempotency::DynamoDbStore;
@@ -143,7 +144,8 @@ impl DynamoDbStore {
     /// up to whole days): objects of attempts that crashed before completing are
     /// referenced by no record and are left to it.
     /// A record whose object is gone before the record expired is read as
-    /// [`StoreError::Malformed`] (the handler does not run; see the README).
+    /// [`StoreError::Malformed`] (the handler does not run; see the guide's
+    /// [large responses](crate::guide::large_responses) chapter).
     ///
     /// ```
     /// use lambda_idempotency::DynamoDbStore;

@@ -1,6 +1,6 @@
 //! Responses whose record would exceed DynamoDB's 400 KB item limit: the forms
 //! [`DynamoDbStore`](super::DynamoDbStore) stores them in, and how it reads them
-//! back (README "Responses of any size").
+//! back (the guide's [large responses](crate::guide::large_responses) chapter).
 //!
 //! A record that fits is written exactly as before, `data` holding the JSON text.
 //! Only a record item over the limit changes form, marked by the

@@ -1,7 +1,7 @@
 //! Chaos run against DynamoDB (LocalStack): worker processes invoke one idempotent
 //! handler on one table with keys drawn from a small pool, short deadlines, random
 //! SIGKILLs and pauses past the deadline; then every key is retried to completion
-//! and the run is checked. Driven by `scripts/chaos.sh` (see README "Chaos run").
+//! and the run is checked. Driven by `scripts/chaos.sh` (see docs/developing.md, "Chaos run").
 //!
 //! `chaos orchestrate` (the default) creates the table, serves the work queue and a
 //! deduping payments API on 127.0.0.1, spawns `chaos worker` processes, kills and

@@ -1,5 +1,5 @@
 //! A Python function on AWS Lambda Powertools for Python and its Rust port share a
-//! table (README "Migrating from Powertools Python"): each replays the other's
+//! table (docs/migrating_from_powertools.md): each replays the other's
 //! records, for a scalar key, compound keys and a non-ASCII key.
 //!
 //! The Python side is the real Powertools package (version pinned in

@@ -1,7 +1,7 @@
 //! The testing kit on three handlers, on the memory store and on DynamoDB
 //! (LocalStack): a quickstart-style order handler (no steps; it charges with the
 //! order id as the payment API's key), the order example's own logic
-//! (`examples/common/order.rs`: a charge in a step, an `OrderPlaced` outbox
+//! (`examples/functions/common/order.rs`: a charge in a step, an `OrderPlaced` outbox
 //! message), and a broken handler that charges outside a step with a fresh random
 //! key, whose repeated charge the crash matrix must report.
 

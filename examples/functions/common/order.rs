@@ -1,5 +1,6 @@
-//! The order example's logic, shared by `examples/order_outbox.rs` (the Lambda
-//! function) and `tests/testing_kit.rs` (which runs it through the testing kit):
+//! The order example's logic, shared by `examples/functions/order_outbox.rs`
+//! (the Lambda function) and `tests-integration/tests/testing_kit.rs` (which
+//! runs it through the testing kit):
 //! the card is charged in a step, with the step's derived key, and `OrderPlaced`
 //! is staged in the outbox, delivered after the order is committed.
 
