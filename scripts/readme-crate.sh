@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Proves the README's "Use it" section: builds a throwaway crate from exactly its
+# Proves the README's "Use it" section: compiles a throwaway crate from exactly its
 # `[dependencies]` block and its Rust snippet, as a new user would paste them.
 #
 # The crate lives in $CARGO_TARGET_DIR/readme-crate/ (default target/), declares

@@ -12,7 +12,7 @@
 //! to it costs.
 
 use crate::args::AwsArgs;
-use crate::error::CliError;
+use crate::error::{one_line, CliError};
 use aws_config::imds::client::error::ImdsError;
 use aws_config::meta::ProviderChainError;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
@@ -221,19 +221,4 @@ fn innermost(err: &(dyn Error + 'static)) -> String {
         last = source;
     }
     one_line(last).trim_end_matches('.').to_owned()
-}
-
-/// An error and its sources on one line, each source's text once.
-fn one_line(err: &(dyn Error + 'static)) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -113,16 +113,7 @@ impl Outcome {
 
     /// An error as an outcome: nothing on stdout but the `--json` error document.
     pub fn from_error(err: CliError) -> Self {
-        let mut message = err.to_string();
-        let mut source = std::error::Error::source(&err);
-        while let Some(cause) = source {
-            let text = cause.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
+        let message = one_line(&err);
         Self {
             json: json!({ "error": { "kind": err.kind(), "message": message } }),
             human: String::new(),
@@ -145,4 +136,20 @@ impl Outcome {
             print!("{}", self.human);
         }
     }
+}
+
+/// An error and its sources on one line, each source's text once: the SDK's
+/// errors nest the cause of a failed request several levels down.
+pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
