@@ -148,6 +148,7 @@ stage examples
 cargo run --locked --example quickstart >/dev/null
 cargo run --locked --example run_twice --features testing >/dev/null
 cargo run --locked --example saga >/dev/null
+cargo run --locked --example metrics --features emf >/dev/null
 
 stage readme
 bash scripts/readme-crate.sh
