@@ -105,6 +105,9 @@ pub struct IdempotencyConfig {
     pub(crate) strict: bool,
     pub(crate) expires_after: Duration,
     pub(crate) in_progress_timeout: Duration,
+    /// How long a call that finds its key in progress waits for the first call;
+    /// `None`: it is refused at once.
+    pub(crate) wait_for_in_progress: Option<Duration>,
     pub(crate) key_prefix: Option<String>,
     pub(crate) local_cache: Option<NonZeroUsize>,
     pub(crate) replay_permanent_errors: bool,
@@ -126,6 +129,7 @@ impl std::fmt::Debug for IdempotencyConfig {
             .field("strict", &self.strict)
             .field("expires_after", &self.expires_after)
             .field("in_progress_timeout", &self.in_progress_timeout)
+            .field("wait_for_in_progress", &self.wait_for_in_progress)
             .field("key_prefix", &self.key_prefix)
             .field("local_cache", &self.local_cache)
             .field("replay_permanent_errors", &self.replay_permanent_errors)
@@ -146,6 +150,7 @@ impl Default for IdempotencyConfig {
             strict: false,
             expires_after: Duration::from_secs(3600),
             in_progress_timeout: Duration::from_secs(900),
+            wait_for_in_progress: None,
             key_prefix: None,
             local_cache: None,
             replay_permanent_errors: false,
@@ -288,6 +293,32 @@ impl IdempotencyConfigBuilder {
     /// deadline from. Default 900 s, Lambda's longest timeout.
     pub fn in_progress_timeout(mut self, timeout: Duration) -> Self {
         self.config.in_progress_timeout = timeout;
+        self
+    }
+
+    /// What a call does when it finds its key in progress (a duplicate arriving
+    /// while the first call still runs): by default it is refused at once with
+    /// [`IdempotencyError::AlreadyInProgress`](crate::IdempotencyError::AlreadyInProgress);
+    /// with a maximum, it waits for the first call to finish, then
+    ///
+    /// - replays the first call's response (or stored permanent error), as any
+    ///   replay, if it completed;
+    /// - reserves and runs, as a first call would, if the first released the key
+    ///   (its handler failed);
+    /// - takes over, resuming the first call's execution, if the first passed its
+    ///   deadline (it crashed or timed out);
+    /// - is refused with `AlreadyInProgress` as before if `max` passes first.
+    ///
+    /// It never waits past its own Lambda deadline minus one second. A duplicate in
+    /// this execution environment (a clone of the service under `run_concurrent`,
+    /// a call of the same [`Idempotency`](crate::Idempotency)) is woken when the
+    /// first call lands, with no store request; one in another execution
+    /// environment polls the store with consistent reads, 50 ms after its
+    /// refused reservation and then twice as long each time up to one second
+    /// (guide: event sources, "Duplicates that wait"). `Duration::ZERO` refuses
+    /// at once, the default.
+    pub fn wait_for_in_progress(mut self, max: Duration) -> Self {
+        self.config.wait_for_in_progress = (!max.is_zero()).then_some(max);
         self
     }
 

@@ -4,6 +4,7 @@
 use crate::config::{IdempotencyConfig, KeyHash, KeySource};
 use crate::effects::Effects;
 use crate::error::{Error, IdempotencyError, PermanentError};
+use crate::flight::{Boarded, Flights, Landing, Pilot};
 use crate::key::{hex, rounded_integer, share_parses, JsonPath};
 #[cfg(feature = "outbox")]
 use crate::outbox::{self, deliver_and_mark, Dispatcher, Relay};
@@ -21,7 +22,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
 /// The idempotency layer: a store and a config, shared by every handler it wraps.
@@ -77,6 +78,8 @@ struct Inner<S> {
     dispatcher: OnceLock<Dispatcher>,
     /// Key prefixes taken by wrapped handlers and layers.
     claims: Mutex<HashMap<String, Claimant>>,
+    /// Calls in flight that a duplicate may wait for (when waiting is on).
+    flights: Flights,
     /// Each handler's counters, by key prefix.
     #[cfg(feature = "metrics")]
     meters: Mutex<HashMap<String, Meter>>,
@@ -90,6 +93,15 @@ static IMPLAUSIBLE_DEADLINE_LOGGED: AtomicBool = AtomicBool::new(false);
 const MAX_DEADLINE_AHEAD_MS: i64 = 24 * 3600 * 1000;
 /// A deadline this recent still counts as now (clock skew, time spent getting here).
 const DEADLINE_GRACE_MS: i64 = 1000;
+/// A waiting call stops this long before its own Lambda deadline: it still has to
+/// answer, or run the handler when the key comes free.
+const WAIT_MARGIN_MS: i64 = 1000;
+/// A waiter polling the store reads 50 ms after its refused reservation, then
+/// twice as long each time, up to once a second: a first call that takes 100 ms
+/// costs its waiter 2 or 3 reads and about 50 ms of lag, one that takes 10 s
+/// about 14 reads and at most a second of lag.
+const FIRST_POLL_MS: i64 = 50;
+const MAX_POLL_MS: i64 = 1000;
 
 /// Who holds a key prefix: a wrapped handler type, or one layer (whose services'
 /// types are not known when it is made).
@@ -107,6 +119,11 @@ pub(crate) struct Call<'a> {
     pub(crate) deadline_ms: Option<i64>,
     /// Where the key comes from.
     pub(crate) key: CallKey<'a>,
+    /// How long to wait for a first call that holds the key; `None`: refuse.
+    pub(crate) wait: Option<Duration>,
+    /// The flights of the batch this call's record belongs to: a record of the
+    /// batch with the same key waits for (or replays) the first one's.
+    pub(crate) batch: Option<&'a Flights>,
 }
 
 /// Where an invocation's key material comes from.
@@ -163,6 +180,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 #[cfg(feature = "outbox")]
                 dispatcher: OnceLock::new(),
                 claims: Mutex::default(),
+                flights: Flights::default(),
                 #[cfg(feature = "metrics")]
                 meters: Mutex::default(),
             }),
@@ -326,7 +344,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
             key = field::Empty,
             handler = %call.scope,
             outcome = field::Empty,
-            replayed = field::Empty
+            replayed = field::Empty,
+            waited_ms = field::Empty
         );
         // Steps 1 and 2 need no await: a replay from the local cache ends here,
         // without allocating the protected path's future.
@@ -359,7 +378,28 @@ impl<S: IdempotencyStore> Idempotency<S> {
         // free lists (the wrapper's benchmarks).
         Box::pin(
             async move {
-                // 3. Reserve. A live record comes back with the refusal (one request).
+                // 3. A call of this key already in flight in this execution
+                // environment (waiting is on, or another record of the batch): wait
+                // for it to land rather than ask the store.
+                let mut waiting = Waiting::new(self.waiting_until(&call, now));
+                let mut pilots = Pilots::default();
+                if !observe {
+                    match self.board(&call, &key, &mut pilots, &mut waiting).await {
+                        Boarding::Fly => {}
+                        Boarding::Replay(cached) => {
+                            let replayed = self.replay_cached(&cached, validation.as_deref());
+                            pilots.land(Landing::Completed(cached));
+                            let outcome = waiting.replayed_outcome(&meter, Outcome::ReplayedFromCache);
+                            settle(&meter, replay_outcome(&replayed, outcome));
+                            return replayed.map(|response| Executed { response, replayed: true });
+                        }
+                        Boarding::TimedOut => {
+                            return self.timed_out(&meter, &waiting, key);
+                        }
+                    }
+                }
+
+                // 4. Reserve. A live record comes back with the refusal (one request).
                 // A new execution is named after its first reservation's token.
                 let owner = owner_token();
                 let mut reservation = IdempotencyRecord {
@@ -373,27 +413,61 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     owner,
                     is_error: false,
                 };
-                let resumed = match self.reserve(&mut reservation, &meter).await {
-                    Ok(Reserved::Ours { resumed }) => resumed,
-                    Ok(Reserved::Completed(_)) if observe => {
-                        return Box::pin(self.observed(&meter, Outcome::ReplayedFromStore, event, handler))
-                            .await;
-                    }
-                    Ok(Reserved::Completed(existing)) => {
-                        let replayed = self.replay(&existing, validation.as_deref());
-                        if matches!(replayed, Ok(_) | Err(Error::Replayed(_))) {
-                            self.remember(existing);
+                let resumed = loop {
+                    match self.reserve(&mut reservation, &meter).await {
+                        Ok(Reserved::Ours { resumed }) => break resumed,
+                        Ok(Reserved::Completed(_)) if observe => {
+                            return Box::pin(self.observed(&meter, Outcome::ReplayedFromStore, event, handler))
+                                .await;
                         }
-                        settle(&meter, replay_outcome(&replayed, Outcome::ReplayedFromStore));
-                        return replayed.map(|response| Executed {
-                            response,
-                            replayed: true,
-                        });
+                        Ok(Reserved::Completed(existing)) => {
+                            let replayed = self.replay(&existing, validation.as_deref());
+                            if matches!(replayed, Ok(_) | Err(Error::Replayed(_))) {
+                                self.keep(existing, pilots);
+                            }
+                            let outcome = waiting.replayed_outcome(&meter, Outcome::ReplayedFromStore);
+                            settle(&meter, replay_outcome(&replayed, outcome));
+                            return replayed.map(|response| Executed {
+                                response,
+                                replayed: true,
+                            });
+                        }
+                        // 4b. Held by a call elsewhere: wait for it, polling the store.
+                        Err(IdempotencyError::AlreadyInProgress { .. }) if !observe && call.wait.is_some() => {
+                            match self.wait_in_store(&key, validation.as_deref(), &mut waiting).await {
+                                // Gone, expired or abandoned: reserve again, as a
+                                // new execution unless an abandoned one is found.
+                                Ok(None) => {
+                                    reservation.execution.clone_from(&reservation.owner);
+                                    reservation.expiration = expiration_s(now_ms(), config);
+                                    continue;
+                                }
+                                Ok(Some(completed)) => {
+                                    let replayed = self.replay(&completed, validation.as_deref());
+                                    if matches!(replayed, Ok(_) | Err(Error::Replayed(_))) {
+                                        self.keep(completed, pilots);
+                                    }
+                                    let outcome = waiting.replayed_outcome(&meter, Outcome::ReplayedFromStore);
+                                    settle(&meter, replay_outcome(&replayed, outcome));
+                                    return replayed.map(|response| Executed { response, replayed: true });
+                                }
+                                Err(IdempotencyError::AlreadyInProgress { key }) => {
+                                    return self.timed_out(&meter, &waiting, key);
+                                }
+                                Err(err) => return Box::pin(self.refuse(&meter, err, event, handler)).await,
+                            }
+                        }
+                        Err(err) => {
+                            if observe && call.wait.is_some() && matches!(err, IdempotencyError::AlreadyInProgress { .. }) {
+                                meter.event(Event::WouldWait, 1);
+                            }
+                            return Box::pin(self.refuse(&meter, err, event, handler)).await;
+                        }
                     }
-                    Err(err) => return Box::pin(self.refuse(&meter, err, event, handler)).await,
                 };
+                let executed = waiting.ran_outcome(&meter);
 
-                // 4. Run the handler, then complete or release. Its steps and outbox
+                // 5. Run the handler, then complete or release. Its steps and outbox
                 // hang off the execution.
                 let effects = Effects::journaled(
                     self.inner.store.clone(),
@@ -417,8 +491,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                             }
                         };
                         match stored {
-                            Ok(()) => {
-                                settle(&meter, Outcome::Executed);
+                            Ok(completed) => {
+                                self.keep(completed, pilots);
+                                settle(&meter, executed);
                                 Ok(Executed::ran(response))
                             }
                             Err(err) => {
@@ -437,7 +512,12 @@ impl<S: IdempotencyStore> Idempotency<S> {
                         let permanent = as_permanent(&err).cloned().or_else(|| effects.aborted());
                         // A saga failed permanently: undo its completed steps first.
                         if let Some(failure) = permanent.as_ref().filter(|_| effects.has_compensations()) {
-                            return Box::pin(self.compensate(reservation, failure, err, &effects, resumed, &meter)).await;
+                            let (result, completed) =
+                                Box::pin(self.compensate(reservation, failure, err, &effects, resumed, &meter)).await;
+                            if let Some(completed) = completed {
+                                self.keep(completed, pilots);
+                            }
+                            return result;
                         }
                         let permanent = permanent.filter(|_| config.replay_permanent_errors);
                         let outcome = match permanent {
@@ -450,7 +530,10 @@ impl<S: IdempotencyStore> Idempotency<S> {
                                     Err(source) => Err(IdempotencyError::Serialization { key, source }),
                                 };
                                 match stored {
-                                    Ok(()) => Outcome::PermanentErrorStored,
+                                    Ok(completed) => {
+                                        self.keep(completed, pilots);
+                                        Outcome::PermanentErrorStored
+                                    }
                                     Err(stored) if observe => {
                                         tracing::info!(error = %stored, "observe only: the permanent error was not stored; returning it");
                                         Outcome::of(&stored)
@@ -732,6 +815,119 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
+    /// Until when (epoch milliseconds) a call may wait for the first call of its
+    /// key: never past its Lambda deadline minus a margin (the in-progress
+    /// timeout stands in for a deadline it does not have).
+    fn waiting_until(&self, call: &Call<'_>, now: i64) -> Until {
+        let limit = self.reservation_deadline(call.deadline_ms, now) - WAIT_MARGIN_MS;
+        let waits = call
+            .wait
+            .map(|max| (now.saturating_add(duration_ms(max))).min(limit));
+        Until {
+            // Another record of its own batch: as long as the invocation may.
+            batch: limit,
+            elsewhere: waits,
+        }
+    }
+
+    /// Step 3: waits for a call of `key` in flight in this execution environment
+    /// (another record of the batch, or, when waiting is on, any call of this
+    /// `Idempotency`), or flies the key so that later ones wait for this call.
+    async fn board<'a>(
+        &'a self,
+        call: &Call<'a>,
+        key: &str,
+        pilots: &mut Pilots<'a>,
+        waiting: &mut Waiting,
+    ) -> Boarding {
+        loop {
+            let mut joined = None;
+            if let (Some(batch), None) = (call.batch, &pilots.batch) {
+                match batch.board(key) {
+                    Boarded::Joined(flight) => joined = Some((flight, waiting.until.batch)),
+                    Boarded::Pilot(pilot) => pilots.batch = Some(pilot),
+                }
+            }
+            if let (None, None, Some(until)) = (&joined, &pilots.process, waiting.until.elsewhere) {
+                match self.inner.flights.board(key) {
+                    Boarded::Joined(flight) => joined = Some((flight, until)),
+                    Boarded::Pilot(pilot) => pilots.process = Some(pilot),
+                }
+            }
+            let Some((flight, until)) = joined else {
+                return Boarding::Fly;
+            };
+            if !flight.has_landed() {
+                waiting.waited = true;
+            }
+            match flight.landed(instant_at(until)).await {
+                Some(Landing::Completed(cached)) => return Boarding::Replay(cached),
+                // It ended without a record: board again, to fly the key or to
+                // wait for the call that flies it now.
+                Some(_) => continue,
+                None => return Boarding::TimedOut,
+            }
+        }
+    }
+
+    /// Step 4b: the key is held by a call in another execution environment. Reads
+    /// the record (consistent reads; see [`FIRST_POLL_MS`]) until that call
+    /// completes (its record, to replay), the key comes free (`None`: gone,
+    /// expired, or past its deadline: reserve again), or the wait ends
+    /// (`AlreadyInProgress`). A read never waits past the holder's deadline, so
+    /// a crashed holder is taken over as soon as it may be.
+    async fn wait_in_store(
+        &self,
+        key: &str,
+        validation: Option<&str>,
+        waiting: &mut Waiting,
+    ) -> Result<Option<IdempotencyRecord>, IdempotencyError> {
+        let until = waiting.until.elsewhere.unwrap_or(i64::MIN);
+        let mut holder_deadline: Option<i64> = None;
+        loop {
+            let now = now_ms();
+            if now >= until {
+                return Err(IdempotencyError::AlreadyInProgress {
+                    key: key.to_owned(),
+                });
+            }
+            waiting.waited = true;
+            let mut pause = jittered(waiting.poll_ms).min(until - now);
+            if let Some(deadline) = holder_deadline {
+                pause = pause.min((deadline - now + 1).max(0));
+            }
+            tokio::time::sleep(Duration::from_millis(pause.unsigned_abs())).await;
+            waiting.poll_ms = (waiting.poll_ms * 2).min(MAX_POLL_MS);
+            let now = now_ms();
+            let Some(record) = self.inner.store.get(key).await? else {
+                return Ok(None);
+            };
+            if record.is_expired(now) {
+                return Ok(None);
+            }
+            check_payload(&record, validation)?;
+            match record.status {
+                Status::Completed => return Ok(Some(record)),
+                Status::InProgress if record.is_abandoned(now) => return Ok(None),
+                Status::InProgress => holder_deadline = record.in_progress_expiration,
+            }
+        }
+    }
+
+    /// A call that waited as long as it may: refused as in progress, as without
+    /// waiting.
+    fn timed_out<R, E>(
+        &self,
+        meter: &Meter,
+        waiting: &Waiting,
+        key: String,
+    ) -> Result<Executed<R>, Error<E>> {
+        waiting.record(meter);
+        settle(meter, Outcome::WaitTimedOut);
+        tracing::info!("waited for the call that holds the key as long as this call may; refused as in progress");
+        Err(IdempotencyError::AlreadyInProgress { key }.into())
+    }
+
     /// Reserves the key, or finds the completed record to replay. Errors: in
     /// progress, a different payload, a malformed record, or the store failed.
     ///
@@ -884,7 +1080,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         effects: &Effects,
         resumed: bool,
         meter: &Meter,
-    ) -> Result<(), IdempotencyError> {
+    ) -> Result<IdempotencyRecord, IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
             expiration: expiration_s(now_ms(), &self.inner.config),
@@ -932,7 +1128,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             }
         };
         match committed {
-            Ok(()) => self.remember(record),
+            Ok(()) => {}
             Err(StoreError::TooLarge {
                 items,
                 bytes,
@@ -998,13 +1194,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
         #[cfg(not(feature = "outbox"))]
         let _ = meter;
-        Ok(())
+        Ok(record)
     }
 
     /// A saga's permanent failure: runs the compensations of its completed steps
     /// (see [`Effects::step_with_compensation`]), then stores `failure` as the
     /// outcome, whatever `replay_permanent_errors` says, so no retry runs anything
     /// again. A compensation that fails leaves the record open: the retry resumes.
+    /// Returns the stored record too, for the calls waiting on this one.
     async fn compensate<R, E>(
         &self,
         reservation: IdempotencyRecord,
@@ -1013,7 +1210,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         effects: &Effects,
         resumed: bool,
         meter: &Meter,
-    ) -> Result<Executed<R>, Error<E>> {
+    ) -> (Result<Executed<R>, Error<E>>, Option<IdempotencyRecord>) {
         let stored = match effects.compensate(failure).await {
             Ok(()) => match serde_json::to_string(failure) {
                 Ok(data) => {
@@ -1032,13 +1229,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
             }
         };
         match stored {
-            Ok(()) => {
+            Ok(completed) => {
                 settle(meter, Outcome::Compensated);
-                Err(Error::Handler(err))
+                (Err(Error::Handler(err)), Some(completed))
             }
             Err(stored) => {
                 settle(meter, Outcome::of(&stored));
-                Err(stored.into())
+                (Err(stored.into()), None)
             }
         }
     }
@@ -1089,17 +1286,20 @@ impl<S: IdempotencyStore> Idempotency<S> {
         }
     }
 
-    /// Keeps a completed record for replays from this execution environment.
-    fn remember(&self, record: IdempotencyRecord) {
-        if let (Some(cache), Status::Completed) = (&self.inner.cache, record.status) {
-            cache.lock().unwrap_or_else(|p| p.into_inner()).put(
-                record.key.clone(),
-                Arc::new(Cached {
-                    record,
-                    response: OnceLock::new(),
-                }),
-            );
+    /// Keeps a completed record for replays from this execution environment: in
+    /// the local cache, and for the calls waiting on this one's flights.
+    fn keep(&self, record: IdempotencyRecord, pilots: Pilots<'_>) {
+        if record.status != Status::Completed || (self.inner.cache.is_none() && pilots.is_empty()) {
+            return;
         }
+        let cached = Arc::new(Cached::new(record));
+        if let Some(cache) = &self.inner.cache {
+            cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(cached.record.key.clone(), Arc::clone(&cached));
+        }
+        pilots.land(Landing::Completed(cached));
     }
 
     /// A replay from the local cache: the stored response is parsed once, on the
@@ -1150,10 +1350,20 @@ enum Keyed<R, E> {
     Observed(Outcome),
 }
 
-/// A completed record in the local cache, with its response once parsed.
-struct Cached {
+/// A completed record in the local cache (or landed for waiting calls), with
+/// its response once parsed.
+pub(crate) struct Cached {
     record: IdempotencyRecord,
     response: OnceLock<Option<Value>>,
+}
+
+impl Cached {
+    pub(crate) fn new(record: IdempotencyRecord) -> Self {
+        Self {
+            record,
+            response: OnceLock::new(),
+        }
+    }
 }
 
 /// Whether the reservation was ours, or a completed record is to be replayed.
@@ -1164,6 +1374,106 @@ enum Reserved {
         resumed: bool,
     },
     Completed(IdempotencyRecord),
+}
+
+/// Until when (epoch milliseconds) a call may wait for the first call of its key.
+#[derive(Clone, Copy)]
+struct Until {
+    /// For another record of its own batch.
+    batch: i64,
+    /// For any other call (in this execution environment or another); `None`:
+    /// waiting is off, the call is refused.
+    elsewhere: Option<i64>,
+}
+
+/// A call's waiting: its limits, whether it waited, the store's poll interval.
+struct Waiting {
+    until: Until,
+    started: std::time::Instant,
+    waited: bool,
+    poll_ms: i64,
+}
+
+impl Waiting {
+    fn new(until: Until) -> Self {
+        Self {
+            until,
+            started: std::time::Instant::now(),
+            waited: false,
+            poll_ms: FIRST_POLL_MS,
+        }
+    }
+
+    /// Counts the time waited (the histogram, the span's `waited_ms`).
+    fn record(&self, meter: &Meter) {
+        let waited = self.started.elapsed();
+        meter.wait_time(waited);
+        tracing::Span::current().record("waited_ms", duration_ms(waited));
+    }
+
+    /// The outcome of a replay: `otherwise` unless the call waited first.
+    fn replayed_outcome(&self, meter: &Meter, otherwise: Outcome) -> Outcome {
+        if !self.waited {
+            return otherwise;
+        }
+        self.record(meter);
+        Outcome::WaitedThenReplayed
+    }
+
+    /// The outcome of a call that reserved the key and ran the handler.
+    fn ran_outcome(&self, meter: &Meter) -> Outcome {
+        if !self.waited {
+            return Outcome::Executed;
+        }
+        self.record(meter);
+        Outcome::WaitedThenRan
+    }
+}
+
+/// What step 3 decided.
+enum Boarding {
+    /// Go to the store: no other call of the key in flight here.
+    Fly,
+    /// Another call here completed the key: replay its record.
+    Replay(Arc<Cached>),
+    /// It did not land before this call had to stop waiting.
+    TimedOut,
+}
+
+/// The flights this call flies (its batch's, the engine's), landed together:
+/// with its completed record, or open when the call is dropped without one.
+#[derive(Default)]
+struct Pilots<'a> {
+    batch: Option<Pilot<'a>>,
+    process: Option<Pilot<'a>>,
+}
+
+impl Pilots<'_> {
+    fn is_empty(&self) -> bool {
+        self.batch.is_none() && self.process.is_none()
+    }
+
+    fn land(self, landing: Landing) {
+        for pilot in [self.batch, self.process].into_iter().flatten() {
+            pilot.land(landing.clone());
+        }
+    }
+}
+
+/// A Tokio instant for an epoch-milliseconds time (now if it has passed).
+fn instant_at(epoch_ms: i64) -> tokio::time::Instant {
+    let ahead = (epoch_ms - now_ms()).max(0).unsigned_abs();
+    tokio::time::Instant::now() + Duration::from_millis(ahead)
+}
+
+/// `ms` give or take a fifth, so that waiters started together do not read
+/// together.
+fn jittered(ms: i64) -> i64 {
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let spread = (ms / 5).max(1);
+    ms - spread + (random % (2 * spread as u64 + 1)) as i64
 }
 
 /// The key material a key closure selects from the typed event.

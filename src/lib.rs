@@ -47,6 +47,7 @@ mod effects;
 #[cfg_attr(docsrs, doc(cfg(feature = "emf")))]
 pub mod emf;
 mod error;
+mod flight;
 // The guide (docs/*.md) is documentation only: rendered by every `cargo doc`,
 // where links to items of features that are off become plain text, and compiled
 // as doc tests only when every feature its code uses is on (the test command's

@@ -40,6 +40,15 @@ pub(crate) enum Outcome {
     CompensationFailed,
     /// The condition of a staged write failed: nothing written, key released.
     WriteConditionFailed,
+    /// Found the key in progress, waited for the first call, and replayed what it
+    /// stored.
+    WaitedThenReplayed,
+    /// Found the key in progress, waited, and ran the handler: the first call
+    /// released the key, or passed its deadline and was taken over.
+    WaitedThenRan,
+    /// Found the key in progress and waited for the most it may: refused as in
+    /// progress.
+    WaitTimedOut,
 }
 
 /// Something an invocation met on its way, counted besides its outcome.
@@ -72,11 +81,13 @@ pub(crate) enum Event {
     /// Staged versioned writes skipped because their entity was already at their
     /// version or newer (the rest committed again without them).
     VersionedAlreadyCurrent,
+    /// Observing: a call found its key in progress and would have waited for it.
+    WouldWait,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Outcome {
-    const ALL: [Outcome; 17] = [
+    const ALL: [Outcome; 20] = [
         Outcome::Executed,
         Outcome::ReplayedFromStore,
         Outcome::ReplayedFromCache,
@@ -94,6 +105,9 @@ impl Outcome {
         Outcome::Compensated,
         Outcome::CompensationFailed,
         Outcome::WriteConditionFailed,
+        Outcome::WaitedThenReplayed,
+        Outcome::WaitedThenRan,
+        Outcome::WaitTimedOut,
     ];
 
     /// The stable name: the span's `outcome` field, and the counter's name after
@@ -117,6 +131,9 @@ impl Outcome {
             Outcome::Compensated => "compensated",
             Outcome::CompensationFailed => "compensation_failed",
             Outcome::WriteConditionFailed => "write_condition_failed",
+            Outcome::WaitedThenReplayed => "waited_then_replayed",
+            Outcome::WaitedThenRan => "waited_then_ran",
+            Outcome::WaitTimedOut => "wait_timed_out",
         }
     }
 
@@ -142,7 +159,7 @@ impl Outcome {
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Event {
-    const ALL: [Event; 12] = [
+    const ALL: [Event; 13] = [
         Event::ExpiredReexecuted,
         Event::TakenOver,
         Event::StepReplayed,
@@ -155,6 +172,7 @@ impl Event {
         Event::CompensationRun,
         Event::CompensationReplayed,
         Event::VersionedAlreadyCurrent,
+        Event::WouldWait,
     ];
 
     /// The stable name, after `idempotency.` in the counter's name.
@@ -172,6 +190,7 @@ impl Event {
             Event::CompensationRun => "compensation_run",
             Event::CompensationReplayed => "compensation_replayed",
             Event::VersionedAlreadyCurrent => "versioned_already_current",
+            Event::WouldWait => "would_wait",
         }
     }
 }
@@ -192,6 +211,7 @@ struct Counters {
     labels: [(&'static str, String); 3],
     outcomes: [std::sync::OnceLock<metrics::Counter>; Outcome::ALL.len()],
     events: [std::sync::OnceLock<metrics::Counter>; Event::ALL.len()],
+    wait_ms: std::sync::OnceLock<metrics::Histogram>,
 }
 
 #[cfg(feature = "metrics")]
@@ -218,6 +238,7 @@ impl Meter {
                 ],
                 outcomes: Default::default(),
                 events: Default::default(),
+                wait_ms: Default::default(),
             })),
         }
     }
@@ -229,6 +250,20 @@ impl Meter {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = outcome;
+    }
+
+    /// How long a call waited for the first call of its key (`idempotency.wait_ms`,
+    /// a histogram in milliseconds).
+    pub(crate) fn wait_time(&self, waited: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        if let Some(counters) = &self.counters {
+            counters
+                .wait_ms
+                .get_or_init(|| metrics::histogram!("idempotency.wait_ms", &counters.labels))
+                .record(waited.as_secs_f64() * 1000.0);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = waited;
     }
 
     pub(crate) fn event(&self, event: Event, count: u64) {

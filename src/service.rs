@@ -206,6 +206,8 @@ where
                 scope: &scope,
                 deadline_ms: Some(context.deadline as i64),
                 key: CallKey::Config,
+                wait: idempotency.config().wait_for_in_progress,
+                batch: None,
             };
             let result = idempotency
                 .execute(call, payload, |payload| {
@@ -265,6 +267,8 @@ where
             scope: &self.scope,
             deadline_ms: context.map(|c| c.deadline as i64),
             key: CallKey::Config,
+            wait: self.idempotency.config().wait_for_in_progress,
+            batch: None,
         };
         let executed = self.idempotency.execute(call, payload, &self.f).await?;
         Ok(executed.response)

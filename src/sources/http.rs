@@ -81,6 +81,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
             scope: self.function_scope(name).into(),
             caller: None,
             require_key: true,
+            wait: None,
         }
     }
 }
@@ -92,6 +93,7 @@ pub struct HttpIdempotency<F, S> {
     scope: Arc<str>,
     caller: Option<JsonPath>,
     require_key: bool,
+    wait: Option<std::time::Duration>,
 }
 
 impl<F, S> std::fmt::Debug for HttpIdempotency<F, S> {
@@ -100,6 +102,7 @@ impl<F, S> std::fmt::Debug for HttpIdempotency<F, S> {
             .field("scope", &self.scope)
             .field("caller", &self.caller)
             .field("require_key", &self.require_key)
+            .field("wait", &self.wait)
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +126,20 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
     /// getting a 400.
     pub fn key_optional(mut self) -> Self {
         self.require_key = false;
+        self
+    }
+
+    /// A request whose key is in flight waits up to `max` for the first request
+    /// to finish (as [`IdempotencyConfigBuilder::wait_for_in_progress`]
+    /// describes) before it is answered 409: then it gets the first request's
+    /// stored response, replayed, or runs when the first one failed. Off by
+    /// default, whatever the config says: a client retrying on 409 with
+    /// `Retry-After` is the HTTP convention, and API Gateway stops waiting for
+    /// the function after 29 seconds by default.
+    ///
+    /// [`IdempotencyConfigBuilder::wait_for_in_progress`]: crate::IdempotencyConfigBuilder::wait_for_in_progress
+    pub fn wait_for_in_progress(mut self, max: std::time::Duration) -> Self {
+        self.wait = (!max.is_zero()).then_some(max);
         self
     }
 
@@ -265,6 +282,8 @@ impl<F, S: IdempotencyStore> HttpIdempotency<F, S> {
                 material: json!([caller, parts.route, key]),
                 validation: Some(json!(parts.body)),
             },
+            wait: self.wait,
+            batch: None,
         };
         // The key material is given, so the engine needs no event; the request goes
         // to the handler directly. 5xx responses go back to the engine as failures,

@@ -34,6 +34,7 @@ async fn run_record<S, T, R, E, F, Fut>(
     scope: &str,
     deadline_ms: i64,
     default_key: &JsonPath,
+    batch: &crate::flight::Flights,
     record: T,
     handler: F,
 ) -> Result<(), String>
@@ -51,6 +52,9 @@ where
         scope,
         deadline_ms: Some(deadline_ms),
         key: CallKey::SourceDefault(default_key),
+        wait: idempotency.config().wait_for_in_progress,
+        // Records of the batch with one key run once; the others replay it.
+        batch: Some(batch),
     };
     match idempotency.execute(call, record, handler).await {
         Ok(_) => Ok(()),

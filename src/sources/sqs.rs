@@ -2,6 +2,7 @@
 
 use super::{field, run_record};
 use crate::error::IdempotencyError;
+use crate::flight::Flights;
 use crate::idempotency::Idempotency;
 use crate::key::JsonPath;
 use crate::outcome::Event;
@@ -124,8 +125,11 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
             }
         }
 
+        // Messages of the batch that share a key run once: the others wait for
+        // (or find) the first one's record and replay it, with no request.
+        let flights = Flights::for_batch();
         let mut failed: Vec<(usize, Option<String>)> = stream::iter(lanes)
-            .map(|(_, lane)| self.run_lane(lane, deadline_ms))
+            .map(|(_, lane)| self.run_lane(lane, deadline_ms, &flights))
             .buffer_unordered(self.concurrency)
             .flat_map(stream::iter)
             .collect()
@@ -150,6 +154,7 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
         &self,
         lane: Lane,
         deadline_ms: i64,
+        flights: &Flights,
     ) -> Vec<(usize, Option<String>)>
     where
         F: Fn(SqsMessage) -> Fut,
@@ -177,6 +182,7 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
                 scope,
                 deadline_ms,
                 &MESSAGE_ID,
+                flights,
                 record,
                 &self.handler,
             )

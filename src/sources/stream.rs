@@ -3,6 +3,7 @@
 
 use super::{field, run_record};
 use crate::error::IdempotencyError;
+use crate::flight::Flights;
 use crate::idempotency::Idempotency;
 use crate::key::JsonPath;
 use crate::outcome::Event;
@@ -129,6 +130,9 @@ impl<F, S: IdempotencyStore> StreamBatch<F, S> {
     {
         let meter = self.idempotency.meter(&self.scope);
         meter.event(Event::BatchRecords, records.len() as u64);
+        // A later record of the batch with an earlier one's key replays it, with
+        // no request (the shard's order is kept: records still run one by one).
+        let flights = Flights::for_batch();
         let mut records = records.into_iter();
         while let Some(record) = records.next() {
             let sequence = sequence_number(&record);
@@ -137,6 +141,7 @@ impl<F, S: IdempotencyStore> StreamBatch<F, S> {
                 &self.scope,
                 deadline_ms,
                 &EVENT_ID,
+                &flights,
                 record,
                 &self.handler,
             )

@@ -1,0 +1,563 @@
+//! Duplicates that wait for the first call (`wait_for_in_progress`) and records
+//! of one batch that share a key, against DynamoDB on LocalStack.
+//!
+//! "Another execution environment" is a second `Idempotency` on its own client
+//! and the same table (and key prefix), as a second Lambda instance would be;
+//! "this execution environment" is clones of one wrapped service, as under
+//! `run_concurrent`. Every first call is held in its handler by a gate the test
+//! opens, so that the duplicate is known to arrive while it runs.
+
+mod support;
+
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use base64::Engine;
+use lambda_idempotency::{
+    DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotentFunction,
+};
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::events::sqs_message;
+use support::localstack::{default_table, recorded_client, s, scan, Requests};
+use support::{context, poll, spawn_call, Counter};
+use tokio::sync::Semaphore;
+
+type BoxError = lambda_runtime::Error;
+
+/// Holds a handler until the test lets it go.
+#[derive(Clone)]
+struct Gate(Arc<Semaphore>);
+
+impl Gate {
+    fn closed() -> Self {
+        Self(Arc::new(Semaphore::new(0)))
+    }
+    async fn pass(&self) {
+        self.0
+            .acquire()
+            .await
+            .expect("the gate is never closed")
+            .forget();
+    }
+    fn open(&self, calls: usize) {
+        self.0.add_permits(calls);
+    }
+}
+
+/// One execution environment: its own client (requests recorded) on `table`.
+fn environment(table: &str, wait: Duration) -> (Idempotency<DynamoDbStore>, Requests) {
+    let (client, requests) = recorded_client();
+    let config = IdempotencyConfig::builder()
+        .key_expression("order_id")
+        // Both environments are one function: one prefix, said explicitly.
+        .key_prefix("orders")
+        .wait_for_in_progress(wait)
+        .build()
+        .expect("config");
+    (
+        Idempotency::new(DynamoDbStore::new(client, table), config),
+        requests,
+    )
+}
+
+type Charge = Box<
+    dyn Fn(
+            Value,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value, String>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// `charge`, idempotent: counts its runs, waits at the gate, then answers with
+/// the run's number, or fails when `fail_first` and it is the first run.
+fn charge(
+    idempotency: &Idempotency<DynamoDbStore>,
+    runs: &Counter,
+    gate: &Gate,
+    fail_first: bool,
+) -> IdempotentFunction<Charge, DynamoDbStore> {
+    let (runs, gate) = (runs.clone(), gate.clone());
+    let f: Charge = Box::new(move |order: Value| {
+        let run = runs.hit();
+        let gate = gate.clone();
+        Box::pin(async move {
+            gate.pass().await;
+            if fail_first && run == 1 {
+                return Err("the card was declined".to_owned());
+            }
+            Ok(json!({ "order": order["order_id"], "run": run }))
+        })
+    });
+    idempotency.function("charge", f)
+}
+
+/// Polls until `requests` has seen `n` requests: a waiter in another
+/// environment has made its refused reservation and started reading.
+async fn until_requests(requests: &Requests, n: usize) {
+    poll(|| async { requests.count() }, |count| *count < n).await;
+    assert!(requests.count() >= n, "the waiter did not start waiting");
+}
+
+fn stored(
+    table_items: &[HashMap<String, aws_sdk_dynamodb::types::AttributeValue>],
+) -> Vec<(String, String)> {
+    table_items
+        .iter()
+        .map(|item| {
+            (
+                s(item, "status").to_owned(),
+                s(item, "execution").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_duplicate_elsewhere_waits_and_replays_the_first_response_byte_for_byte() {
+    let table = default_table("wait-replay").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (second_env, second_requests) = environment(&table, Duration::from_secs(20));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, false);
+    let second = charge(&second_env, &runs, &gate, false);
+    let order = json!({ "order_id": "o-1" });
+
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(30_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let waiter = tokio::spawn({
+        let order = order.clone();
+        async move {
+            let started = Instant::now();
+            let result = second.call(order, Some(&context(30_000))).await;
+            (result, started.elapsed())
+        }
+    });
+    // Its reservation refused, and at least one read of the record.
+    until_requests(&second_requests, 2).await;
+    gate.open(1);
+
+    let first_response = first_call.await.expect("join").expect("first call");
+    let (waited, _) = waiter.await.expect("join");
+    let waited = waited.expect("the waiter replays");
+    assert_eq!(
+        serde_json::to_vec(&waited).expect("json"),
+        serde_json::to_vec(&first_response).expect("json"),
+        "replayed byte for byte"
+    );
+    assert_eq!(runs.get(), 1, "the handler ran once");
+    let requests = second_requests.take();
+    assert_eq!(requests[0], "PutItem", "the refused reservation");
+    assert!(
+        requests[1..].iter().all(|r| r == "GetItem") && requests.len() >= 2,
+        "then only reads: {requests:?}"
+    );
+    assert_eq!(
+        stored(&scan(&table).await)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect::<Vec<_>>(),
+        ["COMPLETED"]
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_in_this_environment_waits_with_no_store_request() {
+    let table = default_table("wait-local").await;
+    let (env, requests) = environment(&table, Duration::from_secs(20));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let service = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        env.wrap(service_fn(move |event: LambdaEvent<Value>| {
+            let run = runs.hit();
+            let gate = gate.clone();
+            async move {
+                gate.pass().await;
+                Ok::<_, BoxError>(json!({ "order": event.payload["order_id"], "run": run }))
+            }
+        }))
+        .expect("one handler")
+    };
+    let first = spawn_call(&service, json!({ "order_id": "o-2" }));
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    assert_eq!(requests.take(), ["PutItem"], "the first call's reservation");
+    // This test runs on a current-thread runtime: once spawned and yielded to,
+    // the duplicate has run up to its first await, the wait for the flight.
+    let duplicates: Vec<_> = (0..3)
+        .map(|_| spawn_call(&service, json!({ "order_id": "o-2" })))
+        .collect();
+    tokio::task::yield_now().await;
+    gate.open(1);
+
+    let first = first.await.expect("join").expect("first");
+    for duplicate in duplicates {
+        let replayed = duplicate.await.expect("join").expect("replayed");
+        assert_eq!(
+            serde_json::to_vec(&replayed).expect("json"),
+            serde_json::to_vec(&first).expect("json")
+        );
+    }
+    assert_eq!(runs.get(), 1);
+    assert_eq!(
+        requests.take(),
+        ["PutItem"],
+        "the first call's completion only: the three duplicates asked the store nothing"
+    );
+}
+
+#[tokio::test]
+async fn when_the_first_call_fails_the_waiter_reserves_and_runs() {
+    let table = default_table("wait-fails").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (second_env, second_requests) = environment(&table, Duration::from_secs(20));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, true);
+    let second = charge(&second_env, &runs, &gate, true);
+    let order = json!({ "order_id": "o-3" });
+
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(30_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let waiter = tokio::spawn({
+        let order = order.clone();
+        async move { second.call(order, Some(&context(30_000))).await }
+    });
+    until_requests(&second_requests, 2).await;
+    gate.open(2);
+
+    assert!(matches!(
+        first_call.await.expect("join"),
+        Err(Error::Handler(_))
+    ));
+    let ran = waiter.await.expect("join").expect("the waiter ran");
+    assert_eq!(ran, json!({ "order": "o-3", "run": 2 }), "its own run");
+    assert_eq!(runs.get(), 2);
+    let requests = second_requests.take();
+    assert_eq!(
+        requests.iter().filter(|r| *r == "PutItem").count(),
+        3,
+        "refused, reserved, completed: {requests:?}"
+    );
+}
+
+#[tokio::test]
+async fn when_the_first_call_crashes_the_waiter_takes_over_at_its_deadline_and_resumes_it() {
+    let table = default_table("wait-crash").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (second_env, _) = environment(&table, Duration::from_secs(20));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, false);
+    let second = charge(&second_env, &runs, &gate, false);
+    let order = json!({ "order_id": "o-4" });
+
+    // The first call's Lambda deadline is 2 s away; it never gets past the gate
+    // and is then dropped, as when Lambda kills a timed-out invocation.
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(2_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let abandoned = stored(&scan(&table).await);
+    first_call.abort();
+
+    gate.open(1);
+    let taken_over = second
+        .call(order, Some(&context(30_000)))
+        .await
+        .expect("the waiter took over");
+    assert_eq!(taken_over, json!({ "order": "o-4", "run": 2 }));
+    assert_eq!(runs.get(), 2);
+    let now = stored(&scan(&table).await);
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].0, "COMPLETED");
+    assert_eq!(
+        now[0].1, abandoned[0].1,
+        "the abandoned execution was resumed"
+    );
+}
+
+#[tokio::test]
+async fn the_maximum_elapsing_refuses_as_in_progress() {
+    let table = default_table("wait-max").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (second_env, second_requests) = environment(&table, Duration::from_millis(400));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, false);
+    let second = charge(&second_env, &runs, &gate, false);
+    let order = json!({ "order_id": "o-5" });
+
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(30_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let refused = second.call(order, Some(&context(30_000))).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Idempotency(
+                IdempotencyError::AlreadyInProgress { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    let reads = second_requests
+        .take()
+        .iter()
+        .filter(|r| *r == "GetItem")
+        .count();
+    assert!(reads >= 2, "it read while it waited: {reads}");
+    gate.open(1);
+    first_call
+        .await
+        .expect("join")
+        .expect("the first call completes");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn a_lambda_deadline_shorter_than_the_maximum_ends_the_wait_first() {
+    let table = default_table("wait-deadline").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(60));
+    let (second_env, second_requests) = environment(&table, Duration::from_secs(60));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, false);
+    let second = charge(&second_env, &runs, &gate, false);
+    let order = json!({ "order_id": "o-6" });
+
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(30_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    // 1.5 s left: it stops waiting a second before its deadline, long before
+    // the minute it may wait.
+    let started = Instant::now();
+    let refused = second.call(order, Some(&context(1_500))).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            refused,
+            Err(Error::Idempotency(
+                IdempotencyError::AlreadyInProgress { .. }
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert!(
+        second_requests.take().iter().any(|r| r == "GetItem"),
+        "it waited, reading the record, before it gave up"
+    );
+    assert!(
+        waited < Duration::from_secs(30),
+        "bounded by the deadline, not the maximum: {waited:?}"
+    );
+    gate.open(1);
+    first_call
+        .await
+        .expect("join")
+        .expect("the first call completes");
+}
+
+#[tokio::test]
+async fn sqs_messages_of_one_batch_with_one_key_run_once_at_no_cost() {
+    let table = default_table("wait-sqs").await;
+    let (client, requests) = recorded_client();
+    let idempotency = Idempotency::new(
+        DynamoDbStore::new(client, &table),
+        IdempotencyConfig::builder()
+            .key_expression("powertools_json(body).order_id")
+            .build()
+            .expect("config"),
+    );
+    let runs: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let batch = {
+        let runs = runs.clone();
+        idempotency.sqs_batch("ship", move |message: SqsMessage| {
+            let runs = runs.clone();
+            async move {
+                let order: Value = serde_json::from_str(message.body.as_deref().unwrap_or("{}"))
+                    .map_err(|e| e.to_string())?;
+                let id = order["order_id"].as_str().unwrap_or_default().to_owned();
+                *runs.lock().expect("lock").entry(id.clone()).or_default() += 1;
+                // Let the batch's other messages start meanwhile.
+                tokio::task::yield_now().await;
+                Ok::<_, String>(json!({ "shipped": id }))
+            }
+        })
+    };
+    let messages: Vec<SqsMessage> = ["o-1", "o-2", "o-1", "o-2", "o-1"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| sqs_message(&json!({ "order_id": id }).to_string(), &format!("m-{i}")))
+        .collect();
+    let mut event = SqsEvent::default();
+    event.records = messages;
+
+    let response = batch
+        .process(LambdaEvent::new(event, context(30_000)))
+        .await
+        .expect("batch");
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "{:?}",
+        response.batch_item_failures
+    );
+    assert_eq!(
+        *runs.lock().expect("lock"),
+        HashMap::from([("o-1".to_owned(), 1), ("o-2".to_owned(), 1)])
+    );
+    assert_eq!(
+        requests.take(),
+        ["PutItem"; 4],
+        "a reservation and a completion per key; the three duplicates cost nothing"
+    );
+}
+
+#[tokio::test]
+async fn stream_records_of_one_batch_with_one_key_run_once_at_no_cost() {
+    let table = default_table("wait-stream").await;
+    let (client, requests) = recorded_client();
+    let idempotency = Idempotency::new(
+        DynamoDbStore::new(client, &table),
+        IdempotencyConfig::builder()
+            .key_expression("powertools_json(powertools_base64(kinesis.data)).reading_id")
+            .build()
+            .expect("config"),
+    );
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let batch = {
+        let runs = runs.clone();
+        idempotency.stream_batch(
+            "index",
+            move |record: aws_lambda_events::event::kinesis::KinesisEventRecord| {
+                let runs = runs.clone();
+                async move {
+                    let reading: Value = serde_json::from_slice(&record.kinesis.data.0)
+                        .map_err(|e| e.to_string())?;
+                    runs.lock()
+                        .expect("lock")
+                        .push(reading["reading_id"].clone());
+                    Ok::<_, String>(reading)
+                }
+            },
+        )
+    };
+    let records: Vec<Value> = ["r-1", "r-2", "r-1", "r-1", "r-2"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let data = base64::engine::general_purpose::STANDARD
+                .encode(json!({ "reading_id": id, "celsius": 20 }).to_string());
+            json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": "sensor-1",
+                    "sequenceNumber": format!("{}", 1000 + i),
+                    "data": data,
+                    "approximateArrivalTimestamp": 1795341600.5
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("shardId-000000000000:{}", 1000 + i),
+                "eventName": "aws:kinesis:record",
+                "eventSourceARN": "arn:aws:kinesis:eu-west-1:123456789012:stream/readings"
+            })
+        })
+        .collect();
+    let event: KinesisEvent =
+        serde_json::from_value(json!({ "Records": records })).expect("a Kinesis event");
+
+    let response = batch
+        .process_kinesis(LambdaEvent::new(event, context(30_000)))
+        .await
+        .expect("batch");
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(
+        *runs.lock().expect("lock"),
+        [json!("r-1"), json!("r-2")],
+        "in shard order, once each"
+    );
+    assert_eq!(requests.take(), ["PutItem"; 4]);
+    let items = scan(&table).await;
+    assert_eq!(items.len(), 2);
+    assert!(items.iter().all(|item| s(item, "status") == "COMPLETED"));
+}
+
+#[tokio::test]
+async fn an_http_request_whose_key_is_in_flight_waits_when_the_adapter_opts_in() {
+    use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+    use aws_lambda_events::encodings::Body;
+
+    let table = default_table("wait-http").await;
+    let (client, requests) = recorded_client();
+    // The config does not wait: the adapter opts in on its own.
+    let idempotency = Idempotency::new(
+        DynamoDbStore::new(client, &table),
+        IdempotencyConfig::default(),
+    );
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let http = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        Arc::new(
+            idempotency
+                .http("orders", move |_: ApiGatewayV2httpRequest| {
+                    let run = runs.hit();
+                    let gate = gate.clone();
+                    async move {
+                        gate.pass().await;
+                        let mut response = ApiGatewayV2httpResponse::default();
+                        response.status_code = 201;
+                        response.body = Some(Body::Text(json!({ "run": run }).to_string()));
+                        Ok::<_, String>(response)
+                    }
+                })
+                .wait_for_in_progress(Duration::from_secs(20)),
+        )
+    };
+    let path = format!(
+        "{}/tests/fixtures/apigw_v2.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let request: ApiGatewayV2httpRequest =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("request");
+    let send = || {
+        let (http, request) = (http.clone(), request.clone());
+        tokio::spawn(async move {
+            http.handle_v2(LambdaEvent::new(request, context(30_000)))
+                .await
+        })
+    };
+    let first = send();
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    // Current-thread runtime: the duplicate runs up to its wait for the flight.
+    let duplicate = send();
+    tokio::task::yield_now().await;
+    gate.open(1);
+
+    let first = first.await.expect("join").expect("first");
+    let duplicate = duplicate.await.expect("join").expect("not a 409");
+    assert_eq!((first.status_code, duplicate.status_code), (201, 201));
+    assert_eq!(duplicate.body, first.body, "the stored body, replayed");
+    assert_eq!(
+        duplicate
+            .headers
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(runs.get(), 1);
+    assert_eq!(
+        requests.take(),
+        ["PutItem", "PutItem"],
+        "the duplicate asked the store nothing"
+    );
+}
