@@ -315,8 +315,8 @@ impl IdempotencyConfigBuilder {
     /// first call lands, with no store request; one in another execution
     /// environment polls the store with consistent reads, 50 ms after its
     /// refused reservation and then twice as long each time up to one second
-    /// (guide: event sources, "Duplicates that wait"). `Duration::ZERO` refuses
-    /// at once, the default.
+    /// (the guide's getting started chapter, "Duplicates that wait").
+    /// `Duration::ZERO` refuses at once, the default.
     pub fn wait_for_in_progress(mut self, max: Duration) -> Self {
         self.config.wait_for_in_progress = (!max.is_zero()).then_some(max);
         self
