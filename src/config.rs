@@ -30,7 +30,9 @@ pub enum ConfigError {
     InvalidSetting(String),
     /// A second, different handler was wrapped with a key prefix another handler
     /// already has: the two would share every record, and one would replay the
-    /// other's responses. Name them apart with `wrap_as`, or give each its own
+    /// other's responses. Under the default prefix (no `key_prefix`) the other
+    /// handler may have been wrapped by any `Idempotency` of the process over the
+    /// same store location. Name them apart with `wrap_as`, or give each its own
     /// `key_prefix`.
     #[error("key prefix {prefix:?} is already used by another wrapped handler; name each handler with `wrap_as(name, ..)` or give it its own `key_prefix`")]
     SharedKeyPrefix {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
@@ -76,13 +76,33 @@ struct Inner<S> {
     function_name: String,
     #[cfg(feature = "outbox")]
     dispatcher: OnceLock<Dispatcher>,
-    /// Key prefixes taken by wrapped handlers and layers.
+    /// Explicit key prefixes taken by wrapped handlers and layers (the default
+    /// prefix is claimed process-wide: [`DEFAULT_PREFIX_CLAIMS`]).
     claims: Mutex<HashMap<String, Claimant>>,
     /// Calls in flight that a duplicate may wait for (when waiting is on).
     flights: Flights,
     /// Each handler's counters, by key prefix.
     #[cfg(feature = "metrics")]
     meters: Mutex<HashMap<String, Meter>>,
+}
+
+/// The default key prefix's holders, by store location and prefix, for the whole
+/// process: every `Idempotency` over the same records without a `key_prefix`
+/// shares that prefix, so a claim held by one value only would let another give
+/// it to a second handler.
+static DEFAULT_PREFIX_CLAIMS: LazyLock<Mutex<HashMap<(String, String), Claimant>>> =
+    LazyLock::new(Mutex::default);
+
+/// Takes `prefix` in `claims` for `claimant`; false when another claimant has it.
+fn claim<K: Eq + std::hash::Hash>(
+    claims: &Mutex<HashMap<K, Claimant>>,
+    prefix: K,
+    claimant: Claimant,
+) -> bool {
+    let mut claims = claims
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    *claims.entry(prefix).or_insert(claimant) == claimant
 }
 
 static DISABLED_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -232,21 +252,25 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// Takes the default key prefix for `claimant`. Wrapping the same handler type
     /// again is fine (clones, tests); a second, different handler (or a second
     /// layer) would share every key with the first, so it is refused.
+    ///
+    /// The function's name is claimed for the whole process at the store's
+    /// location, whichever `Idempotency` wraps: two values over the same records
+    /// share it without anyone saying so. A `key_prefix` given to several values is
+    /// shared on purpose, so it is claimed for this value only.
     pub(crate) fn claim_default_scope(&self, claimant: Claimant) -> Result<String, ConfigError> {
         let scope = self.default_scope().to_owned();
-        let mut claims = self
-            .inner
-            .claims
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match claims.get(&scope) {
-            Some(first) if *first != claimant => {
-                Err(ConfigError::SharedKeyPrefix { prefix: scope })
-            }
-            _ => {
-                claims.insert(scope.clone(), claimant);
-                Ok(scope)
-            }
+        let taken = match self.inner.config.key_prefix {
+            Some(_) => claim(&self.inner.claims, scope.clone(), claimant),
+            None => claim(
+                &DEFAULT_PREFIX_CLAIMS,
+                (self.inner.store.location(), scope.clone()),
+                claimant,
+            ),
+        };
+        if taken {
+            Ok(scope)
+        } else {
+            Err(ConfigError::SharedKeyPrefix { prefix: scope })
         }
     }
 

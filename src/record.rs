@@ -80,6 +80,16 @@ impl IdempotencyRecord {
     ///   the journal follows the execution; records without an execution id (other
     ///   tools) may be taken over by any reservation;
     /// - a live completed record, or a live reservation, may not be replaced.
+    ///
+    /// Only a record is ever replaced: an item without a numeric `expiration`
+    /// (written by something else; it never expires, and DynamoDB's TTL never
+    /// deletes it) is none, whatever its status and deadline.
+    /// [`DynamoDbStore`](crate::DynamoDbStore)'s condition requires the attribute
+    /// to be a number before any of the rules above, so such an item is refused
+    /// and reported as [`StoreError::Malformed`](crate::store::StoreError::Malformed).
+    /// This method sees typed records, which always have one:
+    /// [`MemoryStore`](crate::MemoryStore) cannot hold such an item, and a store
+    /// of your own that can must refuse it before asking this method.
     pub fn may_be_replaced_by(&self, new: &IdempotencyRecord, now_ms: i64) -> bool {
         self.is_expired(now_ms)
             || (self.is_abandoned(now_ms)

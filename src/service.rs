@@ -23,10 +23,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// The key prefix is the configured [`key_prefix`](crate::IdempotencyConfigBuilder::key_prefix),
     /// or the function's name (`AWS_LAMBDA_FUNCTION_NAME`; `local` outside Lambda):
     /// never the handler's Rust path, which a rename or a compiler upgrade changes.
-    /// A second, different handler wrapped by the same `Idempotency` would share
-    /// that prefix and replay the first one's responses, so it is refused with
-    /// [`ConfigError::SharedKeyPrefix`]: name handlers apart with
-    /// [`wrap_as`](Self::wrap_as). Wrapping the same handler type again is fine.
+    /// A second, different handler under that prefix would replay the first one's
+    /// responses, so it is refused with [`ConfigError::SharedKeyPrefix`]: name
+    /// handlers apart with [`wrap_as`](Self::wrap_as). Without a `key_prefix` the
+    /// claim holds for the whole process, per store
+    /// [`location`](crate::IdempotencyStore::location): another `Idempotency` over
+    /// the same records is refused too. Wrapping the same handler type again is
+    /// fine.
     pub fn wrap<Svc: 'static>(
         &self,
         service: Svc,
@@ -67,7 +70,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
     /// The same as [`wrap`](Self::wrap), as a `tower` layer for `ServiceBuilder`:
     /// the layer takes the default key prefix (refused if a handler or another
-    /// layer has it), and every service it wraps uses that prefix.
+    /// layer has it, as for `wrap`: process-wide without a `key_prefix`), and
+    /// every service it wraps uses that prefix.
     pub fn layer(&self) -> Result<IdempotencyLayer<S>, ConfigError> {
         static LAYERS: AtomicU64 = AtomicU64::new(0);
         let claimant = Claimant::Layer(LAYERS.fetch_add(1, Ordering::Relaxed));

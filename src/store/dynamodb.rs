@@ -515,20 +515,31 @@ impl IdempotencyStore for DynamoDbStore {
             .put_item()
             .table_name(&self.table)
             .set_item(Some(self.to_item(record)))
-            // IdempotencyRecord::may_be_replaced_by, as a condition.
+            // IdempotencyRecord::may_be_replaced_by, as a condition. Only an item
+            // with a numeric `expiration` is ever replaced: one without (written by
+            // something else) never expires, as TTL never deletes it, and is no
+            // record to take over; refused, it comes back and is reported malformed.
             .condition_expression(
-                "attribute_not_exists(#id) OR #exp < :now OR (#status = :inprogress AND #ipexp < :now_ms \
-                 AND (attribute_not_exists(#exec) OR #exec = :exec))",
+                "attribute_not_exists(#id) OR (attribute_type(#exp, :number) AND (#exp < :now \
+                 OR (#status = :inprogress AND #ipexp < :now_ms \
+                 AND (attribute_not_exists(#exec) OR #exec = :exec))))",
             )
             .expression_attribute_names("#id", &n.key)
             .expression_attribute_names("#exec", &n.execution)
             .expression_attribute_values(":exec", AttributeValue::S(record.execution.clone()))
             .expression_attribute_names("#exp", &n.expiration)
+            .expression_attribute_values(":number", AttributeValue::S("N".into()))
             .expression_attribute_names("#status", &n.status)
             .expression_attribute_names("#ipexp", &n.in_progress_expiration)
-            .expression_attribute_values(":now", AttributeValue::N(now_ms.div_euclid(1000).to_string()))
+            .expression_attribute_values(
+                ":now",
+                AttributeValue::N(now_ms.div_euclid(1000).to_string()),
+            )
             .expression_attribute_values(":now_ms", AttributeValue::N(now_ms.to_string()))
-            .expression_attribute_values(":inprogress", AttributeValue::S(Status::InProgress.as_str().into()))
+            .expression_attribute_values(
+                ":inprogress",
+                AttributeValue::S(Status::InProgress.as_str().into()),
+            )
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             // The record replaced (expired, or abandoned), if any: the same request.
             .return_values(ReturnValue::AllOld)
@@ -618,6 +629,22 @@ impl IdempotencyStore for DynamoDbStore {
         match self.get_item(key).await? {
             Some(item) => self.resolve(self.parse_item(key, &item)?).await.map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// The table (by name: a table's ARN names the same records) and, in a
+    /// shared table, the partition.
+    fn location(&self) -> String {
+        let table = self
+            .table
+            .rsplit_once(":table/")
+            .map_or(self.table.as_str(), |(_, name)| name);
+        match &self.layout {
+            KeyLayout::Simple => format!("dynamodb:{table}"),
+            KeyLayout::Composite {
+                partition_key,
+                partition_value,
+            } => format!("dynamodb:{table}:{partition_key}={partition_value}"),
         }
     }
 

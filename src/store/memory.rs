@@ -5,6 +5,7 @@ use super::{
 };
 use crate::record::IdempotencyRecord;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// An in-process store with the same conditional semantics as [`DynamoDbStore`](super::DynamoDbStore).
@@ -12,9 +13,23 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// For unit tests, the quickstart, and single-process tools. It is not shared
 /// between Lambda execution environments, so it does not protect against
 /// duplicates delivered to different instances. Clones share the same records.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     tables: Arc<Mutex<Tables>>,
+    /// Unique to the store and shared by its clones: its [`location`](IdempotencyStore::location).
+    id: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        // A counter, not the tables' address: a later store may be allocated at
+        // the address of a dropped one and would inherit its claims.
+        static STORES: AtomicU64 = AtomicU64::new(0);
+        Self {
+            tables: Arc::default(),
+            id: STORES.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +159,11 @@ impl IdempotencyStore for MemoryStore {
                 Ok(())
             }
         }
+    }
+
+    /// Its own records: clones share them, other memory stores do not.
+    fn location(&self) -> String {
+        format!("memory:{}", self.id)
     }
 
     fn journal(&self) -> Option<&dyn StepJournal> {

@@ -162,6 +162,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Writes the `INPROGRESS` `record`, atomically, only if the key is absent or
     /// the stored record [`may_be_replaced_by`](IdempotencyRecord::may_be_replaced_by)
     /// it at `now_ms`: of two concurrent reservations of a key at most one succeeds.
+    /// An item under the key that is not a record (written by something else
+    /// without a numeric expiration) is never replaced: it fails with
+    /// [`StoreError::Malformed`] and is left as it is.
     /// Returns the record it replaced, if any (an expired record, or an abandoned
     /// attempt), when the backend can return it in the same request: the engine
     /// counts re-executions and takeovers with it.
@@ -189,6 +192,24 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
         owner: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Where this store keeps its records: stores with the same location read and
+    /// write the same records (clones of one [`MemoryStore`]; [`DynamoDbStore`]s on
+    /// one table, or on one partition of a shared table). Wrapping a handler under
+    /// the default key prefix claims that prefix at this location for the whole
+    /// process, so that two `Idempotency` values over the same records cannot give
+    /// it to two different handlers, one replaying the other's responses
+    /// ([`ConfigError::SharedKeyPrefix`](crate::ConfigError::SharedKeyPrefix)).
+    ///
+    /// The default, the store's type name, counts every store of the type as one
+    /// location: never too lenient, but in a process that wraps different handlers
+    /// under the default prefix over several stores of the type that keep their
+    /// records apart (tests, each with a store of its own), the second is refused.
+    /// Override it with what tells them apart (the table, the database); a store
+    /// wrapping another returns the inner store's.
+    fn location(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
 
     /// This store's step journal, if it keeps one (`Some(self)`).
     fn journal(&self) -> Option<&dyn StepJournal> {

@@ -177,6 +177,10 @@ impl<S: IdempotencyStore> IdempotencyStore for CrashStore<S> {
             .await
     }
 
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
     fn journal(&self) -> Option<&dyn StepJournal> {
         self.inner.journal().map(|_| self as &dyn StepJournal)
     }

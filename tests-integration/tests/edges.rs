@@ -253,6 +253,109 @@ async fn two_handlers_never_share_a_key_prefix_unless_named_alike() {
     }
 }
 
+async fn cancelled(_: LambdaEvent<Value>) -> Result<Value, lambda_runtime::Error> {
+    Ok(json!("cancelled"))
+}
+
+/// Two `Idempotency` values over one store in one process (a function that builds
+/// one per handler), both under the default prefix: the records are the same, so
+/// a second, different handler would replay the first one's responses (a cancel
+/// answered "created"). It is refused when wrapped, whichever value wraps it.
+#[tokio::test]
+async fn a_second_handler_under_the_default_prefix_is_refused_whichever_idempotency_wraps_it() {
+    let default_prefix = || {
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .build()
+            .expect("config")
+    };
+    let refused = |wrapped: Result<(), ConfigError>, case: &str| match wrapped {
+        Err(ConfigError::SharedKeyPrefix { prefix }) => assert_eq!(prefix, "local", "{case}"),
+        other => panic!("{case}: {other:?}"),
+    };
+    let store = MemoryStore::new();
+    let first = Idempotency::new(store.clone(), default_prefix());
+    let second = Idempotency::new(store.clone(), default_prefix());
+    let mut create = first.wrap(service_fn(created)).expect("the first handler");
+    refused(second.wrap(service_fn(cancelled)).map(|_| ()), "wrap");
+    refused(second.layer().map(|_| ()), "layer");
+    // The same handler through another value (a test that builds its own) is
+    // the same handler: it shares the records and replays.
+    let mut again = second.wrap(service_fn(created)).expect("the same handler");
+    let event = json!({ "order_id": "d-1" });
+    assert_eq!(
+        invoke(&mut create, event.clone()).await.expect("create"),
+        json!("created")
+    );
+    assert_eq!(
+        invoke(&mut again, event.clone()).await.expect("replay"),
+        json!("created")
+    );
+    assert_eq!(store.len(), 1);
+
+    // A layer first: then no other handler, through any value.
+    let layered = MemoryStore::new();
+    Idempotency::new(layered.clone(), default_prefix())
+        .layer()
+        .expect("the first layer");
+    let other = Idempotency::new(layered, default_prefix());
+    refused(
+        other.wrap(service_fn(created)).map(|_| ()),
+        "wrap after a layer",
+    );
+    refused(other.layer().map(|_| ()), "a second layer");
+
+    // Another store holds other records: nothing to share.
+    let mut cancel = Idempotency::new(MemoryStore::new(), default_prefix())
+        .wrap(service_fn(cancelled))
+        .expect("another store");
+    assert_eq!(
+        invoke(&mut cancel, event.clone()).await.expect("cancel"),
+        json!("cancelled")
+    );
+    // Two DynamoDB stores on one table are one store; another table is another.
+    let table = |name: &str| {
+        Idempotency::new(
+            lambda_idempotency::DynamoDbStore::new(client(), name),
+            default_prefix(),
+        )
+    };
+    table("orders")
+        .wrap(service_fn(created))
+        .expect("the first handler on the table");
+    refused(
+        table("orders").wrap(service_fn(cancelled)).map(|_| ()),
+        "the same table",
+    );
+    table("payments")
+        .wrap(service_fn(cancelled))
+        .expect("another table");
+
+    // An explicit `key_prefix` shares records because the user said so.
+    let named = || {
+        Idempotency::new(
+            store.clone(),
+            IdempotencyConfig::builder()
+                .key_expression("order_id")
+                .key_prefix("orders")
+                .build()
+                .expect("config"),
+        )
+    };
+    let mut create = named().wrap(service_fn(created)).expect("named");
+    let mut cancel = named()
+        .wrap(service_fn(cancelled))
+        .expect("named alike on purpose");
+    assert_eq!(
+        invoke(&mut create, event.clone()).await.expect("create"),
+        json!("created")
+    );
+    assert_eq!(
+        invoke(&mut cancel, event).await.expect("shared"),
+        json!("created")
+    );
+}
+
 /// A handler that waits at a gate the first time it runs.
 fn gated(
     idempotency: &Idempotency<impl IdempotencyStore>,
@@ -478,6 +581,7 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
     let s = |v: &str| AttributeValue::S(v.to_owned());
     let n = |v: i64| AttributeValue::N(v.to_string());
     let later = now_ms() / 1000 + 3600;
+    let past = now_ms() - 60_000;
     // (order id, the item's attributes besides its key, the attribute at fault)
     type Case<'a> = (&'a str, Vec<(&'a str, AttributeValue)>, &'a str);
     let cases: Vec<Case> = vec![
@@ -533,6 +637,47 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
             ],
             "owner",
         ),
+        // Reservations past their deadline, which a takeover would replace: not
+        // without a numeric `expiration`, with an owner token or without one (as
+        // Powertools writes them).
+        (
+            "abandoned-no-expiration",
+            vec![
+                ("status", s("INPROGRESS")),
+                ("in_progress_expiration", n(past)),
+            ],
+            "expiration",
+        ),
+        (
+            "abandoned-expiration-text",
+            vec![
+                ("status", s("INPROGRESS")),
+                ("expiration", s("soon")),
+                ("in_progress_expiration", n(past)),
+            ],
+            "expiration",
+        ),
+        (
+            "abandoned-owner-no-expiration",
+            vec![
+                ("status", s("INPROGRESS")),
+                ("in_progress_expiration", n(past)),
+                ("owner", s("another-tool")),
+            ],
+            "expiration",
+        ),
+        // With another execution's id (as this crate writes them), refused by the
+        // execution clause too.
+        (
+            "abandoned-execution-no-expiration",
+            vec![
+                ("status", s("INPROGRESS")),
+                ("in_progress_expiration", n(past)),
+                ("owner", s("another-owner")),
+                ("execution", s("another-execution")),
+            ],
+            "expiration",
+        ),
     ];
     for (id, attributes, attribute) in cases {
         let key = key_for("test.order", id);
@@ -587,6 +732,73 @@ async fn items_written_by_something_else_are_typed_errors_that_never_run_the_han
         .await
         .expect("runs once deleted");
     assert_eq!(charges.get(), 1);
+}
+
+/// A reservation another tool left past its deadline with a numeric
+/// `expiration` (as Powertools writes one: no owner, no execution id) is taken
+/// over on both stores: the handler runs once and the record becomes ours. The
+/// same item without a numeric `expiration` is malformed and left alone (above);
+/// the memory store cannot hold one, its records being typed.
+#[tokio::test]
+async fn a_foreign_reservation_past_its_deadline_is_taken_over_on_both_stores() {
+    let (later, past) = (now_ms() / 1000 + 3600, now_ms() - 60_000);
+    let key = key_for("test.order", "foreign");
+    let memory = MemoryStore::new();
+    let foreign = IdempotencyRecord {
+        key: key.clone(),
+        status: Status::InProgress,
+        expiration: later,
+        in_progress_expiration: Some(past),
+        data: None,
+        validation: None,
+        owner: String::new(),
+        is_error: false,
+        execution: String::new(),
+    };
+    memory.reserve(&foreign, now_ms()).await.expect("put");
+    taken_over(memory, &key).await;
+
+    let table = default_table("foreign").await;
+    client()
+        .put_item()
+        .table_name(&table)
+        .set_item(Some(item(&[
+            ("id", AttributeValue::S(key.clone())),
+            ("status", AttributeValue::S("INPROGRESS".into())),
+            ("expiration", AttributeValue::N(later.to_string())),
+            (
+                "in_progress_expiration",
+                AttributeValue::N(past.to_string()),
+            ),
+        ])))
+        .send()
+        .await
+        .expect("put");
+    taken_over(
+        lambda_idempotency::DynamoDbStore::new(client(), &table),
+        &key,
+    )
+    .await;
+}
+
+/// Calls the `order` function for the order `foreign` on `store`, which holds an
+/// abandoned reservation of it: the handler runs and the record is ours.
+async fn taken_over<S: IdempotencyStore>(store: S, key: &str) {
+    let idempotency = Idempotency::new(store, config().build().expect("config"));
+    let charges = Counter::default();
+    let outcome: Outcome = place_order(&idempotency, &charges)
+        .call(order("foreign", "ok"), None)
+        .await;
+    outcome.expect("taken over");
+    assert_eq!(charges.get(), 1, "the handler ran");
+    let record = idempotency
+        .store()
+        .get(key)
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(record.status, Status::Completed);
+    assert!(!record.owner.is_empty(), "ours now");
 }
 
 #[test]

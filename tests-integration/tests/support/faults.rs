@@ -260,6 +260,9 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         self.call(Op::Release, || self.inner.release(key, owner))
             .await
     }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
     fn journal(&self) -> Option<&dyn StepJournal> {
         self.inner
             .journal()
