@@ -116,55 +116,94 @@ fn stored(
         .collect()
 }
 
-#[tokio::test]
-async fn a_duplicate_elsewhere_waits_and_replays_the_first_response_byte_for_byte() {
-    let table = default_table("wait-replay").await;
-    let (first_env, _) = environment(&table, Duration::from_secs(20));
-    let (second_env, second_requests) = environment(&table, Duration::from_secs(20));
-    let (runs, gate) = (Counter::default(), Gate::closed());
-    let first = charge(&first_env, &runs, &gate, false);
-    let second = charge(&second_env, &runs, &gate, false);
-    let order = json!({ "order_id": "o-1" });
+/// A first call of `order` in one environment, held in its handler, and
+/// `charge` in a second environment on the same fresh table, which waits up
+/// to `second_waits`.
+struct HeldFirst {
+    table: String,
+    first_call: tokio::task::JoinHandle<Result<Value, Error<String>>>,
+    second: IdempotentFunction<Charge, DynamoDbStore>,
+    second_requests: Requests,
+    runs: Counter,
+    gate: Gate,
+}
 
+/// `first_deadline_ms`: the first call's Lambda deadline, from now;
+/// `fail_first`: its handler fails once through the gate.
+async fn held_first(
+    test: &str,
+    order: &Value,
+    second_waits: Duration,
+    first_deadline_ms: i64,
+    fail_first: bool,
+) -> HeldFirst {
+    let table = default_table(test).await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (second_env, second_requests) = environment(&table, second_waits);
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, fail_first);
     let first_call = tokio::spawn({
         let order = order.clone();
-        async move { first.call(order, Some(&context(30_000))).await }
+        async move { first.call(order, Some(&context(first_deadline_ms))).await }
     });
     poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    HeldFirst {
+        table,
+        first_call,
+        second: charge(&second_env, &runs, &gate, fail_first),
+        second_requests,
+        runs,
+        gate,
+    }
+}
+
+fn in_progress(result: &Result<Value, Error<String>>) -> bool {
+    matches!(
+        result,
+        Err(Error::Idempotency(
+            IdempotencyError::AlreadyInProgress { .. }
+        ))
+    )
+}
+
+#[tokio::test]
+async fn a_duplicate_elsewhere_waits_and_replays_the_first_response_byte_for_byte() {
+    let order = json!({ "order_id": "o-1" });
+    let held = held_first(
+        "wait-replay",
+        &order,
+        Duration::from_secs(20),
+        30_000,
+        false,
+    )
+    .await;
     let waiter = tokio::spawn({
-        let order = order.clone();
-        async move {
-            let started = Instant::now();
-            let result = second.call(order, Some(&context(30_000))).await;
-            (result, started.elapsed())
-        }
+        let second = held.second;
+        async move { second.call(order, Some(&context(30_000))).await }
     });
     // Its reservation refused, and at least one read of the record.
-    until_requests(&second_requests, 2).await;
-    gate.open(1);
+    until_requests(&held.second_requests, 2).await;
+    held.gate.open(1);
 
-    let first_response = first_call.await.expect("join").expect("first call");
-    let (waited, _) = waiter.await.expect("join");
-    let waited = waited.expect("the waiter replays");
+    let first_response = held.first_call.await.expect("join").expect("first call");
+    let waited = waiter.await.expect("join").expect("the waiter replays");
     assert_eq!(
         serde_json::to_vec(&waited).expect("json"),
         serde_json::to_vec(&first_response).expect("json"),
         "replayed byte for byte"
     );
-    assert_eq!(runs.get(), 1, "the handler ran once");
-    let requests = second_requests.take();
+    assert_eq!(held.runs.get(), 1, "the handler ran once");
+    let requests = held.second_requests.take();
     assert_eq!(requests[0], "PutItem", "the refused reservation");
     assert!(
         requests[1..].iter().all(|r| r == "GetItem") && requests.len() >= 2,
         "then only reads: {requests:?}"
     );
-    assert_eq!(
-        stored(&scan(&table).await)
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect::<Vec<_>>(),
-        ["COMPLETED"]
-    );
+    let statuses: Vec<_> = stored(&scan(&held.table).await)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(statuses, ["COMPLETED"]);
 }
 
 #[tokio::test]
@@ -213,34 +252,23 @@ async fn a_duplicate_in_this_environment_waits_with_no_store_request() {
 
 #[tokio::test]
 async fn when_the_first_call_fails_the_waiter_reserves_and_runs() {
-    let table = default_table("wait-fails").await;
-    let (first_env, _) = environment(&table, Duration::from_secs(20));
-    let (second_env, second_requests) = environment(&table, Duration::from_secs(20));
-    let (runs, gate) = (Counter::default(), Gate::closed());
-    let first = charge(&first_env, &runs, &gate, true);
-    let second = charge(&second_env, &runs, &gate, true);
     let order = json!({ "order_id": "o-3" });
-
-    let first_call = tokio::spawn({
-        let order = order.clone();
-        async move { first.call(order, Some(&context(30_000))).await }
-    });
-    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let held = held_first("wait-fails", &order, Duration::from_secs(20), 30_000, true).await;
     let waiter = tokio::spawn({
-        let order = order.clone();
+        let second = held.second;
         async move { second.call(order, Some(&context(30_000))).await }
     });
-    until_requests(&second_requests, 2).await;
-    gate.open(2);
+    until_requests(&held.second_requests, 2).await;
+    held.gate.open(2);
 
     assert!(matches!(
-        first_call.await.expect("join"),
+        held.first_call.await.expect("join"),
         Err(Error::Handler(_))
     ));
     let ran = waiter.await.expect("join").expect("the waiter ran");
     assert_eq!(ran, json!({ "order": "o-3", "run": 2 }), "its own run");
-    assert_eq!(runs.get(), 2);
-    let requests = second_requests.take();
+    assert_eq!(held.runs.get(), 2);
+    let requests = held.second_requests.take();
     assert_eq!(
         requests.iter().filter(|r| *r == "PutItem").count(),
         3,
@@ -250,32 +278,22 @@ async fn when_the_first_call_fails_the_waiter_reserves_and_runs() {
 
 #[tokio::test]
 async fn when_the_first_call_crashes_the_waiter_takes_over_at_its_deadline_and_resumes_it() {
-    let table = default_table("wait-crash").await;
-    let (first_env, _) = environment(&table, Duration::from_secs(20));
-    let (second_env, _) = environment(&table, Duration::from_secs(20));
-    let (runs, gate) = (Counter::default(), Gate::closed());
-    let first = charge(&first_env, &runs, &gate, false);
-    let second = charge(&second_env, &runs, &gate, false);
     let order = json!({ "order_id": "o-4" });
-
     // The first call's Lambda deadline is 2 s away; it never gets past the gate
     // and is then dropped, as when Lambda kills a timed-out invocation.
-    let first_call = tokio::spawn({
-        let order = order.clone();
-        async move { first.call(order, Some(&context(2_000))).await }
-    });
-    poll(|| async { runs.get() }, |runs| *runs == 0).await;
-    let abandoned = stored(&scan(&table).await);
-    first_call.abort();
+    let held = held_first("wait-crash", &order, Duration::from_secs(20), 2_000, false).await;
+    let abandoned = stored(&scan(&held.table).await);
+    held.first_call.abort();
 
-    gate.open(1);
-    let taken_over = second
+    held.gate.open(1);
+    let taken_over = held
+        .second
         .call(order, Some(&context(30_000)))
         .await
         .expect("the waiter took over");
     assert_eq!(taken_over, json!({ "order": "o-4", "run": 2 }));
-    assert_eq!(runs.get(), 2);
-    let now = stored(&scan(&table).await);
+    assert_eq!(held.runs.get(), 2);
+    let now = stored(&scan(&held.table).await);
     assert_eq!(now.len(), 1);
     assert_eq!(now[0].0, "COMPLETED");
     assert_eq!(
@@ -286,82 +304,59 @@ async fn when_the_first_call_crashes_the_waiter_takes_over_at_its_deadline_and_r
 
 #[tokio::test]
 async fn the_maximum_elapsing_refuses_as_in_progress() {
-    let table = default_table("wait-max").await;
-    let (first_env, _) = environment(&table, Duration::from_secs(20));
-    let (second_env, second_requests) = environment(&table, Duration::from_millis(400));
-    let (runs, gate) = (Counter::default(), Gate::closed());
-    let first = charge(&first_env, &runs, &gate, false);
-    let second = charge(&second_env, &runs, &gate, false);
     let order = json!({ "order_id": "o-5" });
-
-    let first_call = tokio::spawn({
-        let order = order.clone();
-        async move { first.call(order, Some(&context(30_000))).await }
-    });
-    poll(|| async { runs.get() }, |runs| *runs == 0).await;
-    let refused = second.call(order, Some(&context(30_000))).await;
-    assert!(
-        matches!(
-            refused,
-            Err(Error::Idempotency(
-                IdempotencyError::AlreadyInProgress { .. }
-            ))
-        ),
-        "{refused:?}"
-    );
-    let reads = second_requests
+    let held = held_first(
+        "wait-max",
+        &order,
+        Duration::from_millis(400),
+        30_000,
+        false,
+    )
+    .await;
+    let refused = held.second.call(order, Some(&context(30_000))).await;
+    assert!(in_progress(&refused), "{refused:?}");
+    let reads = held
+        .second_requests
         .take()
         .iter()
         .filter(|r| *r == "GetItem")
         .count();
     assert!(reads >= 2, "it read while it waited: {reads}");
-    gate.open(1);
-    first_call
+    held.gate.open(1);
+    held.first_call
         .await
         .expect("join")
         .expect("the first call completes");
-    assert_eq!(runs.get(), 1);
+    assert_eq!(held.runs.get(), 1);
 }
 
 #[tokio::test]
 async fn a_lambda_deadline_shorter_than_the_maximum_ends_the_wait_first() {
-    let table = default_table("wait-deadline").await;
-    let (first_env, _) = environment(&table, Duration::from_secs(60));
-    let (second_env, second_requests) = environment(&table, Duration::from_secs(60));
-    let (runs, gate) = (Counter::default(), Gate::closed());
-    let first = charge(&first_env, &runs, &gate, false);
-    let second = charge(&second_env, &runs, &gate, false);
     let order = json!({ "order_id": "o-6" });
-
-    let first_call = tokio::spawn({
-        let order = order.clone();
-        async move { first.call(order, Some(&context(30_000))).await }
-    });
-    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let held = held_first(
+        "wait-deadline",
+        &order,
+        Duration::from_secs(60),
+        30_000,
+        false,
+    )
+    .await;
     // 1.5 s left: it stops waiting a second before its deadline, long before
     // the minute it may wait.
     let started = Instant::now();
-    let refused = second.call(order, Some(&context(1_500))).await;
+    let refused = held.second.call(order, Some(&context(1_500))).await;
     let waited = started.elapsed();
+    assert!(in_progress(&refused), "{refused:?}");
     assert!(
-        matches!(
-            refused,
-            Err(Error::Idempotency(
-                IdempotencyError::AlreadyInProgress { .. }
-            ))
-        ),
-        "{refused:?}"
-    );
-    assert!(
-        second_requests.take().iter().any(|r| r == "GetItem"),
+        held.second_requests.take().iter().any(|r| r == "GetItem"),
         "it waited, reading the record, before it gave up"
     );
     assert!(
         waited < Duration::from_secs(30),
         "bounded by the deadline, not the maximum: {waited:?}"
     );
-    gate.open(1);
-    first_call
+    held.gate.open(1);
+    held.first_call
         .await
         .expect("join")
         .expect("the first call completes");
