@@ -295,4 +295,50 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), count);
     }
+
+    /// The names quoted in the first column of each table of the production
+    /// chapter's metrics section, table by table.
+    fn documented() -> Vec<Vec<String>> {
+        let chapter = include_str!("../docs/production.md");
+        let section = chapter
+            .split("\n## ")
+            .find(|section| section.starts_with("Metrics"))
+            .expect("the production chapter has a metrics section");
+        let mut tables: Vec<Vec<String>> = Vec::new();
+        let mut in_table = false;
+        for line in section.lines() {
+            if !line.starts_with('|') {
+                in_table = false;
+                continue;
+            }
+            if !in_table {
+                // A header row starts a table.
+                in_table = true;
+                tables.push(Vec::new());
+                continue;
+            }
+            let first = line.trim_matches('|').split('|').next().unwrap_or_default();
+            let names = first.split('`').skip(1).step_by(2).map(str::to_owned);
+            tables.last_mut().expect("a table").extend(names);
+        }
+        tables
+    }
+
+    #[test]
+    fn the_production_chapter_lists_exactly_what_is_counted() {
+        let sorted = |mut names: Vec<String>| {
+            names.sort_unstable();
+            names
+        };
+        let tables = documented();
+        assert_eq!(tables.len(), 2, "the outcomes, then the events");
+        let outcomes = Outcome::ALL.iter().map(|o| o.name().to_owned()).collect();
+        assert_eq!(sorted(tables[0].clone()), sorted(outcomes), "outcomes");
+        let events = Event::ALL.iter().map(|e| e.name().to_owned()).collect();
+        assert_eq!(sorted(tables[1].clone()), sorted(events), "events");
+        let chapter = include_str!("../docs/production.md");
+        for histogram in ["`idempotency.wait_ms`", "`waited_ms`"] {
+            assert!(chapter.contains(histogram), "{histogram}");
+        }
+    }
 }

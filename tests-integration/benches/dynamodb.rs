@@ -1,5 +1,6 @@
 //! DynamoDB requests and latency per invocation against LocalStack: a first
-//! execution, a replay, a replay from the local cache, and a handler error.
+//! execution, a replay, a replay from the local cache, and a handler error; a
+//! duplicate that waits for the first call, its requests and its lag.
 //!
 //! `bash scripts/bench.sh` (starts LocalStack when needed). The request counts are
 //! printed before criterion's timings; LocalStack latency is loopback HTTP into an
@@ -9,6 +10,8 @@
 mod localstack;
 #[path = "support/sqs_batch.rs"]
 mod sqs_batch;
+#[path = "support/waiting.rs"]
+mod waiting;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use lambda_idempotency::{
@@ -16,6 +19,13 @@ use lambda_idempotency::{
 };
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether criterion runs the benchmarks (`cargo bench`) rather than each once
+/// as a test (`cargo test --benches`, or `cargo bench -- --test`): its own rule.
+fn benchmarking() -> bool {
+    let flag = |name: &str| std::env::args().any(|arg| arg == name);
+    flag("--bench") && !flag("--test") && !flag("--list")
+}
 
 /// For the shared LocalStack helpers (unique table names).
 fn now_ms() -> i64 {
@@ -128,6 +138,10 @@ fn benches(c: &mut Criterion) {
             Err(Error::Handler(_))
         )
     });
+
+    // A duplicate waiting for the first call: its requests and lag (measured
+    // here, not by criterion: see the module).
+    waiting::measure(&runtime, &table, benchmarking());
 
     let mut group = c.benchmark_group("dynamodb");
     group.sample_size(30);

@@ -3,8 +3,10 @@
 //! first, replay, payload mismatch, conflict, takeover, lost ownership, expired
 //! record, handler error, missing key; then observe-only mode, metrics turned off,
 //! steps replayed and re-issued, outbox delivered and left for the relay, a stored
-//! permanent error, a store error, an SQS batch's counts, and the `EmfLayer`
-//! flushing after each invocation.
+//! permanent error, a store error, an SQS batch's counts, the `EmfLayer`
+//! flushing after each invocation; then duplicates that wait for the first call
+//! (replayed, ran, timed out; the `wait_ms` histogram) and, observing, would
+//! have waited.
 //!
 //! One test: the recorder is global to the process and a flush drains every
 //! counter.
@@ -16,14 +18,15 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use lambda_idempotency::emf::{self, EmfLayer};
 use lambda_idempotency::{
     effects, Dispatcher, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError,
-    OutboxMessage, PermanentError,
+    IdempotentFunction, OutboxMessage, PermanentError,
 };
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use support::localstack::{client, default_table};
-use support::{context, key_for, now_ms, Audit, Counter};
+use std::time::{Duration, Instant};
+use support::localstack::{client, default_table, recorded_client};
+use support::{context, in_progress, key_for, now_ms, until_requests, Audit, Counter};
 use tokio::sync::Notify;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -37,8 +40,10 @@ fn config(prefix: &str) -> lambda_idempotency::IdempotencyConfigBuilder {
 }
 
 /// The EMF documents in `text`, checked for the format's structure, as
-/// (dimensions, metric values).
-fn documents(text: &str) -> Vec<(BTreeMap<String, String>, BTreeMap<String, u64>)> {
+/// (dimensions, metric values): a counter's value is its count, a histogram's the
+/// array of the values recorded since the last flush (how
+/// `metrics_cloudwatch_embedded` writes one: EMF's list of values, at most 100).
+fn documents(text: &str) -> Vec<(BTreeMap<String, String>, BTreeMap<String, Value>)> {
     text.lines()
         .map(|line| {
             let doc: Value = serde_json::from_str(line).expect("each line is a JSON document");
@@ -60,7 +65,7 @@ fn documents(text: &str) -> Vec<(BTreeMap<String, String>, BTreeMap<String, u64>
                 .iter()
                 .map(|metric| {
                     let name = metric["Name"].as_str().expect("metric name").to_owned();
-                    let value = doc[&name].as_u64().expect("a count");
+                    let value = doc[&name].clone();
                     (name, value)
                 })
                 .collect();
@@ -69,23 +74,47 @@ fn documents(text: &str) -> Vec<(BTreeMap<String, String>, BTreeMap<String, u64>
         .collect()
 }
 
-/// The counts flushed for `handler` in `mode`, by metric name.
-fn counts(text: &str, handler: &str, mode: &str) -> BTreeMap<String, u64> {
+/// The metrics flushed for `handler` in `mode`, document by document.
+fn metrics_of(text: &str, handler: &str, mode: &str) -> Vec<BTreeMap<String, Value>> {
     let function = std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "local".into());
+    documents(text)
+        .into_iter()
+        .filter(|(dimensions, _)| {
+            dimensions.get("handler").map(String::as_str) == Some(handler)
+                && dimensions.get("mode").map(String::as_str) == Some(mode)
+        })
+        .map(|(dimensions, metrics)| {
+            assert_eq!(dimensions.len(), 3, "{dimensions:?}");
+            assert_eq!(dimensions["function"], function);
+            metrics
+        })
+        .collect()
+}
+
+/// The counts flushed for `handler` in `mode`, by metric name: a counter's
+/// count, a histogram's number of values.
+fn counts(text: &str, handler: &str, mode: &str) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
-    for (dimensions, metrics) in documents(text) {
-        if dimensions.get("handler").map(String::as_str) != Some(handler)
-            || dimensions.get("mode").map(String::as_str) != Some(mode)
-        {
-            continue;
-        }
-        assert_eq!(dimensions.len(), 3, "{dimensions:?}");
-        assert_eq!(dimensions["function"], function);
-        for (name, value) in metrics {
-            *counts.entry(name).or_default() += value;
-        }
+    for (name, value) in metrics_of(text, handler, mode).into_iter().flatten() {
+        let n = match &value {
+            Value::Array(values) => values.len() as u64,
+            count => count.as_u64().expect("a count"),
+        };
+        *counts.entry(name).or_default() += n;
     }
     counts
+}
+
+/// The values of the histogram `idempotency.<name>` flushed for `handler` in
+/// `mode`, in the order recorded.
+fn values(text: &str, handler: &str, mode: &str, name: &str) -> Vec<f64> {
+    let name = format!("idempotency.{name}");
+    metrics_of(text, handler, mode)
+        .iter()
+        .filter_map(|metrics| metrics.get(&name))
+        .flat_map(|values| values.as_array().expect("a histogram's values").clone())
+        .map(|value| value.as_f64().expect("a number"))
+        .collect()
 }
 
 fn expected(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
@@ -99,6 +128,52 @@ fn flush(collector: &emf::Collector) -> String {
     let mut out = Vec::new();
     collector.flush(&mut out).expect("flush");
     String::from_utf8(out).expect("utf-8")
+}
+
+/// `work`'s call on its own task, and how long it took, in milliseconds.
+fn spawn_timed<F, Fut>(
+    work: &Arc<IdempotentFunction<F, DynamoDbStore>>,
+    event: Value,
+    ms_left: i64,
+) -> Timed
+where
+    F: Fn(Value) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Value, std::io::Error>> + Send,
+{
+    let work = Arc::clone(work);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let result = work.call(event, Some(&context(ms_left))).await;
+        (result, started.elapsed().as_secs_f64() * 1000.0)
+    })
+}
+
+/// Flushes `collector`: the counts of `waits.work` (enforcing) are `pairs`, and
+/// each of its `wait_ms` values lies in `plausible` (milliseconds).
+fn flushed_waits(
+    collector: &emf::Collector,
+    pairs: &[(&str, u64)],
+    plausible: std::ops::RangeInclusive<f64>,
+) {
+    let text = flush(collector);
+    assert_eq!(
+        counts(&text, "waits.work", "enforce"),
+        expected(pairs),
+        "{text}"
+    );
+    let waited = values(&text, "waits.work", "enforce", "wait_ms");
+    assert!(
+        waited.iter().all(|ms| plausible.contains(ms)),
+        "{waited:?} not all in {plausible:?}"
+    );
+}
+
+type Timed = tokio::task::JoinHandle<(Result<Value, Error<std::io::Error>>, f64)>;
+
+/// The response of a first call that was held, once it completes.
+async fn completed(first: Timed) -> Value {
+    let (result, _) = first.await.expect("join");
+    result.expect("the first call completes")
 }
 
 #[tokio::test]
@@ -461,7 +536,7 @@ async fn emf_lines_count_each_outcome_of_a_scripted_sequence() {
         let written = written.clone();
         move || -> Box<dyn std::io::Write + Send> { Box::new(SharedWriter(written.clone())) }
     };
-    let layered = Idempotency::new(store, config("layered").build().expect("config"));
+    let layered = Idempotency::new(store.clone(), config("layered").build().expect("config"));
     let mut service = ServiceBuilder::new()
         .layer(EmfLayer::with_writer(collector, writer))
         .layer(layered.layer().expect("layer"))
@@ -491,6 +566,129 @@ async fn emf_lines_count_each_outcome_of_a_scripted_sequence() {
         expected(&[("executed", 1), ("replayed_from_store", 1)]),
         "{text}"
     );
+
+    // Duplicates that wait for the first call (`wait_for_in_progress`). "Here" is
+    // the first call's own `Idempotency` (a waiter is woken by the first call's
+    // completion); "elsewhere" another on the same table, as another execution
+    // environment would be (a waiter polls the record, its requests recorded).
+    // Each first call is held at the handler's gate until the waiters wait.
+    let waiting = |observe: bool| {
+        config("waits")
+            .observe_only(observe)
+            .wait_for_in_progress(Duration::from_secs(20))
+            .build()
+            .expect("config")
+    };
+    let here =
+        Arc::new(Idempotency::new(store.clone(), waiting(false)).function("work", handler.clone()));
+    let (elsewhere_client, elsewhere_requests) = recorded_client();
+    let elsewhere = Arc::new(
+        Idempotency::new(DynamoDbStore::new(elsewhere_client, &table), waiting(false))
+            .function("work", handler.clone()),
+    );
+    let event = |order: &str| json!({"order_id": order, "amount": 1});
+    let held = |order: &str| json!({"order_id": order, "amount": 1, "hold": true});
+    let runs_before = runs.get();
+
+    // Two waiters, here and elsewhere, replay the first call's response.
+    let first = spawn_timed(&here, held("wt-1"), 60_000);
+    entered.notified().await;
+    elsewhere_requests.take();
+    let waiters = [
+        spawn_timed(&here, event("wt-1"), 60_000),
+        spawn_timed(&elsewhere, event("wt-1"), 60_000),
+    ];
+    // Elsewhere: its reservation refused, it read the record once. Here: polled
+    // meanwhile on this current-thread runtime, it waits on the first call.
+    until_requests(&elsewhere_requests, 2).await;
+    gate.notify_one();
+    let first = completed(first).await;
+    let mut longest = 0.0_f64;
+    for waiter in waiters {
+        let (replayed, ms) = waiter.await.expect("join");
+        assert_eq!(replayed.expect("replayed"), first);
+        longest = longest.max(ms);
+    }
+    // Both waited past the first read elsewhere, which came at least 40 ms (the
+    // first poll's 50 ms, less its jitter) after its refused reservation; neither
+    // longer than its own call took.
+    flushed_waits(
+        collector,
+        &[("executed", 1), ("waited_then_replayed", 2), ("wait_ms", 2)],
+        40.0..=longest,
+    );
+
+    // The first call fails and gives the key back: the waiter elsewhere runs.
+    let first = spawn_timed(
+        &here,
+        json!({"order_id": "wt-2", "amount": 1, "hold": true, "fail": true}),
+        60_000,
+    );
+    entered.notified().await;
+    elsewhere_requests.take();
+    let waiter = spawn_timed(&elsewhere, event("wt-2"), 60_000);
+    until_requests(&elsewhere_requests, 2).await;
+    gate.notify_one();
+    assert!(matches!(
+        first.await.expect("join").0,
+        Err(Error::Handler(_))
+    ));
+    let (ran, took) = waiter.await.expect("join");
+    assert_eq!(
+        ran.expect("the waiter ran"),
+        json!({"run": runs_before + 3}),
+        "its own run"
+    );
+    flushed_waits(
+        collector,
+        &[
+            ("handler_error_released", 1),
+            ("waited_then_ran", 1),
+            ("wait_ms", 1),
+        ],
+        40.0..=took,
+    );
+
+    // A waiter here whose Lambda deadline is 1.5 s away may wait half a second
+    // (it stops a second before its deadline): refused as in progress then.
+    let first = spawn_timed(&here, held("wt-3"), 60_000);
+    entered.notified().await;
+    let (refused, took) = spawn_timed(&here, event("wt-3"), 1_500)
+        .await
+        .expect("join");
+    assert!(in_progress(&refused), "{refused:?}");
+    gate.notify_one();
+    completed(first).await;
+    // Most of the half second.
+    flushed_waits(
+        collector,
+        &[("executed", 1), ("wait_timed_out", 1), ("wait_ms", 1)],
+        400.0..=took,
+    );
+
+    // Observe only, waiting configured: a duplicate while the first holds the
+    // key runs at once (the first is still held), counted as `in_progress`, the
+    // outcome enforcing would have had without waiting, and `would_wait`.
+    let watch =
+        Arc::new(Idempotency::new(store.clone(), waiting(true)).function("watch", handler.clone()));
+    let first = spawn_timed(&watch, held("ww-1"), 60_000);
+    entered.notified().await;
+    let (ran, _) = spawn_timed(&watch, event("ww-1"), 60_000)
+        .await
+        .expect("join");
+    ran.expect("runs");
+    assert!(!first.is_finished(), "the first is still held at the gate");
+    gate.notify_one();
+    completed(first).await;
+    let text = flush(collector);
+    assert_eq!(
+        counts(&text, "waits.watch", "observe"),
+        expected(&[("executed", 1), ("in_progress", 1), ("would_wait", 1)]),
+        "{text}"
+    );
+    assert_eq!(counts(&text, "waits.watch", "enforce"), BTreeMap::new());
+    // wt-1; wt-2 twice (the first failed); wt-3; ww-1 twice
+    assert_eq!(runs.get() - runs_before, 6);
 }
 
 struct SharedWriter(Arc<Mutex<Vec<u8>>>);

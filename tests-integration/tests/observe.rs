@@ -5,21 +5,27 @@
 mod support;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use lambda_idempotency::{DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError};
+use lambda_idempotency::{
+    DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyConfigBuilder,
+    IdempotencyError,
+};
 use serde_json::{json, Value};
 use std::sync::Arc;
+use std::time::Duration;
+use support::counts::Counts;
 use support::localstack::{client, default_table};
-use support::{context, key_for, Counter};
-use tokio::sync::Notify;
+use support::{context, key_for, poll, Counter, Gate};
 
-fn config(observe: bool) -> IdempotencyConfig {
+fn builder(observe: bool) -> IdempotencyConfigBuilder {
     IdempotencyConfig::builder()
         .key_expression("order_id")
         .payload_validation("amount")
         .key_prefix("orders")
         .observe_only(observe)
-        .build()
-        .expect("config")
+}
+
+fn config(observe: bool) -> IdempotencyConfig {
+    builder(observe).build().expect("config")
 }
 
 async fn stored_data(table: &str, key: &str) -> Option<String> {
@@ -112,21 +118,28 @@ async fn observing_runs_every_duplicate_and_enforcing_then_replays_what_observin
     assert_eq!(runs.get(), 3);
 }
 
-#[tokio::test]
-async fn observing_runs_a_duplicate_while_the_first_is_in_progress() {
-    let table = default_table("observe-inflight").await;
-    let idempotency = Idempotency::new(DynamoDbStore::new(client(), &table), config(true));
-    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let runs = Counter::default();
+/// A first call of order `o-2` held in its handler at a gate, and a duplicate
+/// made meanwhile, under `config` on `table`. The handler answers its run's number.
+struct Held {
+    /// The duplicate's result, returned while the first was held.
+    duplicate: Result<Value, Error<std::io::Error>>,
+    /// The first call, held until the gate opens.
+    first: tokio::task::JoinHandle<Result<Value, Error<std::io::Error>>>,
+    gate: Gate,
+    runs: Counter,
+}
+
+async fn a_duplicate_while_the_first_is_held(table: &str, config: IdempotencyConfig) -> Held {
+    let idempotency = Idempotency::new(DynamoDbStore::new(client(), table), config);
+    let (runs, gate) = (Counter::default(), Gate::closed());
     let work = Arc::new(idempotency.function("work", {
-        let (entered, gate, runs) = (entered.clone(), gate.clone(), runs.clone());
+        let (runs, gate) = (runs.clone(), gate.clone());
         move |event: Value| {
             let run = runs.hit();
-            let (entered, gate) = (entered.clone(), gate.clone());
+            let gate = gate.clone();
             async move {
                 if event["hold"] == json!(true) {
-                    entered.notify_one();
-                    gate.notified().await;
+                    gate.pass().await;
                 }
                 Ok::<_, std::io::Error>(json!({"run": run}))
             }
@@ -142,24 +155,82 @@ async fn observing_runs_a_duplicate_while_the_first_is_in_progress() {
             .await
         }
     });
-    entered.notified().await;
-    let duplicate = work
-        .call(
+    // In its handler: the key is reserved.
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    // Bounded: a duplicate that waited for the first would never return before
+    // the gate opens.
+    let duplicate = tokio::time::timeout(
+        Duration::from_secs(10),
+        work.call(
             json!({"order_id": "o-2", "amount": 1}),
             Some(&context(60_000)),
-        )
-        .await
+        ),
+    )
+    .await
+    .expect("the duplicate returns while the first is held at its gate");
+    assert!(!first.is_finished(), "the first is still held");
+    Held {
+        duplicate,
+        first,
+        gate,
+        runs,
+    }
+}
+
+#[tokio::test]
+async fn observing_runs_a_duplicate_while_the_first_is_in_progress() {
+    let table = default_table("observe-inflight").await;
+    let held = a_duplicate_while_the_first_is_held(&table, config(true)).await;
+    let duplicate = held
+        .duplicate
         .expect("runs although the first holds the key");
     assert_eq!(duplicate, json!({"run": 2}));
-    gate.notify_one();
-    let first = first.await.expect("join").expect("first completes");
+    held.gate.open(1);
+    let first = held.first.await.expect("join").expect("first completes");
     assert_eq!(first, json!({"run": 1}));
-    assert_eq!(runs.get(), 2);
+    assert_eq!(held.runs.get(), 2);
     // The first (the reservation's owner) completed the record.
     assert_eq!(
         stored_data(&table, &key_for("orders.work", "o-2")).await,
         Some(serde_json::to_string(&first).expect("json"))
     );
+}
+
+/// With waiting configured, enforcing would make the duplicate wait for the
+/// first call; observing runs it at once (it returns while the first is still
+/// held at its gate) and counts `would_wait`, besides the `in_progress` that
+/// enforcing without waiting would have answered.
+#[tokio::test]
+async fn observing_with_waiting_runs_a_duplicate_at_once_and_counts_would_wait() {
+    let counts = Counts::default();
+    // For the rest of the test: its tasks all run on this thread.
+    let _recorder = metrics::set_default_local_recorder(&counts);
+    let table = default_table("observe-wait").await;
+    let waiting = builder(true)
+        .wait_for_in_progress(Duration::from_secs(60))
+        .build()
+        .expect("config");
+    let held = a_duplicate_while_the_first_is_held(&table, waiting).await;
+    assert_eq!(
+        held.duplicate.expect("runs, not refused"),
+        json!({"run": 2})
+    );
+    assert_eq!(
+        (counts.get("would_wait"), counts.get("in_progress")),
+        (1, 1),
+        "counted before the first call ends"
+    );
+    held.gate.open(1);
+    assert_eq!(
+        held.first.await.expect("join").expect("first completes"),
+        json!({"run": 1})
+    );
+    assert_eq!(held.runs.get(), 2);
+    assert_eq!(counts.get("executed"), 1);
+    for enforcing_only in ["waited_then_replayed", "waited_then_ran", "wait_timed_out"] {
+        assert_eq!(counts.get(enforcing_only), 0, "{enforcing_only}");
+    }
+    assert!(counts.values("wait_ms").is_empty(), "nobody waited");
 }
 
 #[tokio::test]

@@ -579,51 +579,7 @@ async fn sagas_on_dynamodb_crashes_and_request_counts() {
 /// thread, the calls on a current-thread runtime inside it.
 mod counted {
     use super::*;
-    use metrics::{CounterFn, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct Counts(Mutex<HashMap<String, Arc<Count>>>);
-
-    #[derive(Default)]
-    struct Count(AtomicU64);
-
-    impl CounterFn for Count {
-        fn increment(&self, value: u64) {
-            self.0.fetch_add(value, Ordering::SeqCst);
-        }
-        fn absolute(&self, value: u64) {
-            self.0.store(value, Ordering::SeqCst);
-        }
-    }
-
-    impl Counts {
-        fn get(&self, name: &str) -> u64 {
-            let counts = self.0.lock().expect("lock");
-            counts
-                .get(&format!("idempotency.{name}"))
-                .map_or(0, |c| c.0.load(Ordering::SeqCst))
-        }
-    }
-
-    impl metrics::Recorder for Counts {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> metrics::Counter {
-            let mut counts = self.0.lock().expect("lock");
-            let count = counts.entry(key.name().to_owned()).or_default();
-            metrics::Counter::from_arc(Arc::clone(count))
-        }
-        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::noop()
-        }
-        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::noop()
-        }
-    }
+    use support::counts::Counts;
 
     #[test]
     fn compensations_run_and_replayed_are_counted_with_their_outcomes() {

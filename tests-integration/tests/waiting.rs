@@ -22,30 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::events::sqs_message;
 use support::localstack::{default_table, recorded_client, s, scan, Requests};
-use support::{context, poll, spawn_call, Counter};
-use tokio::sync::Semaphore;
+use support::{context, poll, spawn_call, until_requests, Counter, Gate};
 
 type BoxError = lambda_runtime::Error;
-
-/// Holds a handler until the test lets it go.
-#[derive(Clone)]
-struct Gate(Arc<Semaphore>);
-
-impl Gate {
-    fn closed() -> Self {
-        Self(Arc::new(Semaphore::new(0)))
-    }
-    async fn pass(&self) {
-        self.0
-            .acquire()
-            .await
-            .expect("the gate is never closed")
-            .forget();
-    }
-    fn open(&self, calls: usize) {
-        self.0.add_permits(calls);
-    }
-}
 
 /// One execution environment: its own client (requests recorded) on `table`.
 fn environment(table: &str, wait: Duration) -> (Idempotency<DynamoDbStore>, Requests) {
@@ -93,13 +72,6 @@ fn charge(
         })
     });
     idempotency.function("charge", f)
-}
-
-/// Polls until `requests` has seen `n` requests: a waiter in another
-/// environment has made its refused reservation and started reading.
-async fn until_requests(requests: &Requests, n: usize) {
-    poll(|| async { requests.count() }, |count| *count < n).await;
-    assert!(requests.count() >= n, "the waiter did not start waiting");
 }
 
 fn stored(

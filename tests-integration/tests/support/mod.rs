@@ -1,6 +1,7 @@
 //! Shared test helpers. Each test binary uses a part of them.
 #![allow(dead_code)]
 
+pub mod counts;
 pub mod events;
 pub mod faults;
 pub mod http1;
@@ -213,4 +214,31 @@ pub fn permanent(err: &ServiceError) -> Option<&lambda_idempotency::PermanentErr
         lambda_idempotency::Error::Replayed(p) => Some(p),
         _ => None,
     }
+}
+
+/// Holds a handler until the test lets it go.
+#[derive(Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    pub fn closed() -> Self {
+        Self(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+    pub async fn pass(&self) {
+        self.0
+            .acquire()
+            .await
+            .expect("the gate is never closed")
+            .forget();
+    }
+    pub fn open(&self, calls: usize) {
+        self.0.add_permits(calls);
+    }
+}
+
+/// Polls until `requests` has seen `n` requests: a waiter in another
+/// environment has made its refused reservation and started reading.
+pub async fn until_requests(requests: &localstack::Requests, n: usize) {
+    poll(|| async { requests.count() }, |count| *count < n).await;
+    assert!(requests.count() >= n, "the waiter did not start waiting");
 }
