@@ -478,13 +478,20 @@ impl<S: IdempotencyStore> Idempotency<S> {
                                 Err(IdempotencyError::AlreadyInProgress { key }) => {
                                     return self.timed_out(&meter, &waiting, key);
                                 }
-                                Err(err) => return Box::pin(self.refuse(&meter, err, event, handler)).await,
+                                Err(err) => {
+                                    waiting.record_if_waited(&meter);
+                                    return Box::pin(self.refuse(&meter, err, event, handler)).await;
+                                }
                             }
                         }
                         Err(err) => {
-                            if observe && call.wait.is_some() && matches!(err, IdempotencyError::AlreadyInProgress { .. }) {
+                            // Enforcing, a record of a batch waits for another of its
+                            // batch whatever the config says.
+                            let would_wait = call.wait.is_some() || call.batch.is_some();
+                            if observe && would_wait && matches!(err, IdempotencyError::AlreadyInProgress { .. }) {
                                 meter.event(Event::WouldWait, 1);
                             }
+                            waiting.record_if_waited(&meter);
                             return Box::pin(self.refuse(&meter, err, event, handler)).await;
                         }
                     }
@@ -939,16 +946,20 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 
     /// A call that waited as long as it may: refused as in progress, as without
-    /// waiting.
+    /// waiting. One whose deadline left it no time to wait at all is an
+    /// ordinary `in_progress`.
     fn timed_out<R, E>(
         &self,
         meter: &Meter,
         waiting: &Waiting,
         key: String,
     ) -> Result<Executed<R>, Error<E>> {
-        waiting.record(meter);
-        settle(meter, Outcome::WaitTimedOut);
-        tracing::info!("waited for the call that holds the key as long as this call may; refused as in progress");
+        if waiting.record_if_waited(meter) {
+            settle(meter, Outcome::WaitTimedOut);
+            tracing::info!("waited for the call that holds the key as long as this call may; refused as in progress");
+        } else {
+            settle(meter, Outcome::InProgress);
+        }
         Err(IdempotencyError::AlreadyInProgress { key }.into())
     }
 
@@ -1428,29 +1439,31 @@ impl Waiting {
         }
     }
 
-    /// Counts the time waited (the histogram, the span's `waited_ms`).
-    fn record(&self, meter: &Meter) {
-        let waited = self.started.elapsed();
-        meter.wait_time(waited);
-        tracing::Span::current().record("waited_ms", duration_ms(waited));
+    /// Counts the time waited (the histogram, the span's `waited_ms`), if the
+    /// call waited; returns whether it did.
+    fn record_if_waited(&self, meter: &Meter) -> bool {
+        if self.waited {
+            let waited = self.started.elapsed();
+            meter.wait_time(waited);
+            tracing::Span::current().record("waited_ms", duration_ms(waited));
+        }
+        self.waited
     }
 
     /// The outcome of a replay: `otherwise` unless the call waited first.
     fn replayed_outcome(&self, meter: &Meter, otherwise: Outcome) -> Outcome {
-        if !self.waited {
-            return otherwise;
+        match self.record_if_waited(meter) {
+            true => Outcome::WaitedThenReplayed,
+            false => otherwise,
         }
-        self.record(meter);
-        Outcome::WaitedThenReplayed
     }
 
     /// The outcome of a call that reserved the key and ran the handler.
     fn ran_outcome(&self, meter: &Meter) -> Outcome {
-        if !self.waited {
-            return Outcome::Executed;
+        match self.record_if_waited(meter) {
+            true => Outcome::WaitedThenRan,
+            false => Outcome::Executed,
         }
-        self.record(meter);
-        Outcome::WaitedThenRan
     }
 }
 

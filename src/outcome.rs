@@ -259,7 +259,14 @@ impl Meter {
         if let Some(counters) = &self.counters {
             counters
                 .wait_ms
-                .get_or_init(|| metrics::histogram!("idempotency.wait_ms", &counters.labels))
+                .get_or_init(|| {
+                    metrics::describe_histogram!(
+                        "idempotency.wait_ms",
+                        metrics::Unit::Milliseconds,
+                        "how long a call waited for the first call of its key"
+                    );
+                    metrics::histogram!("idempotency.wait_ms", &counters.labels)
+                })
                 .record(waited.as_secs_f64() * 1000.0);
         }
         #[cfg(not(feature = "metrics"))]

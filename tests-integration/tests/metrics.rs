@@ -65,6 +65,12 @@ fn documents(text: &str) -> Vec<(BTreeMap<String, String>, BTreeMap<String, Valu
                 .iter()
                 .map(|metric| {
                     let name = metric["Name"].as_str().expect("metric name").to_owned();
+                    if name.ends_with("wait_ms") {
+                        assert_eq!(
+                            metric["Unit"], "Milliseconds",
+                            "the histogram's unit: {doc}"
+                        );
+                    }
                     let value = doc[&name].clone();
                     (name, value)
                 })

@@ -528,3 +528,151 @@ async fn an_http_request_whose_key_is_in_flight_waits_when_the_adapter_opts_in()
         "the duplicate asked the store nothing"
     );
 }
+
+/// The counts of the wait's outcomes, on the memory store: two `Idempotency`
+/// values on one `MemoryStore` are two execution environments (each has its own
+/// flights; the records are shared).
+mod counted {
+    use super::*;
+    use lambda_idempotency::MemoryStore;
+    use support::counts::Counts;
+    use support::faults::{FaultStore, Op};
+
+    fn waits(
+        store: impl lambda_idempotency::IdempotencyStore,
+        observe: bool,
+    ) -> Idempotency<impl lambda_idempotency::IdempotencyStore> {
+        let config = IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .key_prefix("orders")
+            .wait_for_in_progress(Duration::from_secs(10))
+            .observe_only(observe)
+            .build()
+            .expect("config");
+        Idempotency::new(store, config)
+    }
+
+    /// A first call of o-9 held at `gate` in its own environment.
+    async fn held(store: &MemoryStore, runs: &Counter, gate: &Gate) -> tokio::task::JoinHandle<()> {
+        let first = waits(store.clone(), false);
+        let (runs, gate) = (runs.clone(), gate.clone());
+        let handle = tokio::spawn(async move {
+            let f = first.function("charge", move |order: Value| {
+                runs.hit();
+                let gate = gate.clone();
+                async move {
+                    gate.pass().await;
+                    Ok::<_, String>(order)
+                }
+            });
+            f.call(json!({ "order_id": "o-9" }), Some(&context(30_000)))
+                .await
+                .expect("the first call completes");
+        });
+        handle
+    }
+
+    #[tokio::test]
+    async fn observing_a_batch_counts_would_wait_for_a_duplicate_inside_it() {
+        let counts = Counts::default();
+        let _recorder = metrics::set_default_local_recorder(&counts);
+        // Observing, without wait_for_in_progress: enforcing would still make
+        // the batch's second message wait for its first.
+        let config = IdempotencyConfig::builder()
+            .key_expression("powertools_json(body).order_id")
+            .observe_only(true)
+            .build()
+            .expect("config");
+        let runs = Counter::default();
+        let batch = {
+            let runs = runs.clone();
+            Idempotency::new(MemoryStore::new(), config).sqs_batch("ship", move |_: SqsMessage| {
+                runs.hit();
+                async {
+                    // The other message of the batch reaches the store meanwhile.
+                    tokio::task::yield_now().await;
+                    Ok::<_, String>(json!({ "shipped": true }))
+                }
+            })
+        };
+        let mut event = SqsEvent::default();
+        event.records = (0..2)
+            .map(|i| sqs_message(r#"{"order_id": "o-8"}"#, &format!("m-{i}")))
+            .collect();
+        let response = batch
+            .process(LambdaEvent::new(event, context(30_000)))
+            .await
+            .expect("batch");
+        assert!(response.batch_item_failures.is_empty());
+        assert_eq!(runs.get(), 2, "observing runs the duplicate");
+        assert_eq!(
+            (
+                counts.get("executed"),
+                counts.get("in_progress"),
+                counts.get("would_wait")
+            ),
+            (1, 1, 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_ended_by_a_store_error_still_records_its_time() {
+        let counts = Counts::default();
+        let _recorder = metrics::set_default_local_recorder(&counts);
+        let (store, runs, gate) = (MemoryStore::new(), Counter::default(), Gate::closed());
+        let first = held(&store, &runs, &gate).await;
+        poll(|| async { runs.get() }, |runs| *runs == 0).await;
+        // Its reads of the record fail.
+        let waiter = waits(FaultStore::failing(store.clone(), &[Op::Get]), false).function(
+            "charge",
+            |order: Value| async move { Ok::<_, String>(order) },
+        );
+        let failed = waiter
+            .call(json!({ "order_id": "o-9" }), Some(&context(30_000)))
+            .await;
+        assert!(
+            matches!(failed, Err(Error::Idempotency(IdempotencyError::Store(_)))),
+            "{failed:?}"
+        );
+        assert_eq!(counts.get("store_error"), 1);
+        assert_eq!(
+            counts.values("wait_ms").len(),
+            1,
+            "the time it waited before the error"
+        );
+        gate.open(1);
+        first.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_call_with_no_time_left_to_wait_is_refused_as_in_progress() {
+        let counts = Counts::default();
+        let _recorder = metrics::set_default_local_recorder(&counts);
+        let (store, runs, gate) = (MemoryStore::new(), Counter::default(), Gate::closed());
+        let first = held(&store, &runs, &gate).await;
+        poll(|| async { runs.get() }, |runs| *runs == 0).await;
+        let waiter = waits(store.clone(), false).function("charge", |order: Value| async move {
+            Ok::<_, String>(order)
+        });
+        // Half a second left: under the second it keeps to answer.
+        let refused = waiter
+            .call(json!({ "order_id": "o-9" }), Some(&context(500)))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(Error::Idempotency(
+                    IdempotencyError::AlreadyInProgress { .. }
+                ))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(
+            (counts.get("in_progress"), counts.get("wait_timed_out")),
+            (1, 0)
+        );
+        assert!(counts.values("wait_ms").is_empty(), "it did not wait");
+        gate.open(1);
+        first.await.expect("join");
+    }
+}
