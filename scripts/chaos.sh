@@ -11,8 +11,10 @@
 #
 # Sizes and knobs come from CHAOS_INVOCATIONS, CHAOS_KEYS, CHAOS_WORKERS,
 # CHAOS_CONCURRENCY, CHAOS_KILL_INTERVAL_MS, CHAOS_MAX_KILLS, CHAOS_PAUSE_PERMILLE,
-# CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS (see tests-integration/examples/chaos.rs); the fault
-# instance from CHAOS_FAULTS_PORT (4567) and CHAOS_ERROR_PROBABILITY (0.2).
+# CHAOS_WAIT_PERMILLE (the share of invocations, per mille, that wait for one in
+# flight with wait_for_in_progress: 333), CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS
+# (see tests-integration/examples/chaos.rs); the fault instance from
+# CHAOS_FAULTS_PORT (4567) and CHAOS_ERROR_PROBABILITY (0.2).
 # Exits non-zero if any check of any run fails.
 set -euo pipefail
 

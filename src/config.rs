@@ -314,10 +314,14 @@ impl IdempotencyConfigBuilder {
     /// It never waits past its own Lambda deadline minus one second. A duplicate in
     /// this execution environment (a clone of the service under `run_concurrent`,
     /// a call of the same [`Idempotency`](crate::Idempotency)) is woken when the
-    /// first call lands, with no store request; one in another execution
-    /// environment polls the store with consistent reads, 50 ms after its
-    /// refused reservation and then twice as long each time up to one second
-    /// (the guide's getting started chapter, "Duplicates that wait").
+    /// first call lands, with no store request, or at the first call's deadline
+    /// if it is still running then (stalled: taken over as above); if its own
+    /// wait ends first, one reservation attempt decides, as without waiting (the
+    /// call it waited for may be a duplicate too, slow in the store). One in
+    /// another execution environment polls the store with consistent reads,
+    /// 50 ms after its refused reservation and then twice as long each time up
+    /// to one second (the guide's getting started chapter, "Duplicates that
+    /// wait").
     /// `Duration::ZERO` refuses at once, the default.
     pub fn wait_for_in_progress(mut self, max: Duration) -> Self {
         self.config.wait_for_in_progress = (!max.is_zero()).then_some(max);

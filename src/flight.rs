@@ -31,13 +31,32 @@ pub(crate) enum Landing {
 /// One call's flight, that waiters subscribe to.
 pub(crate) struct Flight {
     landing: watch::Sender<Landing>,
+    /// Until when (epoch milliseconds) its pilot may hold the key: the deadline
+    /// of the reservation it makes. Past it, the store lets another call take
+    /// the key over, so a flight still flying then (its call stalled past its
+    /// deadline) is waited for no longer and is replaced by the next call to
+    /// board: otherwise every call of the key here would wait on a call the
+    /// store has given up on, until it wakes.
+    deadline_ms: i64,
 }
 
 impl Flight {
-    fn new() -> Arc<Self> {
+    fn new(deadline_ms: i64) -> Arc<Self> {
         Arc::new(Self {
             landing: watch::Sender::new(Landing::Flying),
+            deadline_ms,
         })
+    }
+
+    /// The first instant (epoch milliseconds) at which the pilot's reservation
+    /// is abandoned (`IdempotencyRecord::is_abandoned`: its deadline has passed).
+    pub(crate) fn overdue_at(&self) -> i64 {
+        self.deadline_ms.saturating_add(1)
+    }
+
+    /// Still flying at `now_ms`, past its pilot's deadline.
+    fn is_overdue(&self, now_ms: i64) -> bool {
+        !self.has_landed() && now_ms >= self.overdue_at()
     }
 
     /// Waits for the flight to land, or for `until` (a Tokio instant) to pass:
@@ -99,15 +118,18 @@ impl Flights {
     }
 
     /// Joins the flight of `key`, or starts one, atomically: of two calls that
-    /// board at once, one flies and the other waits.
-    pub(crate) fn board(&self, key: &str) -> Boarded<'_> {
+    /// board at once, one flies and the other waits. `deadline_ms` is this
+    /// call's reservation deadline, should it fly; `now_ms` the time now.
+    pub(crate) fn board(&self, key: &str, deadline_ms: i64, now_ms: i64) -> Boarded<'_> {
         let mut flights = self.lock();
         match flights.get(key) {
             // The engine's registry drops a flight when it lands; one still
             // here has not landed yet, or landed in a batch and is kept.
-            Some(flight) => Boarded::Joined(Arc::clone(flight)),
-            None => {
-                let flight = Flight::new();
+            Some(flight) if !flight.is_overdue(now_ms) => Boarded::Joined(Arc::clone(flight)),
+            // None, or one overdue: this call flies the key now. The stalled
+            // pilot's landing, if it comes, leaves the new flight in place.
+            _ => {
+                let flight = Flight::new(deadline_ms);
                 flights.insert(key.to_owned(), Arc::clone(&flight));
                 Boarded::Pilot(Pilot {
                     flights: self,
@@ -175,6 +197,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A pilot's deadline that does not pass during a test.
+    const FAR: i64 = i64::MAX / 2;
+
     fn soon() -> tokio::time::Instant {
         tokio::time::Instant::now() + Duration::from_secs(5)
     }
@@ -182,17 +207,17 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_gets_what_the_pilot_lands_and_the_key_is_free_again() {
         let flights = Flights::default();
-        let Boarded::Pilot(pilot) = flights.board("k") else {
+        let Boarded::Pilot(pilot) = flights.board("k", FAR, 0) else {
             panic!("the first call flies")
         };
-        let Boarded::Joined(flight) = flights.board("k") else {
+        let Boarded::Joined(flight) = flights.board("k", FAR, 0) else {
             panic!("the second call waits")
         };
         let waiter = async { flight.landed(soon()).await };
         let (landing, ()) = tokio::join!(waiter, async { pilot.land(Landing::Open) });
         assert!(matches!(landing, Some(Landing::Open)));
         assert!(
-            matches!(flights.board("k"), Boarded::Pilot(_)),
+            matches!(flights.board("k", FAR, 0), Boarded::Pilot(_)),
             "the engine's registry forgets landed flights"
         );
     }
@@ -200,10 +225,10 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_pilot_lands_open() {
         let flights = Flights::default();
-        let Boarded::Pilot(pilot) = flights.board("k") else {
+        let Boarded::Pilot(pilot) = flights.board("k", FAR, 0) else {
             panic!("flies")
         };
-        let Boarded::Joined(flight) = flights.board("k") else {
+        let Boarded::Joined(flight) = flights.board("k", FAR, 0) else {
             panic!("waits")
         };
         drop(pilot);
@@ -213,10 +238,10 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_gives_up_at_its_instant() {
         let flights = Flights::default();
-        let Boarded::Pilot(_pilot) = flights.board("k") else {
+        let Boarded::Pilot(_pilot) = flights.board("k", FAR, 0) else {
             panic!("flies")
         };
-        let Boarded::Joined(flight) = flights.board("k") else {
+        let Boarded::Joined(flight) = flights.board("k", FAR, 0) else {
             panic!("waits")
         };
         let until = tokio::time::Instant::now() + Duration::from_millis(20);
@@ -224,10 +249,39 @@ mod tests {
         assert!(!flight.has_landed());
     }
 
+    #[tokio::test]
+    async fn a_flight_past_its_pilot_s_deadline_is_replaced_and_its_late_landing_leaves_the_new_one(
+    ) {
+        let flights = Flights::default();
+        let Boarded::Pilot(stalled) = flights.board("k", 1_000, 0) else {
+            panic!("flies")
+        };
+        let Boarded::Joined(_) = flights.board("k", 5_000, 1_000) else {
+            panic!("until its deadline, a call waits for the pilot")
+        };
+        let Boarded::Pilot(pilot) = flights.board("k", 5_000, 1_001) else {
+            panic!("past it, the next call flies the key")
+        };
+        let Boarded::Joined(flight) = flights.board("k", 9_000, 1_002) else {
+            panic!("and later calls wait for that one")
+        };
+        drop(stalled);
+        assert!(
+            !flight.has_landed(),
+            "the stalled pilot's landing is its own"
+        );
+        assert!(matches!(
+            flights.board("k", 9_000, 1_003),
+            Boarded::Joined(_)
+        ));
+        pilot.land(Landing::Open);
+        assert!(matches!(flight.landed(soon()).await, Some(Landing::Open)));
+    }
+
     #[test]
     fn a_batch_keeps_landed_flights_but_not_open_ones() {
         let batch = Flights::for_batch();
-        let Boarded::Pilot(pilot) = batch.board("k") else {
+        let Boarded::Pilot(pilot) = batch.board("k", FAR, 0) else {
             panic!("flies")
         };
         let record = crate::IdempotencyRecord {
@@ -242,16 +296,16 @@ mod tests {
             execution: "o".into(),
         };
         pilot.land(Landing::Completed(Arc::new(Cached::new(record))));
-        match batch.board("k") {
+        match batch.board("k", FAR, 0) {
             Boarded::Joined(flight) => assert!(flight.has_landed()),
             Boarded::Pilot(_) => panic!("a later message of the batch finds the landed flight"),
         }
-        let Boarded::Pilot(open) = batch.board("other") else {
+        let Boarded::Pilot(open) = batch.board("other", FAR, 0) else {
             panic!("flies")
         };
         open.land(Landing::Open);
         assert!(
-            matches!(batch.board("other"), Boarded::Pilot(_)),
+            matches!(batch.board("other", FAR, 0), Boarded::Pilot(_)),
             "an open flight leaves"
         );
     }

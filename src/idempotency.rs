@@ -407,8 +407,9 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 // for it to land rather than ask the store.
                 let mut waiting = Waiting::new(self.waiting_until(&call, now));
                 let mut pilots = Pilots::default();
+                let holds_until = self.reservation_deadline(call.deadline_ms, now);
                 if !observe {
-                    match self.board(&call, &key, &mut pilots, &mut waiting).await {
+                    match self.board(&call, &key, holds_until, &mut pilots, &mut waiting).await {
                         Boarding::Fly => {}
                         Boarding::Replay(cached) => {
                             let replayed = self.replay_cached(&cached, validation.as_deref());
@@ -430,7 +431,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     key: key.clone(),
                     status: Status::InProgress,
                     expiration: expiration_s(now, config),
-                    in_progress_expiration: Some(self.reservation_deadline(call.deadline_ms, now)),
+                    in_progress_expiration: Some(holds_until),
                     data: None,
                     validation: validation.clone(),
                     execution: owner.clone(),
@@ -864,38 +865,58 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// Step 3: waits for a call of `key` in flight in this execution environment
     /// (another record of the batch, or, when waiting is on, any call of this
     /// `Idempotency`), or flies the key so that later ones wait for this call.
+    /// `holds_until` is this call's reservation deadline. A call in flight is
+    /// waited for until its own deadline at most: stalled past it, the store
+    /// lets this call take the key over, as a call elsewhere would. When the
+    /// wait for a call of this `Idempotency` ends first, the store has the last
+    /// word (`Fly`, with no flight of its own); for another record of the batch,
+    /// the call is refused.
     async fn board<'a>(
         &'a self,
         call: &Call<'a>,
         key: &str,
+        holds_until: i64,
         pilots: &mut Pilots<'a>,
         waiting: &mut Waiting,
     ) -> Boarding {
         loop {
+            let now = now_ms();
+            // The flight joined, until when to wait for it, and whether it is
+            // the batch's.
             let mut joined = None;
             if let (Some(batch), None) = (call.batch, &pilots.batch) {
-                match batch.board(key) {
-                    Boarded::Joined(flight) => joined = Some((flight, waiting.until.batch)),
+                match batch.board(key, holds_until, now) {
+                    Boarded::Joined(flight) => joined = Some((flight, waiting.until.batch, true)),
                     Boarded::Pilot(pilot) => pilots.batch = Some(pilot),
                 }
             }
             if let (None, None, Some(until)) = (&joined, &pilots.process, waiting.until.elsewhere) {
-                match self.inner.flights.board(key) {
-                    Boarded::Joined(flight) => joined = Some((flight, until)),
+                match self.inner.flights.board(key, holds_until, now) {
+                    Boarded::Joined(flight) => joined = Some((flight, until, false)),
                     Boarded::Pilot(pilot) => pilots.process = Some(pilot),
                 }
             }
-            let Some((flight, until)) = joined else {
+            let Some((flight, until, batch)) = joined else {
                 return Boarding::Fly;
             };
             if !flight.has_landed() {
                 waiting.waited = true;
             }
-            match flight.landed(instant_at(until)).await {
+            let overdue_at = flight.overdue_at();
+            match flight.landed(instant_at(until.min(overdue_at))).await {
                 Some(Landing::Completed(cached)) => return Boarding::Replay(cached),
                 // It ended without a record: board again, to fly the key or to
                 // wait for the call that flies it now.
                 Some(_) => continue,
+                // Its pilot passed its deadline in flight: board again, to
+                // replace its flight and go to the store.
+                None if overdue_at < until => continue,
+                // The wait is over, and the pilot may not even hold the key: a
+                // duplicate itself, whose request to the store is slow (throttled,
+                // retried) while the key was completed elsewhere. One reservation
+                // attempt decides, as for a call that does not wait: a completed
+                // record replays, a free key runs, a held one refuses.
+                None if !batch => return Boarding::Fly,
                 None => return Boarding::TimedOut,
             }
         }
@@ -1469,11 +1490,14 @@ impl Waiting {
 
 /// What step 3 decided.
 enum Boarding {
-    /// Go to the store: no other call of the key in flight here.
+    /// Go to the store: no other call of the key in flight here, or the wait
+    /// for one of this `Idempotency` is over (its pilot stalled past its
+    /// deadline, or this call's wait ended first: the store decides then).
     Fly,
     /// Another call here completed the key: replay its record.
     Replay(Arc<Cached>),
-    /// It did not land before this call had to stop waiting.
+    /// Another record of the batch did not land before this call had to stop
+    /// waiting.
     TimedOut,
 }
 

@@ -34,6 +34,11 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// For the shared LocalStack helpers (who sent a request): one caller here.
+fn caller() -> &'static str {
+    ""
+}
+
 fn config(cache: bool) -> IdempotencyConfig {
     let builder = IdempotencyConfig::builder()
         .key_expression("order_id")

@@ -7,14 +7,26 @@
 //! deduping payments API on 127.0.0.1, spawns `chaos worker` processes, kills and
 //! respawns them, runs the final pass, reads every record back and checks:
 //! overlapping executions within reservation windows, stuck keys, replies that
-//! differ from the committed response, charges per key, late overwrites.
+//! differ from the committed response (the waiting invocations' included),
+//! charges per key, late overwrites, journaled steps run again, waiting
+//! invocations whose reported outcome disagrees with what they got, and waiting
+//! invocations refused while no call held their key.
 //! Exits 1 when a check fails.
+//!
+//! A share of the invocations (`CHAOS_WAIT_PERMILLE`) go through a second
+//! `Idempotency` of the worker, configured with `wait_for_in_progress`: a
+//! duplicate of one in flight waits for it (on its flight in the same worker and
+//! `Idempotency`, polling the record otherwise) instead of being refused. The
+//! engine stops waiting 1 s before the deadline, so their deadline is 1 s
+//! further out than the others'. The worker notes what the engine reported for
+//! each (the `outcome` and `waited_ms` of its `idempotency` span).
 //!
 //! Parameters (environment): `CHAOS_INVOCATIONS` (10000), `CHAOS_KEYS` (1000),
 //! `CHAOS_WORKERS` (4), `CHAOS_CONCURRENCY` (invocations in flight per worker, 4),
 //! `CHAOS_DEADLINE_MIN_MS`/`CHAOS_DEADLINE_MAX_MS` (200/800),
 //! `CHAOS_KILL_INTERVAL_MS` (mean time between kills, 1500), `CHAOS_MAX_KILLS`
 //! (unbounded), `CHAOS_PAUSE_PERMILLE` (executions that sleep past their deadline, 100),
+//! `CHAOS_WAIT_PERMILLE` (invocations that wait for one in flight, 333),
 //! `CHAOS_LABEL`, `CHAOS_DIR` (logs), `CHAOS_MAX_SECONDS` (900), `AWS_ENDPOINT_URL`.
 
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
@@ -80,6 +92,7 @@ struct Params {
     kill_interval_ms: u64,
     max_kills: u64,
     pause_permille: u64,
+    wait_permille: u64,
     label: String,
     max_seconds: u64,
 }
@@ -105,6 +118,7 @@ impl Params {
             kill_interval_ms: env_num("CHAOS_KILL_INTERVAL_MS", 1_500)?,
             max_kills: env_num("CHAOS_MAX_KILLS", u64::MAX)?,
             pause_permille: env_num("CHAOS_PAUSE_PERMILLE", 100)?,
+            wait_permille: env_num("CHAOS_WAIT_PERMILLE", 333)?,
             label: std::env::var("CHAOS_LABEL").unwrap_or_else(|_| "run".to_owned()),
             max_seconds: env_num("CHAOS_MAX_SECONDS", 900)?,
         };
@@ -225,7 +239,12 @@ impl Server {
         let budget = queue
             .rng
             .range(p.deadline_min_ms as u64, p.deadline_max_ms as u64);
-        json!({ "inv": inv, "order": order_name(index), "budget_ms": budget, "chaos": true })
+        let waits = queue.rng.range(0, 999) < p.wait_permille;
+        // A waiting call stops waiting 1 s before its deadline, to answer or
+        // run: its deadline is that much further out, so that it may wait about
+        // as long as the others may run.
+        let budget = budget + if waits { WAIT_MARGIN_MS as u64 } else { 0 };
+        json!({ "inv": inv, "order": order_name(index), "budget_ms": budget, "waits": waits, "chaos": true })
     }
 
     fn dispatched(&self) -> u64 {
@@ -295,6 +314,10 @@ fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
 }
 
+/// How long before its deadline the engine stops a call's wait
+/// (`WAIT_MARGIN_MS` in `src/idempotency.rs`).
+const WAIT_MARGIN_MS: i64 = 1_000;
+
 type HandlerError = Error<std::io::Error>;
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
 type Handler = Box<dyn Fn(Value) -> HandlerFuture + Send + Sync>;
@@ -303,11 +326,23 @@ type Function = IdempotentFunction<Handler, DynamoDbStore>;
 /// The wrapped handler: sleeps a few ms, charges the order in a step with its
 /// derived key, sometimes sleeps past its deadline (before or after the step),
 /// and answers with the order, the charge id and which execution produced it.
-/// Logs `run` when it starts and `pause` when it oversleeps.
-fn function(table: &str, payments: SocketAddr, log: EventLog) -> Result<Function, BoxError> {
+/// Logs `run` when it starts and `pause` when it oversleeps. With `waits`, on an
+/// `Idempotency` whose calls wait for one in flight with their key (for as long
+/// as their deadline lets them: the maximum is not what ends a wait here).
+fn function(
+    table: &str,
+    payments: SocketAddr,
+    log: EventLog,
+    waits: bool,
+) -> Result<Function, BoxError> {
     let config = IdempotencyConfig::builder()
         .key_expression("order_id")
         .key_prefix("chaos")
+        .wait_for_in_progress(if waits {
+            Duration::from_secs(60)
+        } else {
+            Duration::ZERO
+        })
         .build()?;
     let idempotency = Idempotency::new(DynamoDbStore::new(client(&endpoint()), table), config);
     let handler: Handler = Box::new(move |payload: Value| {
@@ -366,9 +401,11 @@ fn function(table: &str, payments: SocketAddr, log: EventLog) -> Result<Function
 }
 
 /// One invocation with a `Context` whose deadline is `budget_ms` ahead; logs
-/// `start` and `end` (with the outcome and, on success, the reply as sent).
+/// `start` and `end` (with the outcome, on success the reply as sent, and what
+/// the engine reported). `waits`: `function` is the waiting one.
 async fn invoke(
     function: &Function,
+    waits: bool,
     log: &EventLog,
     inv: u64,
     order: &str,
@@ -377,12 +414,17 @@ async fn invoke(
 ) -> Result<Value, Error<HandlerError>> {
     let start = now_ms();
     let deadline = start + budget_ms;
-    log.write(json!({ "ev": "start", "inv": inv, "order": order, "t": start, "deadline": deadline, "pid": std::process::id() }));
+    log.write(json!({ "ev": "start", "inv": inv, "order": order, "t": start, "deadline": deadline, "waits": waits, "pid": std::process::id() }));
     let mut context = Context::default();
     context.deadline = deadline as u64;
     context.request_id = format!("chaos-{inv}");
     let payload = json!({ "order_id": order, "inv": inv, "deadline": deadline, "pause_permille": pause_permille });
-    let result = function.call(payload, Some(&context)).await;
+    let (result, reported) = REPORTED
+        .scope(std::cell::RefCell::default(), async {
+            let result = function.call(payload, Some(&context)).await;
+            (result, REPORTED.with(std::cell::RefCell::take))
+        })
+        .await;
     let (outcome, detail) = outcome(&result);
     let reply = result
         .as_ref()
@@ -390,9 +432,54 @@ async fn invoke(
         .map(|v| serde_json::to_string(v).unwrap_or_default());
     log.write(json!({
         "ev": "end", "inv": inv, "order": order, "t": now_ms(), "deadline": deadline,
-        "outcome": outcome, "detail": detail, "reply": reply,
+        "outcome": outcome, "detail": detail, "reply": reply, "waits": waits,
+        "engine": reported.outcome, "waited_ms": reported.waited_ms,
     }));
     result
+}
+
+tokio::task_local! {
+    /// What the engine reported on the `idempotency` span of the call this
+    /// task is making.
+    static REPORTED: std::cell::RefCell<Reported>;
+}
+
+/// The `outcome` and `waited_ms` fields of a call's `idempotency` span.
+#[derive(Default)]
+struct Reported {
+    outcome: Option<String>,
+    waited_ms: Option<i64>,
+}
+
+/// A tracing layer that copies the fields the engine records on its
+/// `idempotency` span into the calling task's [`REPORTED`]: the engine records
+/// them inside the call, on the task that awaits it.
+struct Report;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Report {
+    fn on_record(
+        &self,
+        _: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Fields<'a>(&'a mut Reported);
+        impl tracing::field::Visit for Fields<'_> {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "outcome" {
+                    self.0.outcome = Some(value.to_owned());
+                }
+            }
+            fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                if field.name() == "waited_ms" {
+                    self.0.waited_ms = Some(value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let _ =
+            REPORTED.try_with(|reported| values.record(&mut Fields(&mut reported.borrow_mut())));
+    }
 }
 
 /// A short name for how a call ended, and the error text.
@@ -420,24 +507,46 @@ fn outcome(result: &Result<Value, Error<HandlerError>>) -> (&'static str, String
 // Worker process
 // ---------------------------------------------------------------------------
 
+/// Warnings and errors to stderr (`RUST_LOG` to change), and the engine's
+/// report of each call for the event log ([`Report`]).
+fn init_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(
+            Report.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span() && meta.name() == "idempotency"
+            })),
+        )
+        .try_init();
+}
+
 async fn worker(args: &[String]) -> Result<bool, BoxError> {
     let [server, table, log_path] = args else {
         return Err("usage: chaos worker SERVER_ADDR TABLE LOG_FILE".into());
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    init_tracing();
     let params = Params::from_env()?;
     let server: SocketAddr = server.parse()?;
     let log = EventLog::create(Path::new(log_path))?;
-    let function = Arc::new(function(table, server, log.clone())?);
+    // Two `Idempotency`s on the same table and key prefix, each with its own
+    // flights: a waiting call waits on the flight of a waiting call of this
+    // worker, and polls the record for any other.
+    let functions = Arc::new([
+        function(table, server, log.clone(), false)?,
+        function(table, server, log.clone(), true)?,
+    ]);
     let mut tasks = Vec::new();
     for _ in 0..params.concurrency {
-        let (function, log) = (Arc::clone(&function), log.clone());
+        let (functions, log) = (Arc::clone(&functions), log.clone());
         let pause_permille = params.pause_permille;
         tasks.push(tokio::spawn(async move {
             let mut failures = 0;
@@ -454,8 +563,10 @@ async fn worker(args: &[String]) -> Result<bool, BoxError> {
                 if next["done"] == true {
                     return;
                 }
+                let waits = next["waits"] == true;
                 let _ = invoke(
-                    &function,
+                    &functions[usize::from(waits)],
+                    waits,
                     &log,
                     next["inv"].as_u64().unwrap_or(u64::MAX),
                     next["order"].as_str().unwrap_or_default(),
@@ -682,7 +793,7 @@ async fn final_pass(
                 while Instant::now() < deadline {
                     calls += 1;
                     let inv = next_inv.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    match invoke(function, log, inv, &order, FINAL_DEADLINE_MS, None).await {
+                    match invoke(function, false, log, inv, &order, FINAL_DEADLINE_MS, None).await {
                         Ok(_) => return (calls, in_progress, errors, None),
                         Err(Error::Idempotency(IdempotencyError::AlreadyInProgress { key })) => {
                             in_progress += 1;
@@ -733,21 +844,34 @@ fn read_events(dir: &Path) -> Result<Vec<Value>, BoxError> {
     Ok(events)
 }
 
-#[derive(Debug)]
-struct Execution {
-    inv: u64,
-    start: i64,
-    deadline: i64,
-    end: Option<i64>,
+/// The waiting invocations that ended, and how those that waited ended.
+#[derive(Default)]
+struct WaitFigures {
+    ended: u64,
+    replayed: u64,
+    ran: u64,
+    timed_out: u64,
+    /// Waited, then ran and did not complete (fenced, store error, ...).
+    other: u64,
+    /// Sorted.
+    waited_ms: Vec<i64>,
 }
 
-impl Execution {
-    /// The end of its claim on the key: its end, or its deadline if it was killed
-    /// or overslept (a reservation is only valid until the deadline).
-    fn claim_end(&self) -> i64 {
-        self.end.map_or(self.deadline, |end| end.min(self.deadline))
+impl WaitFigures {
+    /// The `p`th percentile of the time waited, `-` with no waits.
+    fn percentile(&self, p: usize) -> String {
+        let n = self.waited_ms.len();
+        match n {
+            0 => "-".to_owned(),
+            _ => self.waited_ms[((n - 1) * p / 100).min(n - 1)].to_string(),
+        }
     }
 }
+
+#[path = "../tests/support/executions.rs"]
+mod executions;
+/// An execution, by its invocation.
+type Execution = executions::Execution<u64>;
 
 async fn orchestrate() -> Result<bool, BoxError> {
     let params = Params::from_env()?;
@@ -813,7 +937,7 @@ async fn orchestrate() -> Result<bool, BoxError> {
         }
     }
     let final_log = EventLog::create(&dir.join("final.jsonl"))?;
-    let function = function(&table, addr, final_log.clone())?;
+    let function = function(&table, addr, final_log.clone(), false)?;
     let store = DynamoDbStore::new(client(&endpoint), &table);
     let (final_calls, final_in_progress, final_errors, unfinished) =
         final_pass(&params, &function, &store, &final_log).await;
@@ -892,7 +1016,7 @@ async fn orchestrate() -> Result<bool, BoxError> {
             .entry(e["order"].as_str().unwrap_or_default().to_owned())
             .or_default()
             .push(Execution {
-                inv,
+                who: inv,
                 start: e["t"].as_i64().unwrap_or(0),
                 deadline: e["deadline"].as_i64().unwrap_or(0),
                 end: ends.get(&inv).and_then(|end| end["t"].as_i64()),
@@ -903,11 +1027,11 @@ async fn orchestrate() -> Result<bool, BoxError> {
         runs.sort_by_key(|r| r.start);
         for (i, a) in runs.iter().enumerate() {
             for b in &runs[i + 1..] {
-                if b.start < a.claim_end() && a.start < b.claim_end() {
+                if a.overlaps(b) {
                     overlaps.push(format!(
                         "{order}: execution {} [{}, {}] (deadline {}, end {:?}) overlaps execution {} [{}, {}] (deadline {}, end {:?})",
-                        a.inv, a.start, a.claim_end(), a.deadline, a.end,
-                        b.inv, b.start, b.claim_end(), b.deadline, b.end
+                        a.who, a.start, a.claim_end(), a.deadline, a.end,
+                        b.who, b.start, b.claim_end(), b.deadline, b.end
                     ));
                 }
             }
@@ -922,8 +1046,11 @@ async fn orchestrate() -> Result<bool, BoxError> {
         .filter_map(|e| e["inv"].as_u64())
         .collect();
     let mut replayed = 0u64;
+    let mut waiting_replies = 0u64;
+    // Every successful reply, the waiting invocations' included.
     for e in ends.values().filter(|e| e["outcome"] == "ok") {
         replies += 1;
+        waiting_replies += u64::from(e["waits"] == true);
         let order = e["order"].as_str().unwrap_or_default();
         let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
         let reply = e["reply"].as_str().unwrap_or_default();
@@ -943,6 +1070,94 @@ async fn orchestrate() -> Result<bool, BoxError> {
             )),
         }
     }
+    // Waiting invocations: what the engine reported against what the worker got.
+    // One that waited has `waited_ms` on its span; its outcome says how it ended
+    // (a run that then failed is named after the failure: "other").
+    let mut waiting = WaitFigures::default();
+    let mut waiters_disagreeing = Vec::new();
+    for e in ends.values().filter(|e| e["waits"] == true) {
+        waiting.ended += 1;
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        let (ok, refused, ran) = (
+            e["outcome"] == "ok",
+            e["outcome"] == "in_progress",
+            run_invs.contains(&inv),
+        );
+        let reported = e["engine"].as_str().unwrap_or("(none)");
+        let agrees = match reported {
+            "waited_then_replayed" => ok && !ran,
+            "waited_then_ran" => ok && ran,
+            "wait_timed_out" => refused && !ran,
+            "(none)" => false,
+            _ => true,
+        };
+        if !agrees {
+            waiters_disagreeing.push(format!(
+                "invocation {inv} ({}): reported {reported}, got {}, {}",
+                e["order"].as_str().unwrap_or_default(),
+                e["outcome"],
+                if ran {
+                    "ran the handler"
+                } else {
+                    "ran no handler"
+                }
+            ));
+        }
+        let Some(waited_ms) = e["waited_ms"].as_i64() else {
+            continue;
+        };
+        waiting.waited_ms.push(waited_ms);
+        match reported {
+            "waited_then_replayed" => waiting.replayed += 1,
+            "waited_then_ran" => waiting.ran += 1,
+            "wait_timed_out" => waiting.timed_out += 1,
+            _ => waiting.other += 1,
+        }
+    }
+    waiting.waited_ms.sort_unstable();
+    // A waiter is refused only while a call holds its key: one that ran the
+    // handler, or was killed after it started (it may have reserved), whose
+    // reservation lasted into the wait (its deadline is later than the waiter's
+    // start) and which had not committed by then. Not "past the end of its
+    // wait": a throttled store can make a waiter's last read answer after the
+    // holder's deadline.
+    let mut starts_by_order: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for e in events.iter().filter(|e| e["ev"] == "start") {
+        starts_by_order
+            .entry(e["order"].as_str().unwrap_or_default())
+            .or_default()
+            .push(e);
+    }
+    let mut refused_unheld = Vec::new();
+    for e in ends.values().filter(|e| e["engine"] == "wait_timed_out") {
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        let order = e["order"].as_str().unwrap_or_default();
+        let gave_up = e["t"].as_i64().unwrap_or(0);
+        let starts = starts_by_order.get(order).map_or(&[][..], Vec::as_slice);
+        let began = starts
+            .iter()
+            .find(|s| s["inv"].as_u64() == Some(inv))
+            .and_then(|s| s["t"].as_i64())
+            .unwrap_or(gave_up);
+        let held = starts.iter().any(|s| {
+            let other = s["inv"].as_u64().unwrap_or(u64::MAX);
+            let end = ends.get(&other);
+            let committed_before = end.is_some_and(|end| {
+                end["outcome"] == "ok" && end["t"].as_i64().is_some_and(|t| t < began)
+            });
+            other != inv
+                && s["t"].as_i64() <= Some(gave_up)
+                && (run_invs.contains(&other) || end.is_none())
+                && s["deadline"].as_i64() > Some(began)
+                && !committed_before
+        });
+        if !held {
+            refused_unheld.push(format!(
+                "{order}: invocation {inv} waited from {began} and was refused at {gave_up}; no call held the key meanwhile"
+            ));
+        }
+    }
+
     // Late overwrites: a key whose committed response came from two executions
     // (two completions succeeded), or whose final record is not the execution whose
     // completion was first replied.
@@ -1097,8 +1312,36 @@ async fn orchestrate() -> Result<bool, BoxError> {
         ("other errors (storm)", other_errors.to_string()),
         ("replies ok (storm)", storm_outcome("ok").to_string()),
         (
-            "replies ok, all / replayed",
-            format!("{replies} / {replayed}"),
+            "replies ok: all / replayed / of waiters",
+            format!("{replies} / {replayed} / {waiting_replies}"),
+        ),
+        (
+            "waiting invocations started / ended",
+            format!(
+                "{} / {}",
+                count(&|e| e["ev"] == "start" && e["waits"] == true),
+                waiting.ended
+            ),
+        ),
+        (
+            "  waited for a call in flight",
+            waiting.waited_ms.len().to_string(),
+        ),
+        (
+            "    replayed / ran / timed out / other",
+            format!(
+                "{} / {} / {} / {}",
+                waiting.replayed, waiting.ran, waiting.timed_out, waiting.other
+            ),
+        ),
+        (
+            "    waited ms, median / 99th percentile / max",
+            format!(
+                "{} / {} / {}",
+                waiting.percentile(50),
+                waiting.percentile(99),
+                waiting.percentile(100)
+            ),
         ),
         (
             "final pass calls / in-progress waits / errors",
@@ -1144,6 +1387,16 @@ async fn orchestrate() -> Result<bool, BoxError> {
             "journaled steps run again (journal lost)",
             journal_lost.len(),
             &journal_lost,
+        ),
+        (
+            "waiters whose reported outcome disagrees",
+            waiters_disagreeing.len(),
+            &waiters_disagreeing,
+        ),
+        (
+            "waiters refused while no call held their key",
+            refused_unheld.len(),
+            &refused_unheld,
         ),
     ];
     println!("\nchaos [{}] figures", params.label);

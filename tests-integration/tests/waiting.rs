@@ -13,7 +13,8 @@ use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use base64::Engine;
 use lambda_idempotency::{
-    DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotentFunction,
+    DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotencyStore,
+    IdempotentFunction,
 };
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
@@ -21,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::events::sqs_message;
+use support::faults::{Fault, FaultStore, Mode, Op};
 use support::localstack::{default_table, recorded_client, s, scan, Requests};
 use support::{context, poll, spawn_call, until_requests, Counter, Gate};
 
@@ -29,17 +31,20 @@ type BoxError = lambda_runtime::Error;
 /// One execution environment: its own client (requests recorded) on `table`.
 fn environment(table: &str, wait: Duration) -> (Idempotency<DynamoDbStore>, Requests) {
     let (client, requests) = recorded_client();
-    let config = IdempotencyConfig::builder()
+    (
+        Idempotency::new(DynamoDbStore::new(client, table), config(wait)),
+        requests,
+    )
+}
+
+fn config(wait: Duration) -> IdempotencyConfig {
+    IdempotencyConfig::builder()
         .key_expression("order_id")
-        // Both environments are one function: one prefix, said explicitly.
+        // Every environment is one function: one prefix, said explicitly.
         .key_prefix("orders")
         .wait_for_in_progress(wait)
         .build()
-        .expect("config");
-    (
-        Idempotency::new(DynamoDbStore::new(client, table), config),
-        requests,
-    )
+        .expect("config")
 }
 
 type Charge = Box<
@@ -53,12 +58,12 @@ type Charge = Box<
 
 /// `charge`, idempotent: counts its runs, waits at the gate, then answers with
 /// the run's number, or fails when `fail_first` and it is the first run.
-fn charge(
-    idempotency: &Idempotency<DynamoDbStore>,
+fn charge<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
     runs: &Counter,
     gate: &Gate,
     fail_first: bool,
-) -> IdempotentFunction<Charge, DynamoDbStore> {
+) -> IdempotentFunction<Charge, S> {
     let (runs, gate) = (runs.clone(), gate.clone());
     let f: Charge = Box::new(move |order: Value| {
         let run = runs.hit();
@@ -272,6 +277,67 @@ async fn when_the_first_call_crashes_the_waiter_takes_over_at_its_deadline_and_r
         now[0].1, abandoned[0].1,
         "the abandoned execution was resumed"
     );
+}
+
+#[tokio::test]
+async fn a_duplicate_here_whose_wait_ends_on_a_duplicate_slow_in_the_store_replays_the_completed_response(
+) {
+    // Seen in the chaos run under DynamoDB throttling: the flight a duplicate
+    // waited on was flown by another duplicate of its environment, itself
+    // waiting in the store, whose read took seconds (the SDK's retries). The
+    // key had been completed elsewhere meanwhile, yet when its wait ended the
+    // duplicate was refused as in progress. It now looks at the record once
+    // first, as a call that does not wait would.
+    let table = default_table("wait-slow-pilot").await;
+    let (first_env, _) = environment(&table, Duration::from_secs(20));
+    let (client, _) = recorded_client();
+    let here = FaultStore::new(DynamoDbStore::new(client, &table));
+    let faults = here.faults.clone();
+    // This environment's first reservation, the pilot's, is refused, and the
+    // answer reaches the pilot only when the test says: a slow request.
+    faults.set(&[Fault {
+        op: Op::Reserve,
+        nth: 1,
+        mode: Mode::PauseAfter,
+    }]);
+    let here_env = Idempotency::new(here, config(Duration::from_secs(20)));
+    let (runs, gate) = (Counter::default(), Gate::closed());
+    let first = charge(&first_env, &runs, &gate, false);
+    let here_charge = Arc::new(charge(&here_env, &runs, &gate, false));
+    let order = json!({ "order_id": "o-7" });
+
+    let first_call = tokio::spawn({
+        let order = order.clone();
+        async move { first.call(order, Some(&context(30_000))).await }
+    });
+    poll(|| async { runs.get() }, |runs| *runs == 0).await;
+    let pilot = tokio::spawn({
+        let (here_charge, order) = (here_charge.clone(), order.clone());
+        async move { here_charge.call(order, Some(&context(30_000))).await }
+    });
+    faults.paused.notified().await;
+    gate.open(1);
+    let first_response = first_call.await.expect("join").expect("first call");
+
+    // 1.3 s left: its wait on the pilot's flight ends 1 s before its deadline.
+    let started = Instant::now();
+    let replayed = here_charge
+        .call(order, Some(&context(1_300)))
+        .await
+        .expect("the completed response, not a refusal");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "it waited for the pilot's flight first: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        serde_json::to_vec(&replayed).expect("json"),
+        serde_json::to_vec(&first_response).expect("json")
+    );
+    faults.resume();
+    let pilot_reply = pilot.await.expect("join").expect("the pilot replays too");
+    assert_eq!(pilot_reply, first_response);
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]

@@ -2,10 +2,11 @@
 //! call, for the crash-at-every-phase matrix.
 #![allow(dead_code)]
 
-use super::Counter;
+use super::{caller, Counter};
 use lambda_idempotency::store::{BoxFuture, OutboxRecord, StepRecord, StoreError};
 use lambda_idempotency::{IdempotencyRecord, IdempotencyStore, OutboxStore, StepJournal};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -50,10 +51,19 @@ pub struct Fault {
     pub mode: Mode,
 }
 
+/// A planned fault that fired, and the [`CALLER`](super::CALLER) it hit.
+#[derive(Debug, Clone, Copy)]
+pub struct Fired {
+    pub caller: &'static str,
+    pub op: Op,
+    pub mode: Mode,
+}
+
 #[derive(Default)]
 struct Plan {
     faults: Vec<Fault>,
     seen: Vec<(Op, usize)>,
+    fired: Vec<Fired>,
 }
 
 /// Shared between the store wrapper, the handler (for [`Op::Effect`]) and the test.
@@ -65,6 +75,11 @@ pub struct Faults {
     /// Notified when an invocation pauses; the test resumes it with `resume`.
     pub paused: Arc<Notify>,
     resume: Arc<Notify>,
+    /// Set by `hold_next`: the next invocation to reach a planned failure stops there.
+    hold: Arc<AtomicBool>,
+    /// Notified when an invocation stops at a hold; the test lets it go with `go`.
+    pub held: Arc<Notify>,
+    go: Arc<Notify>,
 }
 
 impl Faults {
@@ -72,6 +87,34 @@ impl Faults {
         let mut plan = self.plan.lock().expect("plan");
         plan.faults = faults.to_vec();
         plan.seen.clear();
+        plan.fired.clear();
+    }
+
+    /// The next planned fault (or [`hold`](Self::hold) point) that an invocation
+    /// reaches holds it there until `go`: a failure is returned only then (a
+    /// crash or a pause holds it anyway). One hold, for the first attempt: the
+    /// test makes a duplicate arrive while that attempt is in flight at its cut.
+    pub fn hold_next(&self) {
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// A point where the invocation holds if `hold_next` is due (a handler's
+    /// planned failure, which is no store call).
+    pub async fn hold(&self) {
+        if self.hold.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.go.notified().await;
+        }
+    }
+
+    /// Lets a held invocation go on.
+    pub fn go(&self) {
+        self.go.notify_one();
+    }
+
+    /// The planned faults that fired, in order.
+    pub fn fired(&self) -> Vec<Fired> {
+        self.plan.lock().expect("plan").fired.clone()
     }
 
     /// Lets a paused invocation go on.
@@ -96,7 +139,13 @@ impl Faults {
             .faults
             .iter()
             .position(|f| f.op == op && f.nth == count)?;
-        Some(plan.faults.remove(index).mode)
+        let mode = plan.faults.remove(index).mode;
+        plan.fired.push(Fired {
+            caller: caller(),
+            op,
+            mode,
+        });
+        Some(mode)
     }
 
     /// Runs `call` under the plan for `op`.
@@ -107,9 +156,12 @@ impl Faults {
     ) -> Result<T, StoreError> {
         match self.due(op) {
             None => call.await,
-            Some(Mode::Fail) => Err(StoreError::Backend(
-                format!("injected failure at {op:?}").into(),
-            )),
+            Some(Mode::Fail) => {
+                self.hold().await;
+                Err(StoreError::Backend(
+                    format!("injected failure at {op:?}").into(),
+                ))
+            }
             Some(Mode::CrashBefore) => self.crash().await,
             Some(Mode::CrashAfter) => {
                 let _ = call.await;
@@ -117,8 +169,7 @@ impl Faults {
             }
             Some(Mode::PauseAfter) => {
                 let result = call.await;
-                self.paused.notify_one();
-                self.resume.notified().await;
+                self.pause().await;
                 result
             }
         }
@@ -128,31 +179,50 @@ impl Faults {
     pub async fn after_effect(&self) {
         if let Some(mode) = self.due(Op::Effect) {
             match mode {
-                Mode::PauseAfter => {
-                    self.paused.notify_one();
-                    self.resume.notified().await;
-                }
+                Mode::PauseAfter => self.pause().await,
                 _ => self.crash().await,
             }
         }
     }
 
+    /// Stalls until the test resumes the invocation.
+    async fn pause(&self) {
+        // A pause holds the invocation anyway: the hold, if due, is spent.
+        self.hold.store(false, Ordering::SeqCst);
+        self.paused.notify_one();
+        self.resume.notified().await;
+    }
+
     /// Never returns: the test drops the invocation, as a killed process would.
     async fn crash<T>(&self) -> T {
+        // A crash holds the invocation anyway: the hold, if due, is spent.
+        self.hold.store(false, Ordering::SeqCst);
         self.crashed.notify_one();
         std::future::pending().await
     }
 }
 
+/// A reservation the store granted: who asked, the record reserved, and the
+/// record it replaced (abandoned, released open, or expired), if any.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub caller: &'static str,
+    pub record: IdempotencyRecord,
+    pub replaced: Option<IdempotencyRecord>,
+}
+
 /// `inner` behind a test's hands: it counts calls, fails the operations named
 /// in `failing`, injects the planned faults, can send every write twice (as the
 /// SDK does when a response is lost) and can answer refused reservations late.
+/// It logs the reservations it grants.
 #[derive(Clone)]
 pub struct FaultStore<S> {
     pub inner: S,
     pub faults: Faults,
     /// Store calls made, of every kind.
     pub calls: Counter,
+    /// The reservations the store granted, in order.
+    pub granted: Arc<Mutex<Vec<Granted>>>,
     failing: &'static [Op],
     repeat_writes: bool,
     slow_refusals: Option<Duration>,
@@ -165,10 +235,27 @@ impl<S> FaultStore<S> {
             inner,
             faults: Faults::default(),
             calls: Counter::default(),
+            granted: Arc::default(),
             failing: &[],
             repeat_writes: false,
             slow_refusals: None,
             records_only: false,
+        }
+    }
+
+    /// Another execution environment's store on `inner` (the same table): under
+    /// the same fault plan (the nth call of an operation counts the calls of
+    /// both) and the same log of grants, with its own call counter.
+    pub fn beside(&self, inner: S) -> Self {
+        Self {
+            inner,
+            faults: self.faults.clone(),
+            calls: Counter::default(),
+            granted: Arc::clone(&self.granted),
+            failing: self.failing,
+            repeat_writes: self.repeat_writes,
+            slow_refusals: self.slow_refusals,
+            records_only: self.records_only,
         }
     }
 
@@ -249,8 +336,15 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         record: &IdempotencyRecord,
         now_ms: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.call(Op::Reserve, || self.inner.reserve(record, now_ms))
-            .await
+        let replaced = self
+            .call(Op::Reserve, || self.inner.reserve(record, now_ms))
+            .await?;
+        self.granted.lock().expect("granted").push(Granted {
+            caller: caller(),
+            record: record.clone(),
+            replaced: replaced.clone(),
+        });
+        Ok(replaced)
     }
     async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
         self.call(Op::Complete, || self.inner.complete(record))

@@ -18,12 +18,24 @@ pub fn endpoint() -> String {
     std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
 }
 
-/// The DynamoDB operations a client sent, in order (one entry per HTTP request).
+/// The DynamoDB operations a client sent, in order (one entry per HTTP request),
+/// each with the [`CALLER`](super::CALLER) that sent it.
 #[derive(Clone, Default, Debug)]
-pub struct Requests(Arc<Mutex<Vec<String>>>);
+pub struct Requests(Arc<Mutex<Vec<(&'static str, String)>>>);
 
 impl Requests {
     pub fn take(&self) -> Vec<String> {
+        self.take_all().into_iter().map(|(_, op)| op).collect()
+    }
+    /// Takes every request, and returns those `caller` sent.
+    pub fn take_of(&self, caller: &str) -> Vec<String> {
+        self.take_all()
+            .into_iter()
+            .filter(|(by, _)| *by == caller)
+            .map(|(_, op)| op)
+            .collect()
+    }
+    fn take_all(&self) -> Vec<(&'static str, String)> {
         std::mem::take(&mut *self.0.lock().expect("requests lock"))
     }
     pub fn count(&self) -> usize {
@@ -51,7 +63,14 @@ impl Intercept for Recorder {
             .get("x-amz-target")
             .unwrap_or("unknown");
         let operation = target.rsplit('.').next().unwrap_or(target).to_owned();
-        self.0 .0.lock().expect("requests lock").push(operation);
+        // The SDK runs interceptors in the future that sends the request, so
+        // the sending task's caller is the one in scope here.
+        let caller = super::caller();
+        self.0
+             .0
+            .lock()
+            .expect("requests lock")
+            .push((caller, operation));
         Ok(())
     }
 }
@@ -74,6 +93,12 @@ pub fn recorded_client() -> (Client, Requests) {
     let requests = Requests::default();
     let client = Client::from_conf(config().interceptor(Recorder(requests.clone())).build());
     (client, requests)
+}
+
+/// Another client (another execution environment's) whose requests are
+/// recorded in `requests` too.
+pub fn client_recorded_in(requests: &Requests) -> Client {
+    Client::from_conf(config().interceptor(Recorder(requests.clone())).build())
 }
 
 /// A client whose requests are recorded, with one more interceptor after the

@@ -3,6 +3,7 @@
 
 pub mod counts;
 pub mod events;
+pub mod executions;
 pub mod faults;
 pub mod http1;
 pub mod localstack;
@@ -16,6 +17,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tower::{Service, ServiceExt};
+
+tokio::task_local! {
+    /// Who is calling, in a test where several callers share a store (the first
+    /// attempt, a duplicate that waits, the retries): the request recorder and
+    /// the fault store note it beside what each caller did.
+    pub static CALLER: &'static str;
+}
+
+/// The caller of the running task ([`CALLER`]); empty outside one.
+pub fn caller() -> &'static str {
+    CALLER.try_with(|caller| *caller).unwrap_or("")
+}
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
