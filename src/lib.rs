@@ -118,6 +118,9 @@ pub use sources::StreamBatch;
 #[cfg(feature = "apigw")]
 #[cfg_attr(docsrs, doc(cfg(feature = "apigw")))]
 pub use sources::{HttpIdempotency, IDEMPOTENT_REPLAYED};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::RedisStore;
 #[cfg(feature = "atomic-writes")]
 #[cfg_attr(docsrs, doc(cfg(feature = "atomic-writes")))]
 pub use store::TransactionStore;

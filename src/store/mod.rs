@@ -24,7 +24,12 @@
 mod dynamodb;
 mod large;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisStore;
 pub use dynamodb::{AttributeNames, DynamoDbStore, KeyLayout};
 pub use memory::MemoryStore;
 

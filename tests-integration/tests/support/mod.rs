@@ -9,6 +9,7 @@ pub mod http1;
 pub mod localstack;
 pub mod payments;
 pub mod proxy;
+pub mod redis;
 
 use lambda_idempotency::{Idempotency, IdempotencyError, IdempotencyStore};
 use lambda_runtime::{service_fn, Context, LambdaEvent};
