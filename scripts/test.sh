@@ -19,11 +19,13 @@
 #   dev-loop    the cargo-lambda loop (scripts/dev-loop.sh)
 #   chaos       a short chaos run (scripts/chaos.sh --short)
 #
-# What needs the network rather than the CPU (LocalStack, the Powertools venv,
-# cfn-lint, cargo-lambda) installs in the background while the first stages
-# compile. LocalStack is reused when one answers at $AWS_ENDPOINT_URL (or
-# 127.0.0.1:$LOCALSTACK_PORT, default 4566), else started and stopped at the
-# end. Prints the time of each stage at the end.
+# What needs the network rather than the CPU (LocalStack, the Redis servers,
+# the Powertools venv, cfn-lint, cargo-lambda) installs in the background while
+# the first stages compile. LocalStack is reused when one answers at
+# $AWS_ENDPOINT_URL (or 127.0.0.1:$LOCALSTACK_PORT, default 4566), else started
+# and stopped at the end; so are the Redis servers (redis/ensure.sh: ports
+# REDIS_PORT, REDIS_REPLICA_PORT, REDIS_CLUSTER_PORTS). Prints the time of each
+# stage at the end.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -87,17 +89,23 @@ for candidate in "${AWS_ENDPOINT_URL:-}" "http://127.0.0.1:${LOCALSTACK_PORT:-45
     endpoint_was_up=true
   fi
 done
+redis_was_up=false
+if redis-cli -p "${REDIS_PORT:-6390}" ping 2>/dev/null | grep -q PONG; then
+  redis_was_up=true
+fi
 on_exit() {
   local status=$?
   report
   for pid in "${bg_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   [[ "$endpoint_was_up" == true ]] || bash localstack/ensure.sh stop
+  [[ "$redis_was_up" == true ]] || bash redis/ensure.sh stop
   [[ $status == 0 ]] && echo "== all checks passed" >&2
   exit $status
 }
 trap on_exit EXIT
 
 background localstack bash localstack/ensure.sh
+background redis bash redis/ensure.sh
 background powertools bash scripts/powertools-venv.sh
 background cfn-lint bash scripts/lint-template.sh
 background cargo-lambda bash scripts/dev-loop.sh install
@@ -132,10 +140,15 @@ stage tests
 await localstack
 AWS_ENDPOINT_URL="$(cat "$logs/localstack.out")"
 export AWS_ENDPOINT_URL
+await redis
+set -a
+# shellcheck disable=SC1091
+source "$logs/redis.out"
+set +a
 await powertools
 POWERTOOLS_PYTHON="$(cat "$logs/powertools.out")"
 export POWERTOOLS_PYTHON
-echo "   LocalStack at $AWS_ENDPOINT_URL, Powertools for Python at $POWERTOOLS_PYTHON" >&2
+echo "   LocalStack at $AWS_ENDPOINT_URL, Redis at $REDIS_URL and $REDIS_CLUSTER_URLS, Powertools for Python at $POWERTOOLS_PYTHON" >&2
 # The deploy package's functions are built by the dev-loop stage, in their own
 # feature set; here they would only be linked once more.
 cargo test --locked --workspace --exclude lambda-idempotency-functions --all-targets
