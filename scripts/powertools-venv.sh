@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes a Python venv with AWS Lambda Powertools for Python (and boto3) for the
+# Makes a Python venv with AWS Lambda Powertools for Python (with its redis extra, and boto3) for the
 # Powertools compatibility tests (tests-integration/tests/powertools.rs), and prints its python.
 #
 # Idempotent and cached: .cache/powertools/venv is built once (uv from PyPI, the
@@ -13,7 +13,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="$root/.cache/powertools"
 venv="$cache/venv"
 # Bump these together; the marker records them so that a change rebuilds the venv.
-requirements=("aws-lambda-powertools==3.37.0" "boto3==1.44.5")
+requirements=("aws-lambda-powertools[redis]==3.37.0" "boto3==1.44.5")
 exclude_newer="2026-11-20"
 marker="$venv/.installed"
 want="${requirements[*]} --exclude-newer $exclude_newer"

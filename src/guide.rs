@@ -21,14 +21,16 @@
 //!    the operator's CLI.
 //! 8. [The table and IAM](table_and_iam): the items, the attribute names, the
 //!    actions each function needs.
-//! 9. [Large responses](large_responses): responses over DynamoDB's 400 KB,
-//!    compressed or in S3.
-//! 10. [Multi-Region use](multi_region): global tables, MREC and MRSC.
-//! 11. [Migrating from Powertools](migrating_from_powertools): one table shared
-//!     with Powertools for Python.
-//! 12. [Developing locally](developing): cargo-lambda, LocalStack, the chaos run,
+//! 9. [The Redis store](redis): Redis, Valkey, ElastiCache and MemoryDB; the
+//!    layout, scripts, expiry, retries, durability next to DynamoDB's, TLS.
+//! 10. [Large responses](large_responses): responses over DynamoDB's 400 KB,
+//!     compressed or in S3.
+//! 11. [Multi-Region use](multi_region): global tables, MREC and MRSC.
+//! 12. [Migrating from Powertools](migrating_from_powertools): one table (or
+//!     Redis) shared with Powertools for Python.
+//! 13. [Developing locally](developing): cargo-lambda, LocalStack, the chaos run,
 //!     benchmarks, the repository's layout, deploying with SAM.
-//! 13. [Reference](mod@reference): every `errorType`, limits, environment variables,
+//! 14. [Reference](mod@reference): every `errorType`, limits, environment variables,
 //!     the store contracts, writes whose response is lost.
 
 #[doc = include_str!("../docs/getting_started.md")]
@@ -54,6 +56,9 @@ pub mod production {}
 
 #[doc = include_str!("../docs/table_and_iam.md")]
 pub mod table_and_iam {}
+
+#[doc = include_str!("../docs/redis.md")]
+pub mod redis {}
 
 #[doc = include_str!("../docs/large_responses.md")]
 pub mod large_responses {}

@@ -33,6 +33,7 @@ const DOCS: &[(&str, &str)] = &[
         "docs/table_and_iam.md",
         include_str!("../docs/table_and_iam.md"),
     ),
+    ("docs/redis.md", include_str!("../docs/redis.md")),
     (
         "docs/large_responses.md",
         include_str!("../docs/large_responses.md"),

@@ -73,7 +73,8 @@ guide_needs!(
     "emf",
     "s3-responses",
     "testing",
-    "powertools-compat"
+    "powertools-compat",
+    "redis"
 );
 #[cfg(test)]
 mod guide_checks;

@@ -73,8 +73,10 @@ const RETRIES: u32 = 2;
 /// Redis replicates asynchronously: a write acknowledged by a primary that
 /// fails before its replicas have it is lost, and a retry may then run beside
 /// the first call. [`with_replica_acks`](Self::with_replica_acks) waits for
-/// replicas to acknowledge each write (the guide's chapter on the table and
-/// IAM compares the guarantees with DynamoDB's).
+/// replicas to acknowledge each write, which makes such a loss less likely but
+/// not impossible ([the guide's chapter on the Redis
+/// store](crate::guide::redis#durability-said-plainly) compares the guarantees
+/// with DynamoDB's, MemoryDB's and ElastiCache's).
 ///
 /// ```no_run
 /// use lambda_idempotency::{Idempotency, IdempotencyConfig, RedisStore};
@@ -165,13 +167,20 @@ impl RedisStore {
     }
 
     /// Waits after every write until `replicas` replicas have acknowledged it
-    /// (`WAIT`), at most `timeout`; fewer in time fail the write with a store
-    /// error (the write itself stays on the primary, and a reservation made so
-    /// expires at its deadline). It narrows the window in which a failover
-    /// loses a reservation to almost nothing, for one more round trip's worth
-    /// of latency (pipelined with the script on one server; a second request on
-    /// a cluster). `WAIT` holds the connection, which concurrent calls of this
-    /// store share, until the replicas answer.
+    /// (`WAIT`), at most `timeout`. Fewer in time fail the write with a store
+    /// error saying how many replicas acknowledged it, without sending it
+    /// again: the write itself stays on the primary (a reservation made so
+    /// holds the key until its deadline, then a retry resumes it; a completion
+    /// made so is replayed).
+    ///
+    /// A failover then usually promotes a replica that has every acknowledged
+    /// write, but Redis promotes replicas on a best-effort basis (`WAIT` is not
+    /// a consensus protocol), so this makes a lost reservation less likely, not
+    /// impossible. It costs the replicas' acknowledgement on every write
+    /// (pipelined with the script on one server; a second request to the key's
+    /// primary on a cluster), and `WAIT` holds the connection, which concurrent
+    /// calls of this store share, until the replicas answer. A deployment
+    /// without replicas fails every write.
     pub fn with_replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
         self.acks = (replicas > 0).then_some(ReplicaAcks { replicas, timeout });
         self
@@ -195,7 +204,15 @@ impl RedisStore {
         let acks = self.acks.filter(|_| write);
         let (mut attempt, mut loaded) = (0, false);
         loop {
-            let result = self.send::<T>(&cmd, keys.first().copied(), acks).await;
+            let result = match self.send::<T>(&cmd, keys.first().copied(), acks).await {
+                // Not sent again: the write is on the primary, and the caller gave the
+                // replicas this long.
+                Err(Failure::Unacknowledged(short)) => {
+                    return Err(StoreError::Backend(Box::new(short)))
+                }
+                Err(Failure::Redis(err)) => Err(err),
+                Ok(value) => Ok(value),
+            };
             match result {
                 Err(err)
                     if !loaded && err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) =>
@@ -225,13 +242,13 @@ impl RedisStore {
         cmd: &Cmd,
         key: Option<&str>,
         acks: Option<ReplicaAcks>,
-    ) -> Result<T, RedisError> {
+    ) -> Result<T, Failure> {
         let mut connection = self.connection.clone();
         let Some(acks) = acks else {
-            return match &mut connection {
-                Connection::Single(c) => cmd.query_async(c).await,
-                Connection::Cluster(c) => cmd.query_async(c).await,
-            };
+            return Ok(match &mut connection {
+                Connection::Single(c) => cmd.query_async(c).await?,
+                Connection::Cluster(c) => cmd.query_async(c).await?,
+            });
         };
         let timeout_ms = u64::try_from(acks.timeout.as_millis()).unwrap_or(u64::MAX);
         let mut wait = redis::cmd("WAIT");
@@ -252,15 +269,14 @@ impl RedisStore {
                 let route = Route::with_key(key.unwrap_or_default(), SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                 let acked = c.route_command(wait, routing).await?;
-                (value, u32::from_redis_value(acked)?)
+                (
+                    value,
+                    u32::from_redis_value(acked).map_err(RedisError::from)?,
+                )
             }
         };
         if acked < acks.replicas {
-            return Err(RedisError::from((
-                ErrorKind::Io,
-                "written on the primary, but not acknowledged by enough replicas in time",
-                format!("{acked} of {} replicas", acks.replicas),
-            )));
+            return Err(Failure::Unacknowledged(Unacknowledged { acked, acks }));
         }
         Ok(value)
     }
@@ -270,11 +286,15 @@ impl RedisStore {
         let mut attempt = 0;
         loop {
             match self.send::<T>(cmd, None, None).await {
-                Err(err) if retryable(&err) && attempt < RETRIES => {
+                Err(Failure::Redis(err)) if retryable(&err) && attempt < RETRIES => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
                 }
-                other => return other.map_err(backend),
+                Err(Failure::Redis(err)) => return Err(backend(err)),
+                Err(Failure::Unacknowledged(short)) => {
+                    return Err(StoreError::Backend(Box::new(short)))
+                }
+                Ok(value) => return Ok(value),
             }
         }
     }
@@ -338,6 +358,40 @@ impl RedisStore {
         Ok(keys)
     }
 }
+
+/// Why a request of [`RedisStore::send`] failed.
+enum Failure {
+    Redis(RedisError),
+    Unacknowledged(Unacknowledged),
+}
+
+impl From<RedisError> for Failure {
+    fn from(err: RedisError) -> Self {
+        Self::Redis(err)
+    }
+}
+
+/// A write applied on the primary that fewer replicas than asked for
+/// acknowledged within the timeout of
+/// [`with_replica_acks`](RedisStore::with_replica_acks).
+#[derive(Debug)]
+struct Unacknowledged {
+    acked: u32,
+    acks: ReplicaAcks,
+}
+
+impl std::fmt::Display for Unacknowledged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "written on the Redis primary, but acknowledged by {} of {} replicas within {:?} \
+             (WAIT): missing replicas, so a failover could lose the write",
+            self.acked, self.acks.replicas, self.acks.timeout
+        )
+    }
+}
+
+impl std::error::Error for Unacknowledged {}
 
 /// Whether a request may be sent again: it failed on the connection, so it may
 /// or may not have been applied (the scripts are safe to repeat either way).

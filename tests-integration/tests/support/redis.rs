@@ -9,6 +9,12 @@ pub fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".into())
 }
 
+/// The standalone server's replica: `redis://127.0.0.1:6391` unless
+/// `REDIS_REPLICA_URL` says otherwise.
+pub fn replica_url() -> String {
+    std::env::var("REDIS_REPLICA_URL").unwrap_or_else(|_| "redis://127.0.0.1:6391".into())
+}
+
 /// The cluster's nodes: `REDIS_CLUSTER_URLS`, comma-separated.
 pub fn cluster_urls() -> Vec<String> {
     std::env::var("REDIS_CLUSTER_URLS")
