@@ -10,6 +10,7 @@ pub mod localstack;
 pub mod payments;
 pub mod proxy;
 pub mod redis;
+pub mod resp_proxy;
 pub mod stores;
 
 use lambda_idempotency::{Idempotency, IdempotencyError, IdempotencyStore};

@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// One request that went through the proxy.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The client connection it came on, numbered from 1 in the order accepted.
+    pub connection: usize,
     /// The DynamoDB operation (`PutItem`, from `X-Amz-Target`), or `METHOD path`.
     pub operation: String,
     /// Whether its response was withheld from the client.
@@ -66,11 +68,13 @@ impl Proxy {
             state: Arc::default(),
         };
         let state = proxy.state.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (state, upstream) = (state.clone(), upstream.clone());
+                let connection = connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 tokio::spawn(async move {
-                    if let Err(err) = serve(client, &upstream, &state).await {
+                    if let Err(err) = serve(client, connection, &upstream, &state).await {
                         eprintln!("proxy: {err}");
                     }
                 });
@@ -132,7 +136,12 @@ fn should_drop(state: &Mutex<State>, operation: &str, body: &str) -> bool {
 
 /// One client connection: request after request until the client closes it, or
 /// until a response is dropped (the connection is closed then).
-async fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Result<()> {
+async fn serve(
+    client: TcpStream,
+    connection: usize,
+    upstream: &str,
+    state: &Mutex<State>,
+) -> std::io::Result<()> {
     let (read, mut write) = client.into_split();
     let mut read = BufReader::new(read);
     while let Some(request) = read_message(&mut read, Framing::Request).await? {
@@ -171,6 +180,7 @@ async fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::
             .unwrap_or_else(|p| p.into_inner())
             .log
             .push(Entry {
+                connection,
                 operation,
                 dropped,
                 status,

@@ -10,7 +10,11 @@ pub fn url() -> String {
 }
 
 /// The standalone server's database `n` (`REDIS_URL` names the server; a
-/// database it names is replaced).
+/// database it names is replaced). Tests whose relay sweeps (which scan the
+/// whole database's outbox) run in databases of their own, so that the scan
+/// stays short beside the messages of other tests and benches in database 0:
+/// the crash matrix's rows in 1 to 5, the lost-response tests in
+/// [`LOST_RESPONSES_DATABASE`]. Their key prefixes keep runs apart.
 pub fn url_of_database(n: usize) -> String {
     let url = url();
     let server = match url.rsplit_once('/') {
@@ -20,6 +24,16 @@ pub fn url_of_database(n: usize) -> String {
         _ => url.trim_end_matches('/').to_owned(),
     };
     format!("{server}/{n}")
+}
+
+/// The database of the lost-response tests (`ambiguous.rs`).
+pub const LOST_RESPONSES_DATABASE: usize = 6;
+
+/// The standalone server's `host:port`.
+pub fn address() -> String {
+    let url = url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
 }
 
 /// The cluster's nodes: `REDIS_CLUSTER_URLS`, comma-separated.
@@ -101,5 +115,60 @@ pub async fn query<T: redis::FromRedisValue>(
             .await
             .expect("Redis answers");
         cmd.query_async(&mut connection).await.expect("a command")
+    }
+}
+
+/// `RedisStore`'s scripts by name, as it sends them: `EVALSHA` with the SHA1
+/// of their text.
+pub const SCRIPTS: [(&str, &str); 5] = [
+    (
+        "reserve",
+        include_str!("../../../src/store/redis/reserve.lua"),
+    ),
+    (
+        "complete",
+        include_str!("../../../src/store/redis/complete.lua"),
+    ),
+    (
+        "release",
+        include_str!("../../../src/store/redis/release.lua"),
+    ),
+    (
+        "put_step",
+        include_str!("../../../src/store/redis/put_step.lua"),
+    ),
+    (
+        "mark_delivered",
+        include_str!("../../../src/store/redis/mark_delivered.lua"),
+    ),
+];
+
+/// The SHA1 an `EVALSHA` of the script `name` carries.
+pub fn script_sha(name: &str) -> String {
+    let (_, text) = SCRIPTS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no script {name}"));
+    redis::Script::new(text).get_hash().to_owned()
+}
+
+/// The name of the script whose SHA1 is `sha`.
+pub fn script_name(sha: &str) -> Option<&'static str> {
+    SCRIPTS
+        .iter()
+        .find(|(_, text)| redis::Script::new(text).get_hash() == sha)
+        .map(|(name, _)| *name)
+}
+
+/// Loads every script on the server at `url`, so that no `EVALSHA` of a test
+/// meets `NOSCRIPT` (and the store's load in between).
+pub async fn load_scripts(url: &str) {
+    for (_, text) in SCRIPTS {
+        let _: String = query(
+            &[url.to_owned()],
+            false,
+            redis::cmd("SCRIPT").arg("LOAD").arg(text),
+        )
+        .await;
     }
 }
