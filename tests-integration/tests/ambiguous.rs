@@ -1070,7 +1070,7 @@ impl Backend for Redis {
                 steps += 1;
             } else if companion.contains("#outbox#") {
                 let status: Option<String> = support::redis::query(
-                    &[url.clone()],
+                    std::slice::from_ref(&url),
                     false,
                     ::redis::cmd("HGET").arg(&companion).arg("status"),
                 )
