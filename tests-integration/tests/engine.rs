@@ -1,6 +1,7 @@
 //! The rules of a wrapped call, each written once and run on every store: the
 //! in-memory store (`memory::`), Redis (`redis::`, the standalone server of
-//! `redis/ensure.sh`, each test under a key prefix of its own) and a slice on
+//! `redis/ensure.sh`, in a database of the rules', each test under a key
+//! prefix of its own) and a slice on
 //! the Redis cluster (`cluster::`) that reaches every script through the
 //! cluster's routing. A rule inspects records through the store contract
 //! (`get`, the keys `key_for` names) and `Harness::records`.
@@ -27,6 +28,21 @@ type BoxError = lambda_runtime::Error;
 
 fn config<S: Store>(h: &Harness<S>) -> lambda_idempotency::IdempotencyConfigBuilder {
     h.builder().key_expression("order_id")
+}
+
+/// A wrapped handler that counts its runs and answers `response`.
+fn answering<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    runs: &Counter,
+    response: Value,
+) -> impl Service<LambdaEvent<Value>, Response = Value, Error = support::ServiceError> + Clone {
+    let runs = runs.clone();
+    idempotency
+        .wrap(service_fn(move |_: LambdaEvent<Value>| {
+            runs.hit();
+            std::future::ready(Ok::<_, BoxError>(response.clone()))
+        }))
+        .expect("one handler per key prefix")
 }
 
 /// A test per rule and store: `memory::rule` on a fresh memory store,
@@ -501,16 +517,7 @@ async fn falsy_responses_replay_exactly_as_stored<S: Store>(h: Harness<S>) {
         let h = h.another();
         let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
         let runs = Counter::default();
-        let mut service = {
-            let (runs, response) = (runs.clone(), response.clone());
-            idempotency
-                .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                    runs.hit();
-                    let response = response.clone();
-                    async move { Ok::<_, BoxError>(response) }
-                }))
-                .expect("one handler per key prefix")
-        };
+        let mut service = answering(&idempotency, &runs, response.clone());
         assert_eq!(
             invoke(&mut service, json!({"order_id": "f"}))
                 .await
@@ -533,15 +540,11 @@ async fn a_response_that_fits_compressed_is_stored_and_replayed<S: Store>(h: Har
     let store = h.store.clone();
     let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
-    let mut service = {
-        let runs = runs.clone();
-        idempotency
-            .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(1024 * 1024)})) }
-            }))
-            .expect("one handler per key prefix")
-    };
+    let mut service = answering(
+        &idempotency,
+        &runs,
+        json!({"blob": "x".repeat(1024 * 1024)}),
+    );
     let first = invoke(&mut service, json!({"order_id": "gz"}))
         .await
         .expect("fits compressed");
@@ -558,16 +561,9 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released<
     let store = CountingStore::new(h.store.clone());
     let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
-    let mut service = {
-        let runs = runs.clone();
-        idempotency
-            .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                // Over 400 KB with or without the `compress-responses` feature.
-                async move { Ok::<_, BoxError>(json!({"blob": incompressible(600 * 1024, 1)})) }
-            }))
-            .expect("one handler per key prefix")
-    };
+    // Over 400 KB with or without the `compress-responses` feature.
+    let blob = json!({"blob": incompressible(600 * 1024, 1)});
+    let mut service = answering(&idempotency, &runs, blob);
     let err = invoke(&mut service, json!({"order_id": "big"}))
         .await
         .expect_err("too large");
@@ -591,15 +587,8 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released<
 async fn a_response_over_dynamodb_s_item_limit_is_stored_and_replayed<S: Store>(h: Harness<S>) {
     let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
-    let mut service = {
-        let runs = runs.clone();
-        idempotency
-            .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                async move { Ok::<_, BoxError>(json!({"blob": incompressible(600 * 1024, 1)})) }
-            }))
-            .expect("one handler per key prefix")
-    };
+    let blob = json!({"blob": incompressible(600 * 1024, 1)});
+    let mut service = answering(&idempotency, &runs, blob);
     let first = invoke(&mut service, json!({"order_id": "big"}))
         .await
         .expect("stored");

@@ -10,11 +10,13 @@ pub fn url() -> String {
 }
 
 /// The standalone server's database `n` (`REDIS_URL` names the server; a
-/// database it names is replaced). Tests whose relay sweeps (which scan the
-/// whole database's outbox) run in databases of their own, so that the scan
-/// stays short beside the messages of other tests and benches in database 0:
-/// the crash matrix's rows in 1 to 5, the lost-response tests in
-/// [`LOST_RESPONSES_DATABASE`]. Their key prefixes keep runs apart.
+/// database it names is replaced). Tests that scan (a relay's sweep reads the
+/// whole database's outbox, `Harness::records` counts keys) run in databases
+/// of their own, so that a scan stays short beside the keys of other tests
+/// and of benches in database 0 (hundreds of thousands at times): the crash
+/// matrix's rows in 1 to 5, the lost-response tests in
+/// [`LOST_RESPONSES_DATABASE`], the engine's rules in [`RULES_DATABASE`].
+/// Their key prefixes keep runs apart.
 pub fn url_of_database(n: usize) -> String {
     let url = url();
     let server = match url.rsplit_once('/') {
@@ -28,6 +30,8 @@ pub fn url_of_database(n: usize) -> String {
 
 /// The database of the lost-response tests (`ambiguous.rs`).
 pub const LOST_RESPONSES_DATABASE: usize = 6;
+/// The database of the engine's rules (`engine.rs`, `support::stores`).
+pub const RULES_DATABASE: usize = 7;
 
 /// The standalone server's `host:port`.
 pub fn address() -> String {

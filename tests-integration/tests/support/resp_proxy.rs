@@ -11,9 +11,8 @@
 //! one at a time, in order: a pipelined command waits for the reply before it.
 #![allow(dead_code)]
 
+use super::proxy::{accept, Shared};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -57,29 +56,10 @@ pub struct Entry {
     pub raw: Vec<u8>,
 }
 
-/// Which command loses its reply: the `nth` (from 1, counted from when the
-/// rule is armed) named `name` each of whose `contains` is in one of its
-/// arguments (for a script, its SHA1, or a part of a record it writes). Fires
-/// once.
-#[derive(Debug)]
-struct Rule {
-    name: String,
-    contains: Vec<String>,
-    nth: usize,
-    seen: usize,
-    fired: bool,
-}
-
-#[derive(Default, Debug)]
-struct State {
-    rules: Vec<Rule>,
-    log: Vec<Entry>,
-}
-
 #[derive(Clone)]
 pub struct RespProxy {
     pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+    shared: Shared<Entry>,
 }
 
 impl RespProxy {
@@ -90,20 +70,12 @@ impl RespProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let proxy = Self {
             addr: listener.local_addr().expect("proxy address"),
-            state: Arc::default(),
+            shared: Shared::default(),
         };
-        let state = proxy.state.clone();
-        let connections = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (state, upstream) = (state.clone(), upstream.clone());
-                let connection = connections.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(async move {
-                    if let Err(err) = serve(client, connection, &upstream, &state).await {
-                        eprintln!("resp proxy: {err}");
-                    }
-                });
-            }
+        let shared = proxy.shared.clone();
+        accept(listener, "resp proxy", move |client, connection| {
+            let (shared, upstream) = (shared.clone(), upstream.clone());
+            async move { serve(client, connection, &upstream, &shared).await }
         });
         proxy
     }
@@ -116,47 +88,22 @@ impl RespProxy {
         }
     }
 
-    /// Loses the reply of the `nth` command (from now on) named `name` whose
-    /// arguments contain every string of `contains`.
+    /// Loses the reply of the `nth` command (from now on, counted from 1)
+    /// named `name` each string of whose `contains` is in one of its
+    /// arguments (for a script, its SHA1, or a part of a record it writes).
     pub fn drop_reply(&self, name: &str, contains: &[&str], nth: usize) {
-        assert!(nth >= 1, "nth counts from 1");
-        self.lock().rules.push(Rule {
-            name: name.to_ascii_uppercase(),
-            contains: contains.iter().map(|s| (*s).to_owned()).collect(),
-            nth,
-            seen: 0,
-            fired: false,
-        });
+        self.shared.arm(&name.to_ascii_uppercase(), contains, nth);
     }
 
     /// Rules armed and not fired yet.
     pub fn armed(&self) -> usize {
-        self.lock().rules.iter().filter(|r| !r.fired).count()
+        self.shared.armed()
     }
 
     /// The log so far, emptying it.
     pub fn take_log(&self) -> Vec<Entry> {
-        std::mem::take(&mut self.lock().log)
+        self.shared.take_log()
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn should_drop(state: &Mutex<State>, name: &str, args: &[String]) -> bool {
-    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-    for rule in state.rules.iter_mut().filter(|r| !r.fired) {
-        let found = |c: &String| args.iter().any(|a| a.contains(c.as_str()));
-        if rule.name == name && rule.contains.iter().all(found) {
-            rule.seen += 1;
-            if rule.seen == rule.nth {
-                rule.fired = true;
-                return true;
-            }
-        }
-    }
-    false
 }
 
 /// One client connection: command after command until the client closes it,
@@ -165,7 +112,7 @@ async fn serve(
     client: TcpStream,
     connection: usize,
     upstream: &str,
-    state: &Mutex<State>,
+    shared: &Shared<Entry>,
 ) -> std::io::Result<()> {
     let (read, mut write) = client.into_split();
     let mut read = BufReader::new(read);
@@ -190,25 +137,21 @@ async fn serve(
         });
         let name = words.next().unwrap_or_default().to_ascii_uppercase();
         let args: Vec<String> = words.collect();
-        let dropped = should_drop(state, &name, &args);
+        let dropped = shared.should_drop(&name, |s| args.iter().any(|a| a.contains(s)));
 
         up_write.write_all(&raw).await?;
         let mut reply_raw = Vec::new();
         let reply = read_value(&mut up_read, &mut reply_raw)
             .await?
             .ok_or_else(|| std::io::Error::other("the server closed without a reply"))?;
-        state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .log
-            .push(Entry {
-                connection,
-                name,
-                args,
-                dropped,
-                reply,
-                raw,
-            });
+        shared.record(Entry {
+            connection,
+            name,
+            args,
+            dropped,
+            reply,
+            raw,
+        });
         if dropped {
             // Applied upstream, reply read; the client gets nothing but the close.
             return Ok(());

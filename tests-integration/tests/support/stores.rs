@@ -50,12 +50,16 @@ impl Harness<MemoryStore> {
 }
 
 impl Harness<RedisStore> {
-    /// The standalone server, under a prefix for `test`.
+    /// The standalone server (the database of the rules: see
+    /// [`super::redis::url_of_database`]), under a prefix for `test`.
     pub async fn redis(test: &str) -> Self {
+        let url = super::redis::url_of_database(super::redis::RULES_DATABASE);
         Self {
-            store: super::redis::store().await,
+            store: RedisStore::connect(&url)
+                .await
+                .expect("Redis answers (redis/ensure.sh starts it)"),
             prefix: super::redis::prefix(test),
-            nodes: vec![super::redis::url()],
+            nodes: vec![url],
             cluster: false,
         }
     }
@@ -127,10 +131,12 @@ impl Store for RedisStore {
     }
 
     async fn records(h: &Harness<Self>) -> usize {
-        // A record's key starts with the prefix; a journal entry's or an
-        // outbox message's with `{`, its record's hash tag. A pattern's `*`
-        // alone: the prefixes are test names and digits, no glob characters.
-        let pattern = format!("{}*", h.prefix);
+        // A record's key is the prefix, then `#` and the hash or `.` and a
+        // function's name (the prefix alone would also match the prefixes
+        // `another` makes of it); a journal entry's or an outbox message's
+        // starts with `{`, its record's hash tag. The prefixes are test names
+        // and digits: no glob characters of their own.
+        let pattern = format!("{}[#.]*", h.prefix);
         let mut count = 0;
         for node in &h.nodes {
             count += super::redis::scan(node, &pattern).await.len();
