@@ -17,7 +17,7 @@
 #   package     cargo package: the published crate builds from its own files
 #   cfn-lint    template.yaml
 #   dev-loop    the cargo-lambda loop (scripts/dev-loop.sh)
-#   chaos       a short chaos run (scripts/chaos.sh --short)
+#   chaos       a short chaos run on DynamoDB, then on Redis (scripts/chaos.sh --short)
 #
 # What needs the network rather than the CPU (LocalStack, the Redis servers,
 # the Powertools venv, cfn-lint, cargo-lambda) installs in the background while

@@ -716,10 +716,18 @@ impl OutboxStore for RedisStore {
     fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
         Box::pin(async move {
             let mut pending = Vec::new();
-            for key in self.scan("*#outbox#*").await? {
-                if let Some(message) = self.outbox_record(&key).await? {
-                    if !message.delivered {
-                        pending.push(message);
+            let keys = self.scan("*#outbox#*").await?;
+            // A pipeline of reads per hundred messages, not a round trip each.
+            for chunk in keys.chunks(100) {
+                let mut pipe = redis::pipe();
+                for key in chunk {
+                    pipe.add_command(outbox_fields(key));
+                }
+                let replies: Vec<Vec<Option<String>>> = self.read_pipeline(&pipe).await?;
+                for (key, fields) in chunk.iter().zip(replies) {
+                    match outbox_from_fields(key, fields)? {
+                        Some(message) if !message.delivered => pending.push(message),
+                        _ => {}
                     }
                 }
             }
@@ -732,45 +740,77 @@ impl OutboxStore for RedisStore {
 impl RedisStore {
     /// The outbox message at `redis_key`, if it is there.
     async fn outbox_record(&self, redis_key: &str) -> Result<Option<OutboxRecord>, StoreError> {
-        let fields: Vec<Option<String>> = self
-            .read(
-                redis::cmd("HMGET")
-                    .arg(redis_key)
-                    .arg("key")
-                    .arg("derived_key")
-                    .arg("message")
-                    .arg("status")
-                    .arg("expiration"),
-            )
-            .await?;
-        let malformed = |attribute: &str| StoreError::Malformed {
-            key: redis_key.to_owned(),
-            attribute: attribute.to_owned(),
-            problem: "is missing or invalid in an outbox message".into(),
-        };
-        let mut fields = fields.into_iter();
-        let mut next = || fields.next().flatten();
-        let Some(key) = next() else {
-            return Ok(None);
-        };
-        let derived_key = next().ok_or_else(|| malformed("derived_key"))?;
-        let message = next().ok_or_else(|| malformed("message"))?;
-        let delivered = match next().as_deref() {
-            Some("PENDING") => false,
-            Some("DELIVERED") => true,
-            _ => return Err(malformed("status")),
-        };
-        let expiration = next()
-            .and_then(|e| e.parse().ok())
-            .ok_or_else(|| malformed("expiration"))?;
-        Ok(Some(OutboxRecord {
-            key,
-            derived_key,
-            message,
-            delivered,
-            expiration,
-        }))
+        let fields = self.read(&outbox_fields(redis_key)).await?;
+        outbox_from_fields(redis_key, fields)
     }
+
+    /// A pipeline of plain reads, retried as one read is.
+    async fn read_pipeline<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let mut connection = self.connection.clone();
+            let result = match &mut connection {
+                Connection::Single(c) => pipe.query_async(c).await,
+                Connection::Cluster(c) => pipe.query_async(c).await,
+            };
+            match result {
+                Err(err) if retryable(&err) && attempt < RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
+                }
+                other => return other.map_err(backend),
+            }
+        }
+    }
+}
+
+/// The read of an outbox message's fields.
+fn outbox_fields(redis_key: &str) -> Cmd {
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(redis_key)
+        .arg("key")
+        .arg("derived_key")
+        .arg("message")
+        .arg("status")
+        .arg("expiration");
+    cmd
+}
+
+/// The outbox message those fields hold (`None`: no message there).
+fn outbox_from_fields(
+    redis_key: &str,
+    fields: Vec<Option<String>>,
+) -> Result<Option<OutboxRecord>, StoreError> {
+    let malformed = |attribute: &str| StoreError::Malformed {
+        key: redis_key.to_owned(),
+        attribute: attribute.to_owned(),
+        problem: "is missing or invalid in an outbox message".into(),
+    };
+    let mut fields = fields.into_iter();
+    let mut next = || fields.next().flatten();
+    let Some(key) = next() else {
+        return Ok(None);
+    };
+    let derived_key = next().ok_or_else(|| malformed("derived_key"))?;
+    let message = next().ok_or_else(|| malformed("message"))?;
+    let delivered = match next().as_deref() {
+        Some("PENDING") => false,
+        Some("DELIVERED") => true,
+        _ => return Err(malformed("status")),
+    };
+    let expiration = next()
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(|| malformed("expiration"))?;
+    Ok(Some(OutboxRecord {
+        key,
+        derived_key,
+        message,
+        delivered,
+        expiration,
+    }))
 }
 
 #[cfg(test)]

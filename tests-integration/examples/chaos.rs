@@ -1,7 +1,13 @@
-//! Chaos run against DynamoDB (LocalStack): worker processes invoke one idempotent
-//! handler on one table with keys drawn from a small pool, short deadlines, random
-//! SIGKILLs and pauses past the deadline; then every key is retried to completion
-//! and the run is checked. Driven by `scripts/chaos.sh` (see docs/developing.md, "Chaos run").
+//! Chaos run against DynamoDB (LocalStack) or Redis: worker processes invoke one
+//! idempotent handler on one table (on Redis, one key prefix) with keys drawn
+//! from a small pool, short deadlines, random SIGKILLs and pauses past the
+//! deadline; then every key is retried to completion and the run is checked.
+//! Driven by `scripts/chaos.sh` (see docs/developing.md, "Chaos run").
+//!
+//! `CHAOS_STORE` chooses the store: `dynamodb` (the default), a fresh table on
+//! the LocalStack at `AWS_ENDPOINT_URL`; or `redis`, `RedisStore` on the server
+//! at `REDIS_URL` (`redis://127.0.0.1:6390`), under a key prefix of the run's
+//! own (its records expire after an hour, as every record does).
 //!
 //! `chaos orchestrate` (the default) creates the table, serves the work queue and a
 //! deduping payments API on 127.0.0.1, spawns `chaos worker` processes, kills and
@@ -27,7 +33,8 @@
 //! `CHAOS_KILL_INTERVAL_MS` (mean time between kills, 1500), `CHAOS_MAX_KILLS`
 //! (unbounded), `CHAOS_PAUSE_PERMILLE` (executions that sleep past their deadline, 100),
 //! `CHAOS_WAIT_PERMILLE` (invocations that wait for one in flight, 333),
-//! `CHAOS_LABEL`, `CHAOS_DIR` (logs), `CHAOS_MAX_SECONDS` (900), `AWS_ENDPOINT_URL`.
+//! `CHAOS_LABEL`, `CHAOS_DIR` (logs), `CHAOS_MAX_SECONDS` (900), `CHAOS_STORE`,
+//! `AWS_ENDPOINT_URL`, `REDIS_URL`.
 
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{Credentials, Region};
@@ -37,9 +44,10 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 use futures_util::StreamExt;
+use lambda_idempotency::store::{OutboxStore, StepJournal, StoreError};
 use lambda_idempotency::{
     effects, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError,
-    IdempotencyStore, IdempotentFunction, Status,
+    IdempotencyRecord, IdempotencyStore, IdempotentFunction, RedisStore, Status,
 };
 use lambda_runtime::Context;
 use serde_json::{json, Value};
@@ -321,7 +329,103 @@ const WAIT_MARGIN_MS: i64 = 1_000;
 type HandlerError = Error<std::io::Error>;
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
 type Handler = Box<dyn Fn(Value) -> HandlerFuture + Send + Sync>;
-type Function = IdempotentFunction<Handler, DynamoDbStore>;
+type Function = IdempotentFunction<Handler, Store>;
+
+/// Where a run keeps its records (`CHAOS_STORE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// A table of the run's own on LocalStack.
+    DynamoDb,
+    /// A key prefix of the run's own on the Redis server at `REDIS_URL`.
+    Redis,
+}
+
+impl Backend {
+    fn from_env() -> Result<Self, BoxError> {
+        match std::env::var("CHAOS_STORE").as_deref() {
+            Err(_) | Ok("") | Ok("dynamodb") => Ok(Backend::DynamoDb),
+            Ok("redis") => Ok(Backend::Redis),
+            Ok(other) => Err(format!("CHAOS_STORE={other:?}: dynamodb or redis").into()),
+        }
+    }
+
+    /// The store of a run named `run` (its table on DynamoDB), and the key
+    /// prefix of its records (on Redis, the run's name: the server outlives it).
+    async fn open(self, run: &str) -> Result<(Store, String), BoxError> {
+        Ok(match self {
+            Backend::DynamoDb => (
+                Store::DynamoDb(Box::new(DynamoDbStore::new(client(&endpoint()), run))),
+                "chaos".to_owned(),
+            ),
+            Backend::Redis => (
+                Store::Redis(RedisStore::connect(&redis_url()).await?),
+                run.to_owned(),
+            ),
+        })
+    }
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6390".to_owned())
+}
+
+/// The run's store, either one: the engine is generic over its store, and
+/// this keeps the worker's and the final pass's code one.
+#[derive(Clone)]
+enum Store {
+    // Boxed: the DynamoDB store is some 400 bytes, the Redis store 56.
+    DynamoDb(Box<DynamoDbStore>),
+    Redis(RedisStore),
+}
+
+impl IdempotencyStore for Store {
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self {
+            Store::DynamoDb(s) => s.get(key).await,
+            Store::Redis(s) => s.get(key).await,
+        }
+    }
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        match self {
+            Store::DynamoDb(s) => s.reserve(record, now_ms).await,
+            Store::Redis(s) => s.reserve(record, now_ms).await,
+        }
+    }
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        match self {
+            Store::DynamoDb(s) => s.complete(record).await,
+            Store::Redis(s) => s.complete(record).await,
+        }
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        match self {
+            Store::DynamoDb(s) => s.release(key, owner).await,
+            Store::Redis(s) => s.release(key, owner).await,
+        }
+    }
+    fn location(&self) -> String {
+        match self {
+            Store::DynamoDb(s) => s.location(),
+            Store::Redis(s) => s.location(),
+        }
+    }
+    fn journal(&self) -> Option<&dyn StepJournal> {
+        match self {
+            Store::DynamoDb(s) => s.journal(),
+            Store::Redis(s) => s.journal(),
+        }
+    }
+    fn outbox(&self) -> Option<&dyn OutboxStore> {
+        match self {
+            Store::DynamoDb(s) => s.outbox(),
+            Store::Redis(s) => s.outbox(),
+        }
+    }
+}
 
 /// The wrapped handler: sleeps a few ms, charges the order in a step with its
 /// derived key, sometimes sleeps past its deadline (before or after the step),
@@ -330,21 +434,22 @@ type Function = IdempotentFunction<Handler, DynamoDbStore>;
 /// `Idempotency` whose calls wait for one in flight with their key (for as long
 /// as their deadline lets them: the maximum is not what ends a wait here).
 fn function(
-    table: &str,
+    store: Store,
+    key_prefix: &str,
     payments: SocketAddr,
     log: EventLog,
     waits: bool,
 ) -> Result<Function, BoxError> {
     let config = IdempotencyConfig::builder()
         .key_expression("order_id")
-        .key_prefix("chaos")
+        .key_prefix(key_prefix)
         .wait_for_in_progress(if waits {
             Duration::from_secs(60)
         } else {
             Duration::ZERO
         })
         .build()?;
-    let idempotency = Idempotency::new(DynamoDbStore::new(client(&endpoint()), table), config);
+    let idempotency = Idempotency::new(store, config);
     let handler: Handler = Box::new(move |payload: Value| {
         let log = log.clone();
         Box::pin(async move {
@@ -530,19 +635,22 @@ fn init_tracing() {
 }
 
 async fn worker(args: &[String]) -> Result<bool, BoxError> {
-    let [server, table, log_path] = args else {
-        return Err("usage: chaos worker SERVER_ADDR TABLE LOG_FILE".into());
+    let [server, run, log_path] = args else {
+        return Err("usage: chaos worker SERVER_ADDR RUN LOG_FILE".into());
     };
     init_tracing();
     let params = Params::from_env()?;
     let server: SocketAddr = server.parse()?;
     let log = EventLog::create(Path::new(log_path))?;
-    // Two `Idempotency`s on the same table and key prefix, each with its own
-    // flights: a waiting call waits on the flight of a waiting call of this
-    // worker, and polls the record for any other.
+    // Two `Idempotency`s on the same store and key prefix, each with its own
+    // flights and its own client: a waiting call waits on the flight of a
+    // waiting call of this worker, and polls the record for any other.
+    let backend = Backend::from_env()?;
+    let (store, prefix) = backend.open(run).await?;
+    let (other, _) = backend.open(run).await?;
     let functions = Arc::new([
-        function(table, server, log.clone(), false)?,
-        function(table, server, log.clone(), true)?,
+        function(store, &prefix, server, log.clone(), false)?,
+        function(other, &prefix, server, log.clone(), true)?,
     ]);
     let mut tasks = Vec::new();
     for _ in 0..params.concurrency {
@@ -779,7 +887,7 @@ const FINAL_BUDGET_S: u64 = 180;
 async fn final_pass(
     params: &Params,
     function: &Function,
-    store: &DynamoDbStore,
+    store: &Store,
     log: &EventLog,
 ) -> (u64, u64, u64, Vec<String>) {
     let next_inv = std::sync::atomic::AtomicU64::new(params.invocations + 1_000_000);
@@ -877,14 +985,20 @@ async fn orchestrate() -> Result<bool, BoxError> {
     let params = Params::from_env()?;
     let began = Instant::now();
     let endpoint = endpoint();
+    let backend = Backend::from_env()?;
+    // The table on DynamoDB, the key prefix on Redis.
     let table = format!("chaos-{}-{}", params.label, now_ms());
     let dir = match std::env::var("CHAOS_DIR") {
         Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => PathBuf::from(".cache/chaos").join(&table),
     };
     std::fs::create_dir_all(&dir)?;
+    let at = match backend {
+        Backend::DynamoDb => format!("DynamoDB at {endpoint}, table {table}"),
+        Backend::Redis => format!("Redis at {}, key prefix {table}", redis_url()),
+    };
     println!(
-        "chaos [{}]: {} invocations over {} keys, {} workers x {}, deadlines {}-{} ms, endpoint {endpoint}, table {table}, logs {}",
+        "chaos [{}]: {} invocations over {} keys, {} workers x {}, deadlines {}-{} ms, {at}, logs {}",
         params.label,
         params.invocations,
         params.keys,
@@ -895,7 +1009,9 @@ async fn orchestrate() -> Result<bool, BoxError> {
         dir.display()
     );
     let sdk = client(&endpoint);
-    create_table(&sdk, &table).await?;
+    if backend == Backend::DynamoDb {
+        create_table(&sdk, &table).await?;
+    }
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -937,8 +1053,8 @@ async fn orchestrate() -> Result<bool, BoxError> {
         }
     }
     let final_log = EventLog::create(&dir.join("final.jsonl"))?;
-    let function = function(&table, addr, final_log.clone(), false)?;
-    let store = DynamoDbStore::new(client(&endpoint), &table);
+    let (store, prefix) = backend.open(&table).await?;
+    let function = function(store.clone(), &prefix, addr, final_log.clone(), false)?;
     let (final_calls, final_in_progress, final_errors, unfinished) =
         final_pass(&params, &function, &store, &final_log).await;
     let final_elapsed = final_began.elapsed();
@@ -1419,7 +1535,7 @@ async fn orchestrate() -> Result<bool, BoxError> {
         dir.display()
     );
     accept.abort();
-    if std::env::var("CHAOS_KEEP_TABLE").is_err() {
+    if backend == Backend::DynamoDb && std::env::var("CHAOS_KEEP_TABLE").is_err() {
         let _ = sdk.delete_table().table_name(&table).send().await;
     }
     Ok(ok)

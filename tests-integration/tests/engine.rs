@@ -1,34 +1,151 @@
-//! The rules of a wrapped call, on the in-memory store (no services needed).
+//! The rules of a wrapped call, each written once and run on every store: the
+//! in-memory store (`memory::`), Redis (`redis::`, the standalone server of
+//! `redis/ensure.sh`, in a database of the rules', each test under a key
+//! prefix of its own) and a slice on
+//! the Redis cluster (`cluster::`) that reaches every script through the
+//! cluster's routing. A rule inspects records through the store contract
+//! (`get`, the keys `key_for` names) and `Harness::records`.
 
 mod support;
 
 use lambda_idempotency::{
-    ConfigError, Error, Idempotency, IdempotencyConfig, IdempotencyError, IdempotencyLayer,
-    IdempotencyStore, MemoryStore, PermanentError, Status,
+    ConfigError, Dispatcher, Error, Idempotency, IdempotencyError, IdempotencyLayer,
+    IdempotencyStore, OutboxMessage, PermanentError, Status,
 };
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use support::faults::{FaultStore as CountingStore, Op};
+use support::stores::{Harness, Store};
 use support::{
-    context, counting_service, expire_in_place, idempotency_error, in_progress, incompressible,
-    invoke, key_for, now_ms, permanent, poll, spawn_call, Counter,
+    context, counting_service, idempotency_error, in_progress, incompressible, invoke, now_ms,
+    permanent, poll, spawn_call, Audit, Counter,
 };
 use tokio::sync::{oneshot, Notify};
 use tower::{Service, ServiceExt};
 
 type BoxError = lambda_runtime::Error;
 
-fn config() -> lambda_idempotency::IdempotencyConfigBuilder {
-    IdempotencyConfig::builder()
-        .key_expression("order_id")
-        .key_prefix("test")
+fn config<S: Store>(h: &Harness<S>) -> lambda_idempotency::IdempotencyConfigBuilder {
+    h.builder().key_expression("order_id")
 }
 
-#[tokio::test]
-async fn first_execution_runs_and_replay_returns_the_stored_response_byte_for_byte() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+/// A wrapped handler that counts its runs and answers `response`.
+fn answering<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    runs: &Counter,
+    response: Value,
+) -> impl Service<LambdaEvent<Value>, Response = Value, Error = support::ServiceError> + Clone {
+    let runs = runs.clone();
+    idempotency
+        .wrap(service_fn(move |_: LambdaEvent<Value>| {
+            runs.hit();
+            std::future::ready(Ok::<_, BoxError>(response.clone()))
+        }))
+        .expect("one handler per key prefix")
+}
+
+/// A test per rule and store: `memory::rule` on a fresh memory store,
+/// `redis::rule` on the standalone Redis server under a prefix named after the
+/// rule, `cluster::rule` on the Redis cluster. `every` rules run on the memory
+/// store and Redis; the others where named.
+macro_rules! on_stores {
+    (
+        every { $( #[$every_attr:meta] $every:ident ),* $(,)? }
+        memory { $( #[$memory_attr:meta] $memory:ident ),* $(,)? }
+        redis { $( #[$redis_attr:meta] $redis:ident ),* $(,)? }
+        cluster { $( #[$cluster_attr:meta] $cluster:ident ),* $(,)? }
+    ) => {
+        mod memory {
+            use super::Harness;
+            $( #[$every_attr] async fn $every() { super::$every(Harness::memory()).await } )*
+            $( #[$memory_attr] async fn $memory() { super::$memory(Harness::memory()).await } )*
+        }
+        mod redis {
+            use super::Harness;
+            $(
+                #[$every_attr]
+                async fn $every() {
+                    super::$every(Harness::redis(stringify!($every)).await).await
+                }
+            )*
+            $(
+                #[$redis_attr]
+                async fn $redis() {
+                    super::$redis(Harness::redis(stringify!($redis)).await).await
+                }
+            )*
+        }
+        mod cluster {
+            use super::Harness;
+            $(
+                #[$cluster_attr]
+                async fn $cluster() {
+                    super::$cluster(Harness::cluster(stringify!($cluster)).await).await
+                }
+            )*
+        }
+    };
+}
+
+on_stores! {
+    every {
+        #[tokio::test] first_execution_runs_and_replay_returns_the_stored_response_byte_for_byte,
+        #[tokio::test] the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_key,
+        #[tokio::test] key_for_names_the_record_a_wrapped_handler_and_a_named_function_write,
+        #[tokio::test] a_duplicate_while_in_progress_gets_already_in_progress,
+        #[tokio::test] same_key_with_different_validated_fields_is_refused,
+        #[tokio::test] a_handler_error_is_returned_unchanged_and_the_key_released,
+        #[tokio::test] permanent_errors_replay_only_when_enabled,
+        #[tokio::test] missing_key_material_skips_idempotency_or_fails_in_strict_mode,
+        #[tokio::test] a_multi_select_of_absent_fields_is_missing_key_material,
+        #[tokio::test] falsy_responses_replay_exactly_as_stored,
+        #[tokio::test] a_response_that_fits_compressed_is_stored_and_replayed,
+        #[tokio::test] a_store_failure_while_reserving_never_runs_the_handler,
+        #[tokio::test] a_store_failure_while_completing_leaves_a_reservation_that_expires,
+        #[tokio::test] the_local_cache_serves_replays_without_a_store_request,
+        #[tokio::test] in_progress_records_are_never_cached,
+        #[tokio::test] an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off,
+        #[tokio::test] a_remaining_time_of_zero_is_a_valid_deadline,
+        #[tokio::test] an_expired_completed_record_counts_as_absent,
+        #[tokio::test] a_typed_closure_selects_the_key_material,
+        #[tokio::test] two_wrapped_functions_with_the_same_payload_get_distinct_keys,
+        #[tokio::test] the_disable_switch_bypasses_the_store,
+        #[tokio::test] the_replay_hook_sees_the_replayed_response_and_its_record,
+        #[tokio::test] a_malformed_event_is_a_typed_error_and_the_handler_does_not_run,
+        #[tokio::test] the_layer_wraps_a_handler_in_a_service_builder,
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        fifty_concurrent_calls_with_one_key_run_the_handler_once,
+        #[tokio::test]
+        a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_without_running_them,
+        #[tokio::test] a_step_s_permanent_error_passed_on_with_the_question_mark_is_permanent,
+        #[tokio::test] a_failed_attempt_s_steps_replay_on_resume_and_its_outbox_is_delivered_once,
+    }
+    // DynamoDB's 400 KB item limit, which the memory store mirrors; Redis has
+    // no such limit, and stores the same response.
+    memory {
+        #[tokio::test] an_oversized_response_is_refused_before_the_write_and_the_key_released,
+    }
+    redis {
+        #[tokio::test] a_response_over_dynamodb_s_item_limit_is_stored_and_replayed,
+    }
+    // Every script (reserve, complete with and without outbox, release, journal
+    // write, mark delivered) and read, routed to the primary of the key's slot.
+    cluster {
+        #[tokio::test] first_execution_runs_and_replay_returns_the_stored_response_byte_for_byte,
+        #[tokio::test] a_duplicate_while_in_progress_gets_already_in_progress,
+        #[tokio::test] a_handler_error_is_returned_unchanged_and_the_key_released,
+        #[tokio::test] an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off,
+        #[tokio::test] an_expired_completed_record_counts_as_absent,
+        #[tokio::test] a_failed_attempt_s_steps_replay_on_resume_and_its_outbox_is_delivered_once,
+    }
+}
+
+async fn first_execution_runs_and_replay_returns_the_stored_response_byte_for_byte<S: Store>(
+    h: Harness<S>,
+) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
 
@@ -44,13 +161,14 @@ async fn first_execution_runs_and_replay_returns_the_stored_response_byte_for_by
         serde_json::to_vec(&first).expect("json"),
         serde_json::to_vec(&replay).expect("json")
     );
-    assert_eq!(store.len(), 1);
+    assert_eq!(h.records().await, 1);
 }
 
-#[tokio::test]
-async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_key() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_key<S: Store>(
+    h: Harness<S>,
+) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let response = invoke(
         &mut counting_service(&idempotency, &runs),
@@ -60,7 +178,7 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
     .expect("run");
 
     // The key material is the string "o-2"; its canonical JSON is "\"o-2\"".
-    let key = key_for("test", "o-2");
+    let key = h.key(None, "o-2");
     let record = store
         .get(&key)
         .await
@@ -79,10 +197,11 @@ async fn the_stored_record_is_completed_with_the_response_and_a_prefixed_sha256_
     );
 }
 
-#[tokio::test]
-async fn key_for_names_the_record_a_wrapped_handler_and_a_named_function_write() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn key_for_names_the_record_a_wrapped_handler_and_a_named_function_write<S: Store>(
+    h: Harness<S>,
+) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let event = json!({"order_id": "o-3"});
     let runs = Counter::default();
     invoke(&mut counting_service(&idempotency, &runs), event.clone())
@@ -114,9 +233,8 @@ async fn key_for_names_the_record_a_wrapped_handler_and_a_named_function_write()
     );
 }
 
-#[tokio::test]
-async fn a_duplicate_while_in_progress_gets_already_in_progress() {
-    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+async fn a_duplicate_while_in_progress_gets_already_in_progress<S: Store>(h: Harness<S>) {
+    let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
     let (entered_tx, entered_rx) = oneshot::channel();
     let entered_tx = Arc::new(Mutex::new(Some(entered_tx)));
     let release = Arc::new(Notify::new());
@@ -165,10 +283,9 @@ async fn a_duplicate_while_in_progress_gets_already_in_progress() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn same_key_with_different_validated_fields_is_refused() {
-    let store = CountingStore::new(MemoryStore::new());
-    let cached = config()
+async fn same_key_with_different_validated_fields_is_refused<S: Store>(h: Harness<S>) {
+    let store = CountingStore::new(h.store.clone());
+    let cached = config(&h)
         .payload_validation("[amount, currency]")
         .local_cache(8)
         .build()
@@ -203,7 +320,7 @@ async fn same_key_with_different_validated_fields_is_refused() {
     // Without the cache, from the record the refused reservation returns.
     let uncached = Idempotency::new(
         store.clone(),
-        config()
+        config(&h)
             .payload_validation("[amount, currency]")
             .build()
             .expect("config"),
@@ -231,10 +348,9 @@ async fn same_key_with_different_validated_fields_is_refused() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn a_handler_error_is_returned_unchanged_and_the_key_released<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
@@ -262,7 +378,7 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
         .downcast_ref::<std::io::Error>()
         .expect("the handler's own error type");
     assert_eq!(io.to_string(), "card network down");
-    assert!(store.is_empty(), "the reservation was released");
+    assert_eq!(h.records().await, 0, "the reservation was released");
 
     assert_eq!(
         invoke(&mut service, json!({"order_id": "o-5"}))
@@ -273,13 +389,13 @@ async fn a_handler_error_is_returned_unchanged_and_the_key_released() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn permanent_errors_replay_only_when_enabled() {
+async fn permanent_errors_replay_only_when_enabled<S: Store>(h: Harness<S>) {
     for replay_errors in [false, true] {
-        let store = MemoryStore::new();
+        // Each round on an empty store.
+        let h = h.another();
         let idempotency = Idempotency::new(
-            store.clone(),
-            config()
+            h.store.clone(),
+            config(&h)
                 .replay_permanent_errors(replay_errors)
                 .build()
                 .expect("config"),
@@ -322,14 +438,13 @@ async fn permanent_errors_replay_only_when_enabled() {
             if replay_errors { 1 } else { 2 },
             "replay_permanent_errors = {replay_errors}"
         );
-        assert_eq!(store.len(), usize::from(replay_errors));
+        assert_eq!(h.records().await, usize::from(replay_errors));
     }
 }
 
-#[tokio::test]
-async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     for event in [
@@ -341,11 +456,11 @@ async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
         invoke(&mut service, event).await.expect("runs unprotected");
     }
     assert_eq!(runs.get(), 4);
-    assert!(store.is_empty());
+    assert_eq!(h.records().await, 0);
 
     let strict = Idempotency::new(
         store.clone(),
-        config().strict(true).build().expect("config"),
+        config(&h).strict(true).build().expect("config"),
     );
     let mut service = counting_service(&strict, &runs);
     let err = invoke(&mut service, json!({"other": 1}))
@@ -367,14 +482,13 @@ async fn missing_key_material_skips_idempotency_or_fails_in_strict_mode() {
         invoke(&mut service, event).await.expect("runs or replays");
     }
     assert_eq!(runs.get(), 6);
-    assert_eq!(store.len(), 2);
+    assert_eq!(h.records().await, 2);
 }
 
-#[tokio::test]
-async fn a_multi_select_of_absent_fields_is_missing_key_material() {
+async fn a_multi_select_of_absent_fields_is_missing_key_material<S: Store>(h: Harness<S>) {
     let idempotency = Idempotency::new(
-        MemoryStore::new(),
-        IdempotencyConfig::builder()
+        h.store.clone(),
+        h.builder()
             .key_expression("[user, order]")
             .strict(true)
             .build()
@@ -390,8 +504,7 @@ async fn a_multi_select_of_absent_fields_is_missing_key_material() {
     );
 }
 
-#[tokio::test]
-async fn falsy_responses_replay_exactly_as_stored() {
+async fn falsy_responses_replay_exactly_as_stored<S: Store>(h: Harness<S>) {
     for response in [
         json!(null),
         json!({}),
@@ -400,18 +513,11 @@ async fn falsy_responses_replay_exactly_as_stored() {
         json!(""),
         json!(false),
     ] {
-        let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+        // Each response on an empty store.
+        let h = h.another();
+        let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
         let runs = Counter::default();
-        let mut service = {
-            let (runs, response) = (runs.clone(), response.clone());
-            idempotency
-                .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                    runs.hit();
-                    let response = response.clone();
-                    async move { Ok::<_, BoxError>(response) }
-                }))
-                .expect("one handler per key prefix")
-        };
+        let mut service = answering(&idempotency, &runs, response.clone());
         assert_eq!(
             invoke(&mut service, json!({"order_id": "f"}))
                 .await
@@ -430,20 +536,15 @@ async fn falsy_responses_replay_exactly_as_stored() {
 
 /// With `compress-responses` the memory store accepts what `DynamoDbStore`
 /// stores compressed (it keeps the text; it only measures).
-#[tokio::test]
-async fn a_response_that_fits_compressed_is_stored_and_replayed() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn a_response_that_fits_compressed_is_stored_and_replayed<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
-    let mut service = {
-        let runs = runs.clone();
-        idempotency
-            .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                async move { Ok::<_, BoxError>(json!({"blob": "x".repeat(1024 * 1024)})) }
-            }))
-            .expect("one handler per key prefix")
-    };
+    let mut service = answering(
+        &idempotency,
+        &runs,
+        json!({"blob": "x".repeat(1024 * 1024)}),
+    );
     let first = invoke(&mut service, json!({"order_id": "gz"}))
         .await
         .expect("fits compressed");
@@ -454,21 +555,15 @@ async fn a_response_that_fits_compressed_is_stored_and_replayed() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn an_oversized_response_is_refused_before_the_write_and_the_key_released() {
-    let store = CountingStore::new(MemoryStore::new());
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn an_oversized_response_is_refused_before_the_write_and_the_key_released<S: Store>(
+    h: Harness<S>,
+) {
+    let store = CountingStore::new(h.store.clone());
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
-    let mut service = {
-        let runs = runs.clone();
-        idempotency
-            .wrap(service_fn(move |_: LambdaEvent<Value>| {
-                runs.hit();
-                // Over 400 KB with or without the `compress-responses` feature.
-                async move { Ok::<_, BoxError>(json!({"blob": incompressible(600 * 1024, 1)})) }
-            }))
-            .expect("one handler per key prefix")
-    };
+    // Over 400 KB with or without the `compress-responses` feature.
+    let blob = json!({"blob": incompressible(600 * 1024, 1)});
+    let mut service = answering(&idempotency, &runs, blob);
     let err = invoke(&mut service, json!({"order_id": "big"}))
         .await
         .expect_err("too large");
@@ -476,7 +571,7 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
         IdempotencyError::ResponseTooLarge { size, limit, .. } => assert!(size > limit),
         other => panic!("{other}"),
     }
-    assert!(store.inner.is_empty(), "released");
+    assert_eq!(h.records().await, 0, "released");
     // reserve, the complete the store refused without writing, release (the
     // DynamoDB test checks that no write request is sent).
     assert_eq!(store.calls.get(), 3);
@@ -486,11 +581,38 @@ async fn an_oversized_response_is_refused_before_the_write_and_the_key_released(
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn a_store_failure_while_reserving_never_runs_the_handler() {
+/// Redis keeps a value of up to 512 MB: the response the memory store and
+/// DynamoDB refuse is written through the completing script's arguments and
+/// replayed byte for byte.
+async fn a_response_over_dynamodb_s_item_limit_is_stored_and_replayed<S: Store>(h: Harness<S>) {
+    let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
+    let runs = Counter::default();
+    let blob = json!({"blob": incompressible(600 * 1024, 1)});
+    let mut service = answering(&idempotency, &runs, blob);
+    let first = invoke(&mut service, json!({"order_id": "big"}))
+        .await
+        .expect("stored");
+    let replay = invoke(&mut service, json!({"order_id": "big"}))
+        .await
+        .expect("replayed");
+    assert_eq!(
+        serde_json::to_vec(&first).expect("json"),
+        serde_json::to_vec(&replay).expect("json")
+    );
+    assert_eq!(runs.get(), 1);
+    let record = h
+        .store
+        .get(&h.key(None, "big"))
+        .await
+        .expect("get")
+        .expect("record");
+    assert!(record.data.is_some_and(|data| data.len() > 600 * 1024));
+}
+
+async fn a_store_failure_while_reserving_never_runs_the_handler<S: Store>(h: Harness<S>) {
     let idempotency = Idempotency::new(
-        CountingStore::failing(MemoryStore::new(), &[Op::Reserve]),
-        config().build().expect("config"),
+        CountingStore::failing(h.store.clone(), &[Op::Reserve]),
+        config(&h).build().expect("config"),
     );
     let runs = Counter::default();
     let err = invoke(
@@ -507,10 +629,11 @@ async fn a_store_failure_while_reserving_never_runs_the_handler() {
     assert_eq!(runs.get(), 0);
 }
 
-#[tokio::test]
-async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
-    let store = CountingStore::failing(MemoryStore::new(), &[Op::Complete]);
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn a_store_failure_while_completing_leaves_a_reservation_that_expires<S: Store>(
+    h: Harness<S>,
+) {
+    let store = CountingStore::failing(h.store.clone(), &[Op::Complete]);
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     // Just past, within the second a deadline may lag (one full second was
@@ -530,7 +653,7 @@ async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
     );
 
     // The key is held only until the failed invocation's deadline...
-    let key = key_for("test", "sc");
+    let key = h.key(None, "sc");
     let held = store
         .inner
         .get(&key)
@@ -548,12 +671,11 @@ async fn a_store_failure_while_completing_leaves_a_reservation_that_expires() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn the_local_cache_serves_replays_without_a_store_request() {
-    let store = CountingStore::new(MemoryStore::new());
+async fn the_local_cache_serves_replays_without_a_store_request<S: Store>(h: Harness<S>) {
+    let store = CountingStore::new(h.store.clone());
     let idempotency = Idempotency::new(
         store.clone(),
-        config().local_cache(2).build().expect("config"),
+        config(&h).local_cache(2).build().expect("config"),
     );
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
@@ -594,12 +716,11 @@ async fn the_local_cache_serves_replays_without_a_store_request() {
     assert_eq!(runs.get(), 3);
 }
 
-#[tokio::test]
-async fn in_progress_records_are_never_cached() {
-    let store = CountingStore::new(MemoryStore::new());
+async fn in_progress_records_are_never_cached<S: Store>(h: Harness<S>) {
+    let store = CountingStore::new(h.store.clone());
     let idempotency = Idempotency::new(
         store.clone(),
-        config().local_cache(8).build().expect("config"),
+        config(&h).local_cache(8).build().expect("config"),
     );
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let slow = {
@@ -655,10 +776,11 @@ async fn in_progress_records_are_never_cached() {
     );
 }
 
-#[tokio::test]
-async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off<S: Store>(
+    h: Harness<S>,
+) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let runs = Counter::default();
     // The first call's Lambda deadline passes while its handler still runs, as if
@@ -699,7 +821,7 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
         .await
         .expect("takeover");
         let winner = store
-            .get(&only_key(&store, late_outcome).await)
+            .get(&only_key(&h, late_outcome).await)
             .await
             .expect("get")
             .expect("record");
@@ -727,19 +849,18 @@ async fn an_expired_reservation_is_taken_over_and_the_late_owner_is_fenced_off()
 }
 
 /// The one key in `store` created for order id `order_id` (the "work" function's scope).
-async fn only_key(store: &MemoryStore, order_id: &str) -> String {
-    let key = key_for("test.work", order_id);
+async fn only_key<S: Store>(h: &Harness<S>, order_id: &str) -> String {
+    let key = h.key(Some("work"), order_id);
     assert!(
-        store.get(&key).await.expect("get").is_some(),
+        h.store.get(&key).await.expect("get").is_some(),
         "no record under {key}"
     );
     key
 }
 
-#[tokio::test]
-async fn a_remaining_time_of_zero_is_a_valid_deadline() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn a_remaining_time_of_zero_is_a_valid_deadline<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     let event = LambdaEvent::new(json!({"order_id": "zero"}), context(0));
@@ -751,21 +872,20 @@ async fn a_remaining_time_of_zero_is_a_valid_deadline() {
         .await
         .expect("runs");
     assert_eq!(runs.get(), 1);
-    assert_eq!(store.len(), 1);
+    assert_eq!(h.records().await, 1);
 }
 
-#[tokio::test]
-async fn an_expired_completed_record_counts_as_absent() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), config().build().expect("config"));
+async fn an_expired_completed_record_counts_as_absent<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     invoke(&mut service, json!({"order_id": "old"}))
         .await
         .expect("first");
-    let key = key_for("test", "old");
+    let key = h.key(None, "old");
 
-    expire_in_place(&store, &key).await;
+    h.expire_in_place(&key).await;
 
     invoke(&mut service, json!({"order_id": "old"}))
         .await
@@ -785,10 +905,9 @@ struct Order {
     note: String,
 }
 
-#[tokio::test]
-async fn a_typed_closure_selects_the_key_material() {
-    let store = MemoryStore::new();
-    let by_order = config()
+async fn a_typed_closure_selects_the_key_material<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let by_order = config(&h)
         .key_fn(|order: &Order| (order.customer.clone(), order.id))
         .build()
         .expect("config");
@@ -818,12 +937,12 @@ async fn a_typed_closure_selects_the_key_material() {
             .expect("call");
     }
     assert_eq!(runs.get(), 2, "the note is not part of the key");
-    assert_eq!(store.len(), 2);
+    assert_eq!(h.records().await, 2);
 
     // A closure over another event type is a clear error, and the handler does not run.
     let mismatched = Idempotency::new(
         store.clone(),
-        config()
+        config(&h)
             .key_fn(|order: &Order| order.id)
             .build()
             .expect("config"),
@@ -838,10 +957,9 @@ async fn a_typed_closure_selects_the_key_material() {
     assert_eq!(runs.get(), 2);
 }
 
-#[tokio::test]
-async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys() {
-    let store = MemoryStore::new();
-    let idempotency = Idempotency::new(store.clone(), IdempotencyConfig::default());
+async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let idempotency = Idempotency::new(store.clone(), h.builder().build().expect("config"));
     let runs = Counter::default();
     let make = |name: &'static str| {
         let runs = runs.clone();
@@ -865,15 +983,14 @@ async fn two_wrapped_functions_with_the_same_payload_get_distinct_keys() {
         "charge_card"
     );
     assert_eq!(runs.get(), 2);
-    assert_eq!(store.len(), 2);
+    assert_eq!(h.records().await, 2);
 }
 
-#[tokio::test]
-async fn the_disable_switch_bypasses_the_store() {
-    let store = CountingStore::new(MemoryStore::new());
+async fn the_disable_switch_bypasses_the_store<S: Store>(h: Harness<S>) {
+    let store = CountingStore::new(h.store.clone());
     let idempotency = Idempotency::new(
         store.clone(),
-        config().disabled(true).build().expect("config"),
+        config(&h).disabled(true).build().expect("config"),
     );
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
@@ -886,18 +1003,17 @@ async fn the_disable_switch_bypasses_the_store() {
     assert_eq!(store.calls.get(), 0);
 }
 
-#[tokio::test]
-async fn the_replay_hook_sees_the_replayed_response_and_its_record() {
+async fn the_replay_hook_sees_the_replayed_response_and_its_record<S: Store>(h: Harness<S>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let hooked = {
         let seen = seen.clone();
-        config().on_replay(move |response, record| {
+        config(&h).on_replay(move |response, record| {
             seen.lock()
                 .expect("lock")
                 .push((response.clone(), record.key.clone(), record.status))
         })
     };
-    let idempotency = Idempotency::new(MemoryStore::new(), hooked.build().expect("config"));
+    let idempotency = Idempotency::new(h.store.clone(), hooked.build().expect("config"));
     let runs = Counter::default();
     let mut service = counting_service(&idempotency, &runs);
     let first = invoke(&mut service, json!({"order_id": "h"}))
@@ -911,13 +1027,13 @@ async fn the_replay_hook_sees_the_replayed_response_and_its_record() {
         .await
         .expect("replay");
     let seen = seen.lock().expect("lock").clone();
-    assert_eq!(seen, vec![(first, key_for("test", "h"), Status::Completed)]);
+    assert_eq!(seen, vec![(first, h.key(None, "h"), Status::Completed)]);
 }
 
-#[tokio::test]
-async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run() {
-    let store = MemoryStore::new();
-    let from_body = IdempotencyConfig::builder()
+async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run<S: Store>(h: Harness<S>) {
+    let store = h.store.clone();
+    let from_body = h
+        .builder()
         .key_expression("powertools_json(body).order_id")
         .build()
         .expect("config");
@@ -932,7 +1048,7 @@ async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run() {
         "{err}"
     );
     assert_eq!(runs.get(), 0);
-    assert!(store.is_empty());
+    assert_eq!(h.records().await, 0);
 
     invoke(&mut service, json!({"body": "{\"order_id\": \"b-1\"}"}))
         .await
@@ -946,9 +1062,8 @@ async fn a_malformed_event_is_a_typed_error_and_the_handler_does_not_run() {
     assert_eq!(runs.get(), 1);
 }
 
-#[tokio::test]
-async fn the_layer_wraps_a_handler_in_a_service_builder() {
-    let idempotency = Idempotency::new(MemoryStore::new(), config().build().expect("config"));
+async fn the_layer_wraps_a_handler_in_a_service_builder<S: Store>(h: Harness<S>) {
+    let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"));
     let runs = Counter::default();
     let mut service = {
         let runs = runs.clone();
@@ -977,13 +1092,12 @@ async fn the_layer_wraps_a_handler_in_a_service_builder() {
 
 /// What `lambda_runtime::run_concurrent` does: clones of one service, invoked at
 /// the same time on several threads, sharing the store client and the cache.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
+async fn fifty_concurrent_calls_with_one_key_run_the_handler_once<S: Store>(h: Harness<S>) {
     const CALLS: usize = 50;
-    let store = CountingStore::new(MemoryStore::new());
+    let store = CountingStore::new(h.store.clone());
     let idempotency = Idempotency::new(
         store.clone(),
-        config().local_cache(16).build().expect("config"),
+        config(&h).local_cache(16).build().expect("config"),
     );
     let gate = Arc::new(Notify::new());
     let runs = Counter::default();
@@ -1038,13 +1152,14 @@ async fn fifty_concurrent_calls_with_one_key_run_the_handler_once() {
     assert_eq!(store.calls.get(), before);
 }
 
-#[tokio::test]
-async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_without_running_them(
+async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_without_running_them<
+    S: Store,
+>(
+    h: Harness<S>,
 ) {
-    let memory = MemoryStore::new();
-    let store = CountingStore::new(memory.clone()).records_only();
+    let store = CountingStore::new(h.store.clone()).records_only();
     assert!(store.journal().is_none() && store.outbox().is_none());
-    let idempotency = Idempotency::new(store, config().build().expect("config"));
+    let idempotency = Idempotency::new(store, config(&h).build().expect("config"));
 
     // A plain handler needs nothing but the record contract.
     let runs = Counter::default();
@@ -1112,14 +1227,15 @@ async fn a_store_of_records_alone_serves_handlers_and_refuses_steps_and_outbox_w
         );
     }
     // Only the plain handler's completed record is left: both refusals released theirs.
-    assert_eq!(memory.len(), 1);
+    assert_eq!(h.records().await, 1);
 }
 
-#[tokio::test]
-async fn a_step_s_permanent_error_passed_on_with_the_question_mark_is_permanent() {
+async fn a_step_s_permanent_error_passed_on_with_the_question_mark_is_permanent<S: Store>(
+    h: Harness<S>,
+) {
     let idempotency = Idempotency::new(
-        MemoryStore::new(),
-        config()
+        h.store.clone(),
+        config(&h)
             .replay_permanent_errors(true)
             .build()
             .expect("config"),
@@ -1149,4 +1265,103 @@ async fn a_step_s_permanent_error_passed_on_with_the_question_mark_is_permanent(
     }
     // Stored as a permanent error and replayed: the handler ran once.
     assert_eq!(runs.get(), 1);
+}
+
+/// A failed attempt that made a step keeps its record open; the retry resumes
+/// its execution, replays the journaled step instead of running it again, and
+/// commits its outbox message with the response, delivered once with its
+/// derived key and marked delivered.
+async fn a_failed_attempt_s_steps_replay_on_resume_and_its_outbox_is_delivered_once<S: Store>(
+    h: Harness<S>,
+) {
+    let audit = Audit::default();
+    let idempotency = Idempotency::new(h.store.clone(), config(&h).build().expect("config"))
+        .with_dispatcher(Dispatcher::new().with_sink("audit", audit.clone()));
+    let (runs, charges) = (Counter::default(), Counter::default());
+    let ship = {
+        let (runs, charges) = (runs.clone(), charges.clone());
+        idempotency.function("ship", move |order: Value| {
+            let (run, charges) = (runs.hit(), charges.clone());
+            async move {
+                let effects = lambda_idempotency::effects()?;
+                let charge = effects
+                    .step("charge", |key| async move {
+                        Ok::<_, std::io::Error>(json!({"charge": charges.hit(), "key": key}))
+                    })
+                    .await?;
+                if run == 1 {
+                    return Err(Error::Handler(std::io::Error::other("carrier down")));
+                }
+                let message = effects.outbox().push(OutboxMessage::Custom {
+                    sink: "audit".into(),
+                    payload: order.clone(),
+                });
+                Ok::<_, Error<std::io::Error>>(json!({"charge": charge, "message": message}))
+            }
+        })
+    };
+    let order = json!({"order_id": "s-1"});
+    let failed = ship.call(order.clone(), None).await;
+    assert!(
+        matches!(failed, Err(Error::Handler(Error::Handler(_)))),
+        "the handler's error: {failed:?}"
+    );
+    let key = h.key(Some("ship"), "s-1");
+    let open = h.store.get(&key).await.expect("get").expect("kept open");
+    assert_eq!(
+        (open.status, open.in_progress_expiration),
+        (Status::InProgress, Some(0)),
+        "open to the next attempt at once"
+    );
+    let step_key = format!("{key}#{}#step#0", open.execution);
+    let journaled = h
+        .store
+        .journal()
+        .expect("a journal")
+        .get_step(&step_key)
+        .await
+        .expect("get_step")
+        .expect("the charge journaled");
+    assert_eq!(journaled.name, "charge");
+
+    let response = ship.call(order.clone(), None).await.expect("resumed");
+    assert_eq!(
+        (runs.get(), charges.get()),
+        (2, 1),
+        "the charge replayed from the journal"
+    );
+    assert_eq!(
+        serde_json::to_string(&response["charge"]).expect("json"),
+        journaled.data
+    );
+    let record = h.store.get(&key).await.expect("get").expect("record");
+    assert_eq!(
+        (record.status, &record.execution),
+        (Status::Completed, &open.execution),
+        "completed by the resumed execution"
+    );
+    let message = response["message"].as_str().expect("a derived key");
+    assert_eq!(
+        audit.delivered(),
+        vec![(order.clone(), message.to_owned())],
+        "delivered after the commit, with its derived key"
+    );
+    let outbox = h.store.outbox().expect("an outbox");
+    let committed = outbox
+        .get_outbox(&format!("{key}#{}#outbox#0", record.execution))
+        .await
+        .expect("get_outbox")
+        .expect("committed with the record");
+    // Marked: no sweep delivers it again (a sweep reads the whole store's
+    // outbox, on a shared server other tests' messages too).
+    assert_eq!(
+        (committed.derived_key.as_str(), committed.delivered),
+        (message, true)
+    );
+
+    assert_eq!(ship.call(order, None).await.expect("replay"), response);
+    assert_eq!(
+        (runs.get(), charges.get(), audit.delivered().len()),
+        (2, 1, 1)
+    );
 }

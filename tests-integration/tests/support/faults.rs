@@ -227,6 +227,7 @@ pub struct FaultStore<S> {
     repeat_writes: bool,
     slow_refusals: Option<Duration>,
     records_only: bool,
+    outbox_scope: Option<String>,
 }
 
 impl<S> FaultStore<S> {
@@ -240,6 +241,7 @@ impl<S> FaultStore<S> {
             repeat_writes: false,
             slow_refusals: None,
             records_only: false,
+            outbox_scope: None,
         }
     }
 
@@ -256,6 +258,7 @@ impl<S> FaultStore<S> {
             repeat_writes: self.repeat_writes,
             slow_refusals: self.slow_refusals,
             records_only: self.records_only,
+            outbox_scope: self.outbox_scope.clone(),
         }
     }
 
@@ -281,6 +284,15 @@ impl<S> FaultStore<S> {
     pub fn records_only(self) -> Self {
         Self {
             records_only: true,
+            ..self
+        }
+    }
+
+    /// `pending_outbox` (hence the relay's sweep) sees only the messages whose
+    /// key starts with `prefix`: a test's own, on a server other tests share.
+    pub fn with_outbox_scope(self, prefix: &str) -> Self {
+        Self {
+            outbox_scope: Some(prefix.to_owned()),
             ..self
         }
     }
@@ -421,8 +433,16 @@ impl<S: IdempotencyStore> OutboxStore for FaultStore<S> {
         }))
     }
     fn pending_outbox(&self) -> BoxFuture<'_, Result<Vec<OutboxRecord>, StoreError>> {
-        Box::pin(self.call(Op::PendingOutbox, move || {
-            self.inner_outbox().pending_outbox()
-        }))
+        Box::pin(async move {
+            let mut pending = self
+                .call(Op::PendingOutbox, move || {
+                    self.inner_outbox().pending_outbox()
+                })
+                .await?;
+            if let Some(scope) = &self.outbox_scope {
+                pending.retain(|message| message.key.starts_with(scope.as_str()));
+            }
+            Ok(pending)
+        })
     }
 }

@@ -10,6 +10,8 @@ pub mod localstack;
 pub mod payments;
 pub mod proxy;
 pub mod redis;
+pub mod resp_proxy;
+pub mod stores;
 
 use lambda_idempotency::{Idempotency, IdempotencyError, IdempotencyStore};
 use lambda_runtime::{service_fn, Context, LambdaEvent};

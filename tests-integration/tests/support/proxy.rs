@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// One request that went through the proxy.
 #[derive(Clone, Debug)]
 pub struct Entry {
+    /// The client connection it came on, numbered from 1 in the order accepted.
+    pub connection: usize,
     /// The DynamoDB operation (`PutItem`, from `X-Amz-Target`), or `METHOD path`.
     pub operation: String,
     /// Whether its response was withheld from the client.
@@ -30,8 +32,8 @@ pub struct Entry {
 }
 
 /// Which request loses its response: the `nth` (from 1, counted from when the
-/// rule is armed) whose operation is `operation` and whose body contains every
-/// string of `contains`. Fires once.
+/// rule is armed) whose operation is `operation` and in which every string of
+/// `contains` is found. Fires once.
 #[derive(Debug)]
 struct Rule {
     operation: String,
@@ -41,51 +43,35 @@ struct Rule {
     fired: bool,
 }
 
-#[derive(Default, Debug)]
-struct State {
+#[derive(Debug)]
+struct Losses<E> {
     rules: Vec<Rule>,
-    log: Vec<Entry>,
+    log: Vec<E>,
 }
 
-#[derive(Clone)]
-pub struct Proxy {
-    pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+/// What the connections of a proxy share: the losses armed and the log of
+/// entries `E`. This HTTP proxy's and the RESP proxy's (`resp_proxy.rs`).
+pub struct Shared<E>(Arc<Mutex<Losses<E>>>);
+
+impl<E> Clone for Shared<E> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
 }
 
-impl Proxy {
-    /// Listens on a local port and forwards to `upstream` (`http://host:port`).
-    pub async fn start(upstream: &str) -> Self {
-        let upstream = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let proxy = Self {
-            addr: listener.local_addr().expect("proxy address"),
-            state: Arc::default(),
-        };
-        let state = proxy.state.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let (state, upstream) = (state.clone(), upstream.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = serve(client, &upstream, &state).await {
-                        eprintln!("proxy: {err}");
-                    }
-                });
-            }
-        });
-        proxy
+impl<E> Default for Shared<E> {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Losses {
+            rules: Vec::new(),
+            log: Vec::new(),
+        })))
     }
+}
 
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Loses the response of the `nth` `operation` request (from now on) whose
-    /// body contains every string of `contains`.
-    pub fn drop_response(&self, operation: &str, contains: &[&str], nth: usize) {
+impl<E: Clone> Shared<E> {
+    /// Loses the response of the `nth` `operation` (from now on) in which
+    /// every string of `contains` is found.
+    pub fn arm(&self, operation: &str, contains: &[&str], nth: usize) {
         assert!(nth >= 1, "nth counts from 1");
         self.lock().rules.push(Rule {
             operation: operation.to_owned(),
@@ -101,38 +87,123 @@ impl Proxy {
         self.lock().rules.iter().filter(|r| !r.fired).count()
     }
 
-    /// Every request so far, in the order their responses came back.
-    pub fn log(&self) -> Vec<Entry> {
+    /// Whether the request `operation`, in which `found` says whether a string
+    /// is, loses its response: counted by every rule it matches, it fires the
+    /// first whose turn it is.
+    pub fn should_drop(&self, operation: &str, found: impl Fn(&str) -> bool) -> bool {
+        let mut losses = self.lock();
+        for rule in losses.rules.iter_mut().filter(|r| !r.fired) {
+            if rule.operation == operation && rule.contains.iter().all(|s| found(s)) {
+                rule.seen += 1;
+                if rule.seen == rule.nth {
+                    rule.fired = true;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    pub fn record(&self, entry: E) {
+        self.lock().log.push(entry);
+    }
+
+    /// Every entry so far, in the order their responses came back.
+    pub fn log(&self) -> Vec<E> {
         self.lock().log.clone()
     }
 
     /// The log so far, emptying it.
-    pub fn take_log(&self) -> Vec<Entry> {
+    pub fn take_log(&self) -> Vec<E> {
         std::mem::take(&mut self.lock().log)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Losses<E>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn should_drop(state: &Mutex<State>, operation: &str, body: &str) -> bool {
-    let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-    for rule in state.rules.iter_mut().filter(|r| !r.fired) {
-        if rule.operation == operation && rule.contains.iter().all(|s| body.contains(s.as_str())) {
-            rule.seen += 1;
-            if rule.seen == rule.nth {
-                rule.fired = true;
-                return true;
-            }
+/// Serves each connection accepted on `listener` with `serve` on a task of
+/// its own, numbered from 1 in the order accepted; `name` heads its errors.
+pub fn accept<F, Fut>(listener: TcpListener, name: &'static str, serve: F)
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut connections = 0;
+        while let Ok((client, _)) = listener.accept().await {
+            connections += 1;
+            let served = serve(client, connections);
+            tokio::spawn(async move {
+                if let Err(err) = served.await {
+                    eprintln!("{name}: {err}");
+                }
+            });
         }
+    });
+}
+
+#[derive(Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    shared: Shared<Entry>,
+}
+
+impl Proxy {
+    /// Listens on a local port and forwards to `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let proxy = Self {
+            addr: listener.local_addr().expect("proxy address"),
+            shared: Shared::default(),
+        };
+        let shared = proxy.shared.clone();
+        accept(listener, "proxy", move |client, connection| {
+            let (shared, upstream) = (shared.clone(), upstream.clone());
+            async move { serve(client, connection, &upstream, &shared).await }
+        });
+        proxy
     }
-    false
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Loses the response of the `nth` `operation` request (from now on) whose
+    /// body contains every string of `contains`.
+    pub fn drop_response(&self, operation: &str, contains: &[&str], nth: usize) {
+        self.shared.arm(operation, contains, nth);
+    }
+
+    /// Rules armed and not fired yet.
+    pub fn armed(&self) -> usize {
+        self.shared.armed()
+    }
+
+    /// Every request so far, in the order their responses came back.
+    pub fn log(&self) -> Vec<Entry> {
+        self.shared.log()
+    }
+
+    /// The log so far, emptying it.
+    pub fn take_log(&self) -> Vec<Entry> {
+        self.shared.take_log()
+    }
 }
 
 /// One client connection: request after request until the client closes it, or
 /// until a response is dropped (the connection is closed then).
-async fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::io::Result<()> {
+async fn serve(
+    client: TcpStream,
+    connection: usize,
+    upstream: &str,
+    shared: &Shared<Entry>,
+) -> std::io::Result<()> {
     let (read, mut write) = client.into_split();
     let mut read = BufReader::new(read);
     while let Some(request) = read_message(&mut read, Framing::Request).await? {
@@ -148,7 +219,7 @@ async fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::
                     .join(" ")
             });
         let request_body = String::from_utf8_lossy(&request.body).into_owned();
-        let dropped = should_drop(state, &operation, &request_body);
+        let dropped = shared.should_drop(&operation, |s| request_body.contains(s));
 
         let upstream_stream = TcpStream::connect(upstream).await?;
         let (up_read, mut up_write) = upstream_stream.into_split();
@@ -166,17 +237,14 @@ async fn serve(client: TcpStream, upstream: &str, state: &Mutex<State>) -> std::
         let close = response
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .log
-            .push(Entry {
-                operation,
-                dropped,
-                status,
-                request: request_body,
-                response: String::from_utf8_lossy(&response.body).into_owned(),
-            });
+        shared.record(Entry {
+            connection,
+            operation,
+            dropped,
+            status,
+            request: request_body,
+            response: String::from_utf8_lossy(&response.body).into_owned(),
+        });
         if dropped {
             // Applied upstream, response read; the client gets nothing but the close.
             return Ok(());
