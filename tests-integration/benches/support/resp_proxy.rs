@@ -20,31 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The store's scripts, by the SHA-1 `EVALSHA` names them with.
 fn scripts() -> HashMap<String, &'static str> {
-    [
-        (
-            "reserve",
-            include_str!("../../../src/store/redis/reserve.lua"),
-        ),
-        (
-            "complete",
-            include_str!("../../../src/store/redis/complete.lua"),
-        ),
-        (
-            "release",
-            include_str!("../../../src/store/redis/release.lua"),
-        ),
-        (
-            "put_step",
-            include_str!("../../../src/store/redis/put_step.lua"),
-        ),
-        (
-            "mark_delivered",
-            include_str!("../../../src/store/redis/mark_delivered.lua"),
-        ),
-    ]
-    .into_iter()
-    .map(|(name, source)| (redis::Script::new(source).get_hash().to_owned(), name))
-    .collect()
+    super::redis_servers::SCRIPTS
+        .iter()
+        .map(|(name, source)| (redis::Script::new(source).get_hash().to_owned(), *name))
+        .collect()
 }
 
 #[derive(Default)]
