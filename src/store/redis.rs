@@ -717,17 +717,18 @@ impl OutboxStore for RedisStore {
         Box::pin(async move {
             let mut pending = Vec::new();
             let keys = self.scan("*#outbox#*").await?;
-            // A pipeline of reads per hundred messages, not a round trip each.
+            // A hundred reads at a time on the multiplexed connection, not a
+            // round trip each. (Not one pipeline: on a cluster a pipeline must
+            // stay in one slot.)
             for chunk in keys.chunks(100) {
-                let mut pipe = redis::pipe();
-                for key in chunk {
-                    pipe.add_command(outbox_fields(key));
-                }
-                let replies: Vec<Vec<Option<String>>> = self.read_pipeline(&pipe).await?;
-                for (key, fields) in chunk.iter().zip(replies) {
-                    match outbox_from_fields(key, fields)? {
-                        Some(message) if !message.delivered => pending.push(message),
-                        _ => {}
+                let reads = chunk.iter().map(|key| self.outbox_record(key));
+                for message in futures_util::future::try_join_all(reads)
+                    .await?
+                    .into_iter()
+                    .flatten()
+                {
+                    if !message.delivered {
+                        pending.push(message);
                     }
                 }
             }
@@ -742,28 +743,6 @@ impl RedisStore {
     async fn outbox_record(&self, redis_key: &str) -> Result<Option<OutboxRecord>, StoreError> {
         let fields = self.read(&outbox_fields(redis_key)).await?;
         outbox_from_fields(redis_key, fields)
-    }
-
-    /// A pipeline of plain reads, retried as one read is.
-    async fn read_pipeline<T: FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-    ) -> Result<T, StoreError> {
-        let mut attempt = 0;
-        loop {
-            let mut connection = self.connection.clone();
-            let result = match &mut connection {
-                Connection::Single(c) => pipe.query_async(c).await,
-                Connection::Cluster(c) => pipe.query_async(c).await,
-            };
-            match result {
-                Err(err) if retryable(&err) && attempt < RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(25 << (2 * attempt))).await;
-                }
-                other => return other.map_err(backend),
-            }
-        }
     }
 }
 
