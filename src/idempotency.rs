@@ -25,6 +25,9 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
+mod batch;
+pub(crate) use batch::Batch;
+
 /// The idempotency layer: a store and a config, shared by every handler it wraps.
 ///
 /// Cloning is cheap and clones share the store client and the local cache, so one
@@ -141,9 +144,10 @@ pub(crate) struct Call<'a> {
     pub(crate) key: CallKey<'a>,
     /// How long to wait for a first call that holds the key; `None`: refuse.
     pub(crate) wait: Option<Duration>,
-    /// The flights of the batch this call's record belongs to: a record of the
-    /// batch with the same key waits for (or replays) the first one's.
-    pub(crate) batch: Option<&'a Flights>,
+    /// The batch this call's record belongs to: a record of the batch with the
+    /// same key waits for (or replays) the first one's; the batch may hold the
+    /// store's answer to this key's reservation, and take its completion.
+    pub(crate) batch: Option<&'a Batch>,
 }
 
 /// Where an invocation's key material comes from.
@@ -154,6 +158,13 @@ pub(crate) enum CallKey<'a> {
     /// (e.g. an SQS record's `messageId`, which stays the same on redelivery).
     #[cfg_attr(not(any(feature = "sqs", feature = "streams")), allow(dead_code))]
     SourceDefault(&'a JsonPath),
+    /// The hashes of the key material and of the validation fields, derived
+    /// already (a batch derives its records' keys before they run).
+    #[cfg_attr(not(any(feature = "sqs", feature = "streams")), allow(dead_code))]
+    Derived {
+        material: &'a str,
+        validation: Option<&'a str>,
+    },
     /// Material and validation fields chosen by the caller (HTTP `Idempotency-Key`).
     #[cfg_attr(not(feature = "apigw"), allow(dead_code))]
     Given {
@@ -408,8 +419,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 let mut waiting = Waiting::new(self.waiting_until(&call, now));
                 let mut pilots = Pilots::default();
                 let holds_until = self.reservation_deadline(call.deadline_ms, now);
+                // The store's answer to the batch's reservation of this key, for
+                // its first call. Holding the key already, it waits for no call
+                // of another invocation here (which would wait for it).
+                let prepared = call.batch.and_then(|batch| batch.take(&key));
+                let holds_key = prepared.as_ref().is_some_and(|p| p.answer.is_ok());
                 if !observe {
-                    match self.board(&call, &key, holds_until, &mut pilots, &mut waiting).await {
+                    match self.board(&call, &key, holds_until, holds_key, &mut pilots, &mut waiting).await {
                         Boarding::Fly => {}
                         Boarding::Replay(cached) => {
                             let replayed = self.replay_cached(&cached, validation.as_deref());
@@ -426,20 +442,26 @@ impl<S: IdempotencyStore> Idempotency<S> {
 
                 // 4. Reserve. A live record comes back with the refusal (one request).
                 // A new execution is named after its first reservation's token.
-                let owner = owner_token();
-                let mut reservation = IdempotencyRecord {
-                    key: key.clone(),
-                    status: Status::InProgress,
-                    expiration: expiration_s(now, config),
-                    in_progress_expiration: Some(holds_until),
-                    data: None,
-                    validation: validation.clone(),
-                    execution: owner.clone(),
-                    owner,
-                    is_error: false,
+                let (mut reservation, mut answer) = match prepared {
+                    Some(prepared) => (prepared.record, Some(prepared.answer)),
+                    None => {
+                        let owner = owner_token();
+                        let reservation = IdempotencyRecord {
+                            key: key.clone(),
+                            status: Status::InProgress,
+                            expiration: expiration_s(now, config),
+                            in_progress_expiration: Some(holds_until),
+                            data: None,
+                            validation: validation.clone(),
+                            execution: owner.clone(),
+                            owner,
+                            is_error: false,
+                        };
+                        (reservation, None)
+                    }
                 };
                 let resumed = loop {
-                    match self.reserve(&mut reservation, &meter).await {
+                    match self.reserve(&mut reservation, answer.take(), &meter).await {
                         Ok(Reserved::Ours { resumed }) => break resumed,
                         Ok(Reserved::Completed(_)) if observe => {
                             return Box::pin(self.observed(&meter, Outcome::ReplayedFromStore, event, handler))
@@ -514,7 +536,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     Ok(response) => {
                         let stored = match serde_json::to_string(&response) {
                             Ok(data) => {
-                                Box::pin(self.complete(reservation, data, false, &effects, resumed, &meter))
+                                Box::pin(self.complete(reservation, data, false, &effects, resumed, &meter, call.batch))
                                     .await
                             }
                             Err(source) => {
@@ -556,7 +578,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                             Some(permanent) => {
                                 let stored = match serde_json::to_string(&permanent) {
                                     Ok(data) => {
-                                        Box::pin(self.complete(reservation, data, true, &effects, resumed, &meter))
+                                        Box::pin(self.complete(reservation, data, true, &effects, resumed, &meter, call.batch))
                                             .await
                                     }
                                     Err(source) => Err(IdempotencyError::Serialization { key, source }),
@@ -606,6 +628,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 material,
                 validation,
             } => hashed(material, validation.as_ref(), config.key_hash),
+            CallKey::Derived {
+                material,
+                validation,
+            } => Ok(Some((
+                (*material).to_owned(),
+                validation.map(str::to_owned),
+            ))),
             CallKey::Config => self.key_material(event, None),
             CallKey::SourceDefault(path) => self.key_material(event, Some(path)),
         };
@@ -876,6 +905,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         call: &Call<'a>,
         key: &str,
         holds_until: i64,
+        holds_key: bool,
         pilots: &mut Pilots<'a>,
         waiting: &mut Waiting,
     ) -> Boarding {
@@ -885,12 +915,14 @@ impl<S: IdempotencyStore> Idempotency<S> {
             // the batch's.
             let mut joined = None;
             if let (Some(batch), None) = (call.batch, &pilots.batch) {
+                let batch = &batch.flights;
                 match batch.board(key, holds_until, now) {
                     Boarded::Joined(flight) => joined = Some((flight, waiting.until.batch, true)),
                     Boarded::Pilot(pilot) => pilots.batch = Some(pilot),
                 }
             }
-            if let (None, None, Some(until)) = (&joined, &pilots.process, waiting.until.elsewhere) {
+            let waits_here = waiting.until.elsewhere.filter(|_| !holds_key);
+            if let (None, None, Some(until)) = (&joined, &pilots.process, waits_here) {
                 match self.inner.flights.board(key, holds_until, now) {
                     Boarded::Joined(flight) => joined = Some((flight, until, false)),
                     Boarded::Pilot(pilot) => pilots.process = Some(pilot),
@@ -993,6 +1025,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
     async fn reserve(
         &self,
         record: &mut IdempotencyRecord,
+        mut answered: Option<Result<Option<IdempotencyRecord>, StoreError>>,
         meter: &Meter,
     ) -> Result<Reserved, IdempotencyError> {
         let store = &self.inner.store;
@@ -1000,7 +1033,12 @@ impl<S: IdempotencyStore> Idempotency<S> {
         // Bounded: each further attempt follows a change seen in the table.
         for _ in 0..3 {
             let now = now_ms();
-            let existing = match store.reserve(record, now).await {
+            // The first attempt's answer may have come with the batch's.
+            let answer = match answered.take() {
+                Some(answer) => answer,
+                None => store.reserve(record, now).await,
+            };
+            let existing = match answer {
                 Ok(replaced) => {
                     match replaced.filter(|old| old.owner != record.owner) {
                         Some(old) if old.is_expired(now) => {
@@ -1128,6 +1166,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// Stores the response under our reservation, with the outbox messages and
     /// the writes the handler staged (one transaction), then dispatches the
     /// messages.
+    #[allow(clippy::too_many_arguments)] // one invocation's state, passed down
     async fn complete(
         &self,
         reservation: IdempotencyRecord,
@@ -1136,6 +1175,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         effects: &Effects,
         resumed: bool,
         meter: &Meter,
+        batch: Option<&Batch>,
     ) -> Result<IdempotencyRecord, IdempotencyError> {
         let record = IdempotencyRecord {
             status: Status::Completed,
@@ -1176,6 +1216,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     });
                 }
             },
+            // A batch's record: written with the batch's others once they ran.
+            (true, _) if batch.is_some_and(|batch| batch.defer(&record)) => Ok(()),
             (true, _) => store.complete(&record).await,
             (false, Some(outbox_store)) => outbox_store.commit(&record, &outbox).await,
             (false, None) => {
@@ -1270,7 +1312,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
         let stored = match effects.compensate(failure).await {
             Ok(()) => match serde_json::to_string(failure) {
                 Ok(data) => {
-                    self.complete(reservation, data, true, effects, resumed, meter)
+                    self.complete(reservation, data, true, effects, resumed, meter, None)
                         .await
                 }
                 Err(source) => Err(IdempotencyError::Serialization {
@@ -1326,6 +1368,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
             Err(err) => {
                 tracing::warn!(error = %err, "could not release the reservation; it expires at its in-progress expiry")
             }
+        }
+    }
+
+    /// Drops `key` from the local cache (its completion was not written).
+    fn forget(&self, key: &str) {
+        if let Some(cache) = &self.inner.cache {
+            cache.lock().unwrap_or_else(|p| p.into_inner()).pop(key);
         }
     }
 

@@ -27,14 +27,17 @@ fn field(expression: &'static str) -> JsonPath {
     JsonPath::compile(expression).expect("a built-in expression is valid")
 }
 
-/// Runs one record through the engine; the error, as text, for the logs.
+/// Runs one record through the engine: the record at `index` of `batch`; the
+/// error, as text, for the logs.
 #[cfg(any(feature = "sqs", feature = "streams"))]
+#[allow(clippy::too_many_arguments)] // a record's place in its batch, passed down
 async fn run_record<S, T, R, E, F, Fut>(
     idempotency: &crate::Idempotency<S>,
     scope: &str,
     deadline_ms: i64,
     default_key: &JsonPath,
-    batch: &crate::flight::Flights,
+    batch: &crate::idempotency::Batch,
+    index: usize,
     record: T,
     handler: F,
 ) -> Result<(), String>
@@ -46,12 +49,12 @@ where
     F: FnOnce(T) -> Fut,
     Fut: std::future::Future<Output = Result<R, E>>,
 {
-    use crate::idempotency::{Call, CallKey};
+    use crate::idempotency::Call;
     use crate::Error;
     let call = Call {
         scope,
         deadline_ms: Some(deadline_ms),
-        key: CallKey::SourceDefault(default_key),
+        key: batch.call_key(index, default_key),
         wait: idempotency.config().wait_for_in_progress,
         // Records of the batch with one key run once; the others replay it.
         batch: Some(batch),

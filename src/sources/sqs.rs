@@ -2,8 +2,7 @@
 
 use super::{field, run_record};
 use crate::error::IdempotencyError;
-use crate::flight::Flights;
-use crate::idempotency::Idempotency;
+use crate::idempotency::{Batch, Idempotency};
 use crate::key::JsonPath;
 use crate::outcome::Event;
 use crate::store::IdempotencyStore;
@@ -12,6 +11,7 @@ use futures_util::stream::{self, StreamExt};
 use lambda_runtime::LambdaEvent;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 
@@ -108,38 +108,67 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
         let fifo = records.first().is_some_and(is_fifo);
         let meter = self.idempotency.meter(&self.scope);
         meter.event(Event::BatchRecords, records.len() as u64);
+        // The batch's keys, reserved together (one request on DynamoDB).
+        // Boxed, as each record's call: with event types as deep as Kinesis', the
+        // unboxed futures overflow the compiler's layout query depth in `main`.
+        let batch =
+            Box::pin(
+                self.idempotency
+                    .begin_batch(&self.scope, deadline_ms, &records, &MESSAGE_ID),
+            )
+            .await;
 
         // Lanes run concurrently; records in a lane run in order. FIFO: a lane per
         // message group. Standard queues: a lane per message.
+        let message_ids: Vec<Option<String>> =
+            records.iter().map(|r| r.message_id.clone()).collect();
         let mut lanes: Vec<(Option<String>, Lane)> = Vec::new();
+        let mut lane_of = Vec::with_capacity(records.len());
         for (index, record) in records.into_iter().enumerate() {
             let group = fifo
                 .then(|| record.attributes.get("MessageGroupId").cloned())
                 .flatten();
             match lanes
                 .iter_mut()
-                .find(|(g, _)| group.is_some() && *g == group)
+                .position(|(g, _)| group.is_some() && *g == group)
             {
-                Some((_, lane)) => lane.push((index, record)),
-                None => lanes.push((group, vec![(index, record)])),
+                Some(lane) => {
+                    lane_of.push(lane);
+                    lanes[lane].1.push((index, record));
+                }
+                None => {
+                    lane_of.push(lanes.len());
+                    lanes.push((group, vec![(index, record)]));
+                }
             }
         }
 
         // Messages of the batch that share a key run once: the others wait for
         // (or find) the first one's record and replay it, with no request.
-        let flights = Flights::for_batch();
-        let mut failed: Vec<(usize, Option<String>)> = stream::iter(lanes)
-            .map(|(_, lane)| self.run_lane(lane, deadline_ms, &flights))
+        let mut failed: BTreeSet<usize> = stream::iter(lanes)
+            .map(|(_, lane)| self.run_lane(lane, deadline_ms, &batch))
             .buffer_unordered(self.concurrency)
             .flat_map(stream::iter)
             .collect()
             .await;
-        failed.sort_by_key(|(index, _)| *index);
+        // The completions that waited for the batch; a message whose completion
+        // was not written fails, and on a FIFO queue so do the later messages
+        // of its group (they ran, and will replay, in order).
+        failed.extend(Box::pin(self.idempotency.finish_batch(batch)).await);
+        if fifo {
+            let mut stopped = vec![false; lane_of.len()];
+            for (index, lane) in lane_of.iter().enumerate() {
+                if stopped[*lane] {
+                    failed.insert(index);
+                }
+                stopped[*lane] |= failed.contains(&index);
+            }
+        }
         meter.event(Event::BatchFailures, failed.len() as u64);
 
         let mut response = SqsBatchResponse::default();
-        for (index, message_id) in failed {
-            let message_id = message_id.ok_or_else(|| {
+        for index in failed {
+            let message_id = message_ids[index].clone().ok_or_else(|| {
                 IdempotencyError::InvalidEvent(format!(
                     "record {index} failed and has no messageId to report"
                 ))
@@ -150,12 +179,7 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
     }
 
     /// Runs a lane in order; after a failure the rest of the lane fails unrun.
-    async fn run_lane<R, E, Fut>(
-        &self,
-        lane: Lane,
-        deadline_ms: i64,
-        flights: &Flights,
-    ) -> Vec<(usize, Option<String>)>
+    async fn run_lane<R, E, Fut>(&self, lane: Lane, deadline_ms: i64, batch: &Batch) -> Vec<usize>
     where
         F: Fn(SqsMessage) -> Fut,
         Fut: Future<Output = Result<R, E>>,
@@ -173,23 +197,24 @@ impl<F, S: IdempotencyStore> SqsBatch<F, S> {
                     ?message_id,
                     "not run: an earlier message of its FIFO group failed"
                 );
-                failed.push((index, message_id));
+                failed.push(index);
                 continue;
             }
             let scope = &self.scope;
-            if let Err(reason) = run_record(
+            if let Err(reason) = Box::pin(run_record(
                 &self.idempotency,
                 scope,
                 deadline_ms,
                 &MESSAGE_ID,
-                flights,
+                batch,
+                index,
                 record,
                 &self.handler,
-            )
+            ))
             .await
             {
                 tracing::error!(?message_id, %reason, "SQS message failed; reported in batchItemFailures");
-                failed.push((index, message_id));
+                failed.push(index);
             }
         }
         failed

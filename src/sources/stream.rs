@@ -3,7 +3,6 @@
 
 use super::{field, run_record};
 use crate::error::IdempotencyError;
-use crate::flight::Flights;
 use crate::idempotency::Idempotency;
 use crate::key::JsonPath;
 use crate::outcome::Event;
@@ -130,38 +129,60 @@ impl<F, S: IdempotencyStore> StreamBatch<F, S> {
     {
         let meter = self.idempotency.meter(&self.scope);
         meter.event(Event::BatchRecords, records.len() as u64);
-        // A later record of the batch with an earlier one's key replays it, with
-        // no request (the shard's order is kept: records still run one by one).
-        let flights = Flights::for_batch();
-        let mut records = records.into_iter();
-        while let Some(record) = records.next() {
-            let sequence = sequence_number(&record);
-            let outcome = run_record(
+        // The batch's keys, reserved together (one request on DynamoDB). A later
+        // record of the batch with an earlier one's key replays it, with no
+        // request (the shard's order is kept: records still run one by one).
+        // Boxed, as each record's call: with event types as deep as Kinesis', the
+        // unboxed futures overflow the compiler's layout query depth in `main`.
+        let batch =
+            Box::pin(
+                self.idempotency
+                    .begin_batch(&self.scope, deadline_ms, &records, &EVENT_ID),
+            )
+            .await;
+        let sequences: Vec<Option<String>> = records.iter().map(&sequence_number).collect();
+        let mut stopped_at = None;
+        for (index, record) in records.into_iter().enumerate() {
+            let outcome = Box::pin(run_record(
                 &self.idempotency,
                 &self.scope,
                 deadline_ms,
                 &EVENT_ID,
-                &flights,
+                &batch,
+                index,
                 record,
                 &self.handler,
-            )
+            ))
             .await;
             if let Err(reason) = outcome {
+                let sequence = &sequences[index];
                 tracing::error!(?sequence, %reason, "stream record failed; the shard resumes here");
-                meter.event(Event::BatchFailures, 1 + records.len() as u64);
-                meter.event(Event::BatchHeldBack, records.len() as u64);
-                return std::iter::once(sequence)
-                    .chain(records.map(|r| sequence_number(&r)))
-                    .map(|s| {
-                        s.ok_or_else(|| {
-                            IdempotencyError::InvalidEvent(
-                                "a stream record has no sequence number".into(),
-                            )
-                        })
-                    })
-                    .collect();
+                stopped_at = Some(index);
+                break;
             }
         }
-        Ok(Vec::new())
+        // The completions that waited for the batch: the shard resumes at the
+        // first record whose completion was not written, if that comes first
+        // (the records after it ran, and will replay).
+        let unwritten = Box::pin(self.idempotency.finish_batch(batch)).await;
+        let resume_at = match (stopped_at, unwritten.first()) {
+            (Some(stopped), Some(&unwritten)) => Some(stopped.min(unwritten)),
+            (stopped, unwritten) => stopped.or(unwritten.copied()),
+        };
+        let Some(resume_at) = resume_at else {
+            return Ok(Vec::new());
+        };
+        let failures = sequences.len() - resume_at;
+        meter.event(Event::BatchFailures, failures as u64);
+        meter.event(Event::BatchHeldBack, (failures - 1) as u64);
+        sequences
+            .into_iter()
+            .skip(resume_at)
+            .map(|s| {
+                s.ok_or_else(|| {
+                    IdempotencyError::InvalidEvent("a stream record has no sequence number".into())
+                })
+            })
+            .collect()
     }
 }

@@ -14,6 +14,8 @@ use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 use std::collections::HashMap;
 
+mod batch;
+
 type Item = HashMap<String, AttributeValue>;
 
 /// Attribute names of the idempotency table. The defaults match the AWS Lambda
@@ -623,6 +625,29 @@ impl IdempotencyStore for DynamoDbStore {
                 }
             }
         }
+    }
+
+    /// `INSERT`s, 25 to a `BatchExecuteStatement`; the records in the way read
+    /// in one `BatchGetItem` (see the module `batch`).
+    async fn reserve_batch(
+        &self,
+        records: &[IdempotencyRecord],
+        now_ms: i64,
+    ) -> Vec<Result<Option<IdempotencyRecord>, StoreError>> {
+        self.reserve_statements(records, now_ms).await
+    }
+
+    /// Conditional `UPDATE`s, 25 to a `BatchExecuteStatement`.
+    async fn complete_batch(&self, records: &[IdempotencyRecord]) -> Vec<Result<(), StoreError>> {
+        self.complete_statements(records).await
+    }
+
+    /// Conditional `DELETE`s, 25 to a `BatchExecuteStatement`.
+    async fn release_batch(
+        &self,
+        reservations: &[(String, String)],
+    ) -> Vec<Result<(), StoreError>> {
+        self.release_statements(reservations).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {

@@ -36,6 +36,7 @@ pub use memory::MemoryStore;
 use crate::error::BoxError;
 use crate::record::{IdempotencyRecord, MAX_ITEM_BYTES};
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use futures_util::future::join_all;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -197,6 +198,59 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         key: &str,
         owner: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reserves each of `records` as [`reserve`](Self::reserve) would, answering
+    /// for each in order; what a batch of SQS or stream records asks for before
+    /// they run, so that a backend can reserve them in one request.
+    ///
+    /// A backend's batched write may do less than `reserve`: it may refuse a
+    /// record that `reserve` would replace (an expired record, an abandoned
+    /// attempt), with [`StoreError::Exists`] and the record in the way. The
+    /// engine then reserves that record alone, with `reserve`. It never does
+    /// more: a live record is never replaced. The records' keys are distinct.
+    ///
+    /// The default calls `reserve` for every record at once (on one multiplexed
+    /// connection, such as the Redis store's, the calls go out together).
+    fn reserve_batch(
+        &self,
+        records: &[IdempotencyRecord],
+        now_ms: i64,
+    ) -> impl Future<Output = Vec<Result<Option<IdempotencyRecord>, StoreError>>> + Send {
+        join_all(
+            records
+                .iter()
+                .map(move |record| self.reserve(record, now_ms)),
+        )
+    }
+
+    /// Completes each of `records` as [`complete`](Self::complete) would (only
+    /// under its owner token), answering for each in order: a batch's completed
+    /// records, written together once its records have run. The records' keys
+    /// are distinct.
+    ///
+    /// The default calls `complete` for every record at once.
+    fn complete_batch(
+        &self,
+        records: &[IdempotencyRecord],
+    ) -> impl Future<Output = Vec<Result<(), StoreError>>> + Send {
+        join_all(records.iter().map(|record| self.complete(record)))
+    }
+
+    /// Releases each `(key, owner)` as [`release`](Self::release) would,
+    /// answering for each in order: the reservations of a batch's records that
+    /// did not run (an earlier record of their FIFO group or shard failed).
+    ///
+    /// The default calls `release` for every reservation at once.
+    fn release_batch(
+        &self,
+        reservations: &[(String, String)],
+    ) -> impl Future<Output = Vec<Result<(), StoreError>>> + Send {
+        join_all(
+            reservations
+                .iter()
+                .map(|(key, owner)| self.release(key, owner)),
+        )
+    }
 
     /// Where this store keeps its records: stores with the same location read and
     /// write the same records (clones of one [`MemoryStore`]; [`DynamoDbStore`]s on
