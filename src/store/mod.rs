@@ -5,7 +5,9 @@
 //! without the rest:
 //!
 //! - [`IdempotencyStore`]: the records. Every backend implements it; it is all a
-//!   wrapped handler needs.
+//!   wrapped handler needs. Its batch operations (`reserve_batch`,
+//!   `complete_batch`, `release_batch`) let a backend serve an SQS or stream
+//!   batch in a few requests; their defaults call the single-record ones.
 //! - [`StepJournal`]: the results of a handler's steps, so a retry does not redo
 //!   them ([`Effects::step`](crate::Effects::step)).
 //! - [`OutboxStore`]: messages committed with the completed record and delivered
