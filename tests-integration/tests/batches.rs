@@ -865,3 +865,154 @@ async fn a_crash_before_the_batched_completion_reruns_the_records_with_their_ste
 async fn a_crash_after_the_batched_completion_replays_the_records() {
     crash_then_redeliver(Crash::AfterCompleting).await;
 }
+
+/// The real store, where another execution environment takes one record over
+/// (its owner token changes) while the batch runs, before its completion.
+#[derive(Clone)]
+struct TakenOverMidBatch {
+    inner: DynamoDbStore,
+    table: String,
+    key: String,
+}
+
+impl IdempotencyStore for TakenOverMidBatch {
+    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn reserve(
+        &self,
+        record: &IdempotencyRecord,
+        now_ms: i64,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.reserve(record, now_ms).await
+    }
+    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
+        self.inner.complete(record).await
+    }
+    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
+        self.inner.release(key, owner).await
+    }
+    async fn reserve_batch(
+        &self,
+        records: &[IdempotencyRecord],
+        now_ms: i64,
+    ) -> Vec<Result<Option<IdempotencyRecord>, StoreError>> {
+        self.inner.reserve_batch(records, now_ms).await
+    }
+    async fn complete_batch(&self, records: &[IdempotencyRecord]) -> Vec<Result<(), StoreError>> {
+        client()
+            .update_item()
+            .table_name(&self.table)
+            .key("id", AttributeValue::S(self.key.clone()))
+            .update_expression("SET #owner = :other")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":other", AttributeValue::S("another-environment".into()))
+            .send()
+            .await
+            .expect("take the record over");
+        self.inner.complete_batch(records).await
+    }
+    async fn release_batch(
+        &self,
+        reservations: &[(String, String)],
+    ) -> Vec<Result<(), StoreError>> {
+        self.inner.release_batch(reservations).await
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+fn fifo_batch_of(messages: &[(&str, &str)]) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = messages
+        .iter()
+        .map(|(group, id)| {
+            let mut message = sqs_message(
+                &json!({ "order_id": id, "amount": 10 }).to_string(),
+                &format!("m-{id}"),
+            );
+            message
+                .attributes
+                .insert("MessageGroupId".into(), (*group).to_owned());
+            message.event_source_arn =
+                Some("arn:aws:sqs:eu-west-1:123456789012:orders.fifo".into());
+            message
+        })
+        .collect();
+    event
+}
+
+#[tokio::test]
+async fn a_fifo_group_after_a_failure_is_released_in_one_request_and_an_unwritten_completion_holds_back_its_group(
+) {
+    let table = default_table("batch-fifo").await;
+    let (client, requests) = recorded_client();
+    let store = DynamoDbStore::new(client, &table);
+    let ledger = Ledger::default();
+    // Group a: a-0, then a failure, then two that must not run. Group b: three
+    // that run; b-1's record is taken over by another environment before the
+    // batch's completions are written.
+    let messages = [
+        ("a", "a-0"),
+        ("a", "fail-a"),
+        ("a", "a-2"),
+        ("a", "a-3"),
+        ("b", "b-0"),
+        ("b", "b-1"),
+        ("b", "b-2"),
+    ];
+    let probe = Idempotency::new(store.clone(), config().build().expect("config"));
+    let taken_over = batch_keys(&probe, &["b-1"])["b-1"].clone();
+    let idempotency = Idempotency::new(
+        TakenOverMidBatch {
+            inner: store,
+            table: table.clone(),
+            key: taken_over.clone(),
+        },
+        config().build().expect("config"),
+    );
+    let batch = idempotency.sqs_batch("ship", ship(&ledger, false));
+    let response = batch
+        .process(LambdaEvent::new(fifo_batch_of(&messages), context(30_000)))
+        .await
+        .expect("batch");
+    assert_eq!(
+        failed_ids(&response),
+        ["m-a-2", "m-a-3", "m-b-1", "m-b-2", "m-fail-a"],
+        "a's failure holds back the rest of a; b-1's unwritten completion holds back b-2"
+    );
+    assert_eq!(
+        ledger.runs(),
+        BTreeMap::from([
+            ("a-0".into(), 1),
+            ("b-0".into(), 1),
+            ("b-1".into(), 1),
+            ("b-2".into(), 1),
+            ("fail-a".into(), 1)
+        ]),
+        "in group order; a-2 and a-3 never ran"
+    );
+    assert_eq!(
+        sorted(requests.take()),
+        ["BatchExecuteStatement", "BatchExecuteStatement", "BatchExecuteStatement", "DeleteItem"],
+        "reserved together; the failure released alone; completions together; a-2 and a-3 released together"
+    );
+    let stored = records(&table).await;
+    assert_eq!(
+        stored.len(),
+        4,
+        "a-0, b-0, b-2 completed; b-1 left to its new owner: {stored:?}"
+    );
+    assert_eq!(
+        stored[&taken_over].0, "INPROGRESS",
+        "the late completion did not overwrite the new owner's record"
+    );
+    let owners: Vec<String> = scan(&table)
+        .await
+        .iter()
+        .filter(|i| s(i, "id") == taken_over)
+        .map(|i| s(i, "owner").to_owned())
+        .collect();
+    assert_eq!(owners, ["another-environment"]);
+}
