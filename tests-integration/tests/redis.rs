@@ -558,3 +558,61 @@ async fn replica_acknowledgements_on_a_cluster_without_replicas_fail_writes_clea
     }
     assert_eq!(runs.get(), 0, "the handler did not run");
 }
+
+#[tokio::test]
+async fn an_sqs_batch_on_a_cluster_runs_each_key_once_and_replays_when_redelivered() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    let store = cluster_store().await;
+    let prefix = prefix("batch");
+    let idempotency = Idempotency::new(
+        store.clone(),
+        IdempotencyConfig::builder()
+            .key_expression("powertools_json(body).order_id")
+            .key_prefix(&prefix)
+            .build()
+            .expect("config"),
+    );
+    let runs = Counter::default();
+    let batch = {
+        let runs = runs.clone();
+        idempotency.sqs_batch("ship", move |message: SqsMessage| {
+            let run = runs.hit();
+            async move { Ok::<_, String>(json!({ "shipped": message.body, "run": run })) }
+        })
+    };
+    // Twelve keys, over the three primaries, and a duplicate of the first.
+    let mut event = SqsEvent::default();
+    event.records = (0..12)
+        .chain([0])
+        .map(|i| {
+            support::events::sqs_message(
+                &json!({ "order_id": format!("o-{i}") }).to_string(),
+                &format!("m-{i}"),
+            )
+        })
+        .collect();
+    let context = support::context(30_000);
+    let first = batch
+        .process(lambda_runtime::LambdaEvent::new(
+            event.clone(),
+            context.clone(),
+        ))
+        .await
+        .expect("batch");
+    assert!(first.batch_item_failures.is_empty());
+    assert_eq!(runs.get(), 12, "each key once; the duplicate replays");
+    let again = batch
+        .process(lambda_runtime::LambdaEvent::new(event.clone(), context))
+        .await
+        .expect("batch");
+    assert!(again.batch_item_failures.is_empty());
+    assert_eq!(runs.get(), 12, "redelivered: every record replays");
+    for message in &event.records[..12] {
+        let key = idempotency
+            .key_for(Some("ship"), &serde_json::to_value(message).expect("json"))
+            .expect("key")
+            .expect("key material");
+        let record = store.get(&key).await.expect("get").expect("a record");
+        assert_eq!(record.status, Status::Completed);
+    }
+}
