@@ -101,8 +101,31 @@ struct State {
     attempted: bool,
     /// Whether a resumed execution has met a step missing from its journal.
     missed: bool,
+    /// The first mismatch between the handler's steps and the journal: sticky,
+    /// so that the invocation ends with it whatever the handler does.
+    diverged: Option<Divergence>,
     #[cfg(feature = "outbox")]
     staged: Vec<(String, OutboxMessage)>,
+}
+
+/// A step that did not match the journal at its position.
+struct Divergence {
+    position: usize,
+    journaled: String,
+    called: String,
+    detail: String,
+}
+
+impl Divergence {
+    fn error(&self, key: Option<&str>) -> IdempotencyError {
+        IdempotencyError::NonDeterministic {
+            key: key.unwrap_or_default().to_owned(),
+            position: self.position,
+            journaled: self.journaled.clone(),
+            called: self.called.clone(),
+            detail: self.detail.clone(),
+        }
+    }
 }
 
 impl Effects {
@@ -253,22 +276,52 @@ impl Effects {
         position: usize,
     ) -> Result<T, Error<E>> {
         if step.name != name {
-            return Err(IdempotencyError::NonDeterministic {
-                key: self.inner.key.clone().unwrap_or_default(),
-                position,
-                journaled: step.name,
-                called: name.to_owned(),
-            }
-            .into());
+            let detail = format!("the handler now calls {name:?}");
+            return Err(self.diverge(position, step.name, name, detail).into());
         }
-        serde_json::from_str(&step.data).map_err(|_| {
-            IdempotencyError::MalformedRecord {
-                key: step.key,
-                attribute: "data".into(),
-                problem: "does not hold the step's result as JSON".into(),
+        serde_json::from_str(&step.data).map_err(|source| {
+            // JSON of another shape is the code having changed, not the record.
+            match serde_json::from_str::<serde::de::IgnoredAny>(&step.data) {
+                Ok(_) => {
+                    let detail =
+                        format!("the handler now asks it for another result type ({source})");
+                    self.diverge(position, step.name, name, detail)
+                }
+                Err(_) => IdempotencyError::MalformedRecord {
+                    key: step.key,
+                    attribute: "data".into(),
+                    problem: "does not hold the step's result as JSON".into(),
+                },
             }
             .into()
         })
+    }
+
+    /// Notes a mismatch with the journal (the first one sticks) and returns it.
+    fn diverge(
+        &self,
+        position: usize,
+        journaled: String,
+        called: &str,
+        detail: String,
+    ) -> IdempotencyError {
+        let divergence = Divergence {
+            position,
+            journaled,
+            called: called.to_owned(),
+            detail,
+        };
+        let error = divergence.error(self.inner.key.as_deref());
+        self.state().diverged.get_or_insert(divergence);
+        error
+    }
+
+    /// The mismatch with the journal this execution met, if any: the engine ends
+    /// the invocation with it whatever the handler returned.
+    pub(crate) fn divergence(&self) -> Option<IdempotencyError> {
+        let state = self.state();
+        let divergence = state.diverged.as_ref()?;
+        Some(divergence.error(self.inner.key.as_deref()))
     }
 
     /// The invocation's outbox: messages delivered after the response is committed.

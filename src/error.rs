@@ -60,10 +60,16 @@ pub enum IdempotencyError {
         /// The idempotency key.
         key: String,
     },
-    /// A retry called its steps in another order than the journal recorded: the
-    /// handler's code or branching changed between attempts. Replaying would give
-    /// a wrong result, so the invocation stops.
-    #[error("step {position} of {key} was journaled as {journaled:?} but the handler now calls {called:?}")]
+    /// A resumed execution's steps no longer match its journal: at a journaled
+    /// position the handler called another step, or asked the journaled result
+    /// for a type it does not deserialize into. The handler's code or branching
+    /// changed between attempts, and replaying would give a wrong result. Once an
+    /// execution has met a mismatch the invocation ends with this error whatever
+    /// the handler does with the step's error, and its record is neither
+    /// completed nor stored as a success: it stays open, with its journal, for
+    /// code that matches it (see the guide's
+    /// [steps and outbox](crate::guide::steps_and_outbox) chapter).
+    #[error("step {position} of {key} was journaled as {journaled:?} but {detail}")]
     NonDeterministic {
         /// The idempotency key of the invocation.
         key: String,
@@ -73,6 +79,9 @@ pub enum IdempotencyError {
         journaled: String,
         /// The name the handler called at that position.
         called: String,
+        /// What does not match: the handler now calls another step there, or
+        /// asks the journaled result for another type.
+        detail: String,
     },
     /// Delivering a committed outbox message failed; it stays pending for the relay.
     #[error("outbox delivery failed: {0}")]

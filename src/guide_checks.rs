@@ -150,6 +150,7 @@ fn one_of_each() -> Vec<IdempotencyError> {
             position: 0,
             journaled: "charge".into(),
             called: "refund".into(),
+            detail: "the handler now calls \"refund\"".into(),
         },
         IdempotencyError::Delivery("refused".into()),
         IdempotencyError::NoEffects,

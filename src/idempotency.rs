@@ -532,7 +532,17 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     meter.clone(),
                 );
                 // Called inside the scope: a handler may reach its effects before its first await.
-                match effects.scope(async move { handler(event).await }).await {
+                let result = effects.scope(async move { handler(event).await }).await;
+                // Steps that no longer match the journal end the invocation,
+                // whatever the handler made of the step's error. The record stays
+                // open, with its journal, for code that matches it.
+                if let Some(diverged) = effects.divergence() {
+                    tracing::error!(error = %diverged, "the execution's steps no longer match its journal; not completed");
+                    self.release(&reservation, &effects, resumed).await;
+                    settle(&meter, Outcome::of(&diverged));
+                    return Err(diverged.into());
+                }
+                match result {
                     Ok(response) => {
                         let stored = match serde_json::to_string(&response) {
                             Ok(data) => {

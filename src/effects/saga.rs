@@ -203,11 +203,13 @@ impl Effects {
             if let (Some(journal), true) = (journal, self.inner.resumed) {
                 if let Some(done) = journal.get_step(&entry).await? {
                     if done.name != name {
+                        let detail = format!("the saga now compensates with {name:?}");
                         return Err(IdempotencyError::NonDeterministic {
                             key,
                             position: compensation.position,
                             journaled: done.name,
                             called: name,
+                            detail,
                         });
                     }
                     self.inner.meter.event(Event::CompensationReplayed, 1);

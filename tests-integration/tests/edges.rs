@@ -87,9 +87,7 @@ async fn a_retry_that_fails_before_its_first_step_keeps_the_journal() {
             ("fail-before-step", Err(Error::Handler(Error::Handler(_)))) => {}
             (
                 "other-step-first",
-                Err(Error::Handler(Error::Idempotency(IdempotencyError::NonDeterministic {
-                    ..
-                }))),
+                Err(Error::Idempotency(IdempotencyError::NonDeterministic { .. })),
             ) => {}
             _ => panic!("{second_attempt}: {second:?}"),
         }

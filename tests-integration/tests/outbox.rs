@@ -217,12 +217,12 @@ async fn steps_called_in_another_order_on_a_retry_are_non_deterministic() {
         Err(Error::Handler(Error::Handler(_)))
     ));
     match handler.call(event, None).await {
-        Err(Error::Handler(Error::Idempotency(IdempotencyError::NonDeterministic {
+        Err(Error::Idempotency(IdempotencyError::NonDeterministic {
             position,
             journaled,
             called,
             ..
-        }))) => {
+        })) => {
             assert_eq!(
                 (position, journaled.as_str(), called.as_str()),
                 (0, "reserve_stock", "charge")
