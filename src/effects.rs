@@ -182,8 +182,38 @@ impl Effects {
     }
 
     /// The invocation's idempotency key; `None` when it runs unprotected.
+    ///
+    /// ```
+    /// # async fn handler() -> Result<(), lambda_idempotency::IdempotencyError> {
+    /// let fx = lambda_idempotency::effects()?;
+    /// tracing::info!(key = fx.idempotency_key(), "shipping");
+    /// # Ok(()) }
+    /// ```
     pub fn idempotency_key(&self) -> Option<&str> {
         self.inner.key.as_deref()
+    }
+
+    /// Whether this attempt is going over ground an earlier attempt of its
+    /// execution covered: `true` on a resumed execution (a retry that took over
+    /// a crashed, timed-out or failed attempt) until its first step that is not
+    /// in the journal, from where on the code runs for the first time; `false`
+    /// on a first attempt and when unprotected. Keep the logs and metrics of the
+    /// code around your steps behind it, so that a retry does not count them
+    /// again.
+    ///
+    /// ```
+    /// # async fn handler() -> Result<(), lambda_idempotency::Error<std::io::Error>> {
+    /// let fx = lambda_idempotency::effects()?;
+    /// let receipt: String = fx
+    ///     .step("charge", |key| async move { Ok::<_, std::io::Error>(key) })
+    ///     .await?;
+    /// if !fx.is_replaying() {
+    ///     tracing::info!(%receipt, "order charged"); // once per execution
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn is_replaying(&self) -> bool {
+        self.inner.resumed && !self.state().missed
     }
 
     /// Runs `f` once per execution at this point of the handler, passing it a key

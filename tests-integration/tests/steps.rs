@@ -157,3 +157,73 @@ async fn a_journaled_result_of_another_type_is_non_deterministic_on_dynamodb() {
     )
     .await;
 }
+
+/// What `is_replaying` said at each point of an attempt.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(&'static str, bool)>>>;
+
+async fn replaying_until_the_first_step_missing_from_the_journal<S: IdempotencyStore + Clone>(
+    store: S,
+) {
+    let idempotency = Idempotency::new(
+        store,
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .key_prefix("replaying")
+            .build()
+            .expect("config"),
+    );
+    let seen: Seen = Default::default();
+    let attempts = Counter::default();
+    let order = {
+        let (seen, attempts) = (seen.clone(), attempts.clone());
+        idempotency.function("order", move |_: Value| {
+            let (seen, attempt) = (seen.clone(), attempts.hit());
+            async move {
+                let fx = effects()?;
+                let note = |point| seen.lock().expect("lock").push((point, fx.is_replaying()));
+                note("start");
+                fx.step("reserve_stock", |key| async move {
+                    Ok::<_, std::io::Error>(key)
+                })
+                .await?;
+                note("after the journaled step");
+                if attempt == 1 {
+                    return Err(Error::Handler(std::io::Error::other("warehouse timeout")));
+                }
+                fx.step("charge", |key| async move { Ok::<_, std::io::Error>(key) })
+                    .await?;
+                note("after the new step");
+                Ok::<_, Failure>(json!("done"))
+            }
+        })
+    };
+    let event = json!({ "order_id": "r-1" });
+    assert!(order.call(event.clone(), None).await.is_err());
+    assert_eq!(
+        std::mem::take(&mut *seen.lock().expect("lock")),
+        [("start", false), ("after the journaled step", false)],
+        "a first attempt replays nothing"
+    );
+    order.call(event, None).await.expect("the retry completes");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        [
+            ("start", true),
+            ("after the journaled step", true),
+            ("after the new step", false)
+        ],
+        "the retry replays until the step its first attempt never journaled"
+    );
+}
+
+#[tokio::test]
+async fn is_replaying_holds_until_the_first_step_missing_from_the_journal_on_the_memory_store() {
+    replaying_until_the_first_step_missing_from_the_journal(MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn is_replaying_holds_until_the_first_step_missing_from_the_journal_on_dynamodb() {
+    let table = default_table("steps-replaying").await;
+    replaying_until_the_first_step_missing_from_the_journal(DynamoDbStore::new(client(), &table))
+        .await;
+}
