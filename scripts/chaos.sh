@@ -16,10 +16,15 @@
 #   --no-faults                 skip the fault-injected run
 #   --faults-only               only the fault-injected run (DynamoDB's)
 #
+# A share of the invocations come as SQS batches of 2-6 records through the
+# worker's sqs_batch adapter (reserved in one request, completed in one after
+# the records ran), so kills also cut batches between the two.
+#
 # Sizes and knobs come from CHAOS_INVOCATIONS, CHAOS_KEYS, CHAOS_WORKERS,
 # CHAOS_CONCURRENCY, CHAOS_KILL_INTERVAL_MS, CHAOS_MAX_KILLS, CHAOS_PAUSE_PERMILLE,
 # CHAOS_WAIT_PERMILLE (the share of invocations, per mille, that wait for one in
-# flight with wait_for_in_progress: 333), CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS
+# flight with wait_for_in_progress: 333), CHAOS_BATCH_PERMILLE (the share, per
+# mille, that come in SQS batches: 250), CHAOS_DEADLINE_MIN_MS, CHAOS_DEADLINE_MAX_MS
 # (see tests-integration/examples/chaos.rs); the fault instance from
 # CHAOS_FAULTS_PORT (4567) and CHAOS_ERROR_PROBABILITY (0.2).
 # Exits non-zero if any check of any run fails.

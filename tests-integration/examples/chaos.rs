@@ -14,9 +14,10 @@
 //! respawns them, runs the final pass, reads every record back and checks:
 //! overlapping executions within reservation windows, stuck keys, replies that
 //! differ from the committed response (the waiting invocations' included),
-//! charges per key, late overwrites, journaled steps run again, waiting
-//! invocations whose reported outcome disagrees with what they got, and waiting
-//! invocations refused while no call held their key.
+//! charges per key, late overwrites, journaled steps run again, SQS batch
+//! records acknowledged without a completed record holding the committed
+//! response, waiting invocations whose reported outcome disagrees with what
+//! they got, and waiting invocations refused while no call held their key.
 //! Exits 1 when a check fails.
 //!
 //! A share of the invocations (`CHAOS_WAIT_PERMILLE`) go through a second
@@ -27,15 +28,32 @@
 //! further out than the others'. The worker notes what the engine reported for
 //! each (the `outcome` and `waited_ms` of its `idempotency` span).
 //!
+//! A share of the invocations (`CHAOS_BATCH_PERMILLE`) come as SQS batches of
+//! 2-6 records (a key possibly twice in one), each under one deadline drawn as
+//! any invocation's, processed by the worker's batch adapter
+//! (`Idempotency::sqs_batch` over the same handler, prefix and function name,
+//! keyed on `powertools_json(body).order_id`): the batch's keys are reserved in
+//! one request and completed in one after its records ran (on DynamoDB; on
+//! Redis the store's defaults, the single calls at once), so a kill may fall
+//! between the two and leave records in progress until their deadline, for a
+//! later call to take over and resume. A batch record's execution counts in
+//! every check as any other's; it has no reply, so instead a record not in
+//! `batchItemFailures` must have returned the committed response if it ran,
+//! must be read back completed with it after the batch (under the key its
+//! order's direct invocations use), and the committed execution must have run
+//! before it was acknowledged.
+//!
 //! Parameters (environment): `CHAOS_INVOCATIONS` (10000), `CHAOS_KEYS` (1000),
 //! `CHAOS_WORKERS` (4), `CHAOS_CONCURRENCY` (invocations in flight per worker, 4),
 //! `CHAOS_DEADLINE_MIN_MS`/`CHAOS_DEADLINE_MAX_MS` (200/800),
 //! `CHAOS_KILL_INTERVAL_MS` (mean time between kills, 1500), `CHAOS_MAX_KILLS`
 //! (unbounded), `CHAOS_PAUSE_PERMILLE` (executions that sleep past their deadline, 100),
 //! `CHAOS_WAIT_PERMILLE` (invocations that wait for one in flight, 333),
+//! `CHAOS_BATCH_PERMILLE` (invocations that come in SQS batches, 250),
 //! `CHAOS_LABEL`, `CHAOS_DIR` (logs), `CHAOS_MAX_SECONDS` (900), `CHAOS_STORE`,
 //! `AWS_ENDPOINT_URL`, `REDIS_URL`.
 
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::types::{
@@ -47,9 +65,9 @@ use futures_util::StreamExt;
 use lambda_idempotency::store::{OutboxStore, StepJournal, StoreError};
 use lambda_idempotency::{
     effects, DynamoDbStore, Error, Idempotency, IdempotencyConfig, IdempotencyError,
-    IdempotencyRecord, IdempotencyStore, IdempotentFunction, RedisStore, Status,
+    IdempotencyRecord, IdempotencyStore, IdempotentFunction, RedisStore, SqsBatch, Status,
 };
-use lambda_runtime::Context;
+use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -101,6 +119,7 @@ struct Params {
     max_kills: u64,
     pause_permille: u64,
     wait_permille: u64,
+    batch_permille: u64,
     label: String,
     max_seconds: u64,
 }
@@ -127,6 +146,7 @@ impl Params {
             max_kills: env_num("CHAOS_MAX_KILLS", u64::MAX)?,
             pause_permille: env_num("CHAOS_PAUSE_PERMILLE", 100)?,
             wait_permille: env_num("CHAOS_WAIT_PERMILLE", 333)?,
+            batch_permille: env_num("CHAOS_BATCH_PERMILLE", 250)?,
             label: std::env::var("CHAOS_LABEL").unwrap_or_else(|_| "run".to_owned()),
             max_seconds: env_num("CHAOS_MAX_SECONDS", 900)?,
         };
@@ -135,6 +155,9 @@ impl Params {
         }
         if params.deadline_min_ms < 1 || params.deadline_max_ms < params.deadline_min_ms {
             return Err("need 1 <= CHAOS_DEADLINE_MIN_MS <= CHAOS_DEADLINE_MAX_MS".into());
+        }
+        if params.batch_permille > 1_000 {
+            return Err("CHAOS_BATCH_PERMILLE is per mille: at most 1000".into());
         }
         Ok(params)
     }
@@ -229,30 +252,53 @@ struct Ledger {
 }
 
 impl Server {
-    /// The next invocation of the storm, or `{"done": true}`.
+    /// The next invocation of the storm, a batch of them, or `{"done": true}`.
     ///
     /// Keys are drawn near a point that sweeps the pool once over the run, so
-    /// the invocations of one key cluster in time and collide.
+    /// the invocations of one key cluster in time and collide. A share of the
+    /// invocations (`batch_permille`) come in SQS batches of 2-6 records (4 on
+    /// average), each record's key drawn as any other's (so a batch may hold a
+    /// key twice), under one deadline drawn as any other's:
+    /// `{"batch": first inv, "records": [{"inv", "order"}..], "budget_ms"}`.
     fn next_invocation(&self) -> Value {
         let p = &self.params;
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if queue.next >= p.invocations {
             return json!({ "done": true });
         }
-        let inv = queue.next;
-        queue.next += 1;
         let spread = (p.keys / 100).clamp(2, 8);
-        let base = inv * p.keys / p.invocations.max(1);
-        let index = (base + p.keys * 4 + queue.rng.range(0, 2 * spread) - spread) % p.keys;
+        let draw = |queue: &mut Queue| {
+            let inv = queue.next;
+            queue.next += 1;
+            let base = inv * p.keys / p.invocations.max(1);
+            let index = (base + p.keys * 4 + queue.rng.range(0, 2 * spread) - spread) % p.keys;
+            (inv, order_name(index))
+        };
         let budget = queue
             .rng
             .range(p.deadline_min_ms as u64, p.deadline_max_ms as u64);
+        // A dispatch starts a batch with the chance that puts `share` of the
+        // invocations in batches: c * 4 / (c * 4 + 1 - c) = share.
+        let share = p.batch_permille as f64 / 1_000.0;
+        let chance = share / (4.0 - 3.0 * share);
+        if ((queue.rng.next() % 1_000_000) as f64) < chance * 1_000_000.0 {
+            let size = queue.rng.range(2, 6).min(p.invocations - queue.next);
+            let first = queue.next;
+            let records: Vec<Value> = (0..size)
+                .map(|_| {
+                    let (inv, order) = draw(&mut queue);
+                    json!({ "inv": inv, "order": order })
+                })
+                .collect();
+            return json!({ "batch": first, "records": records, "budget_ms": budget });
+        }
+        let (inv, order) = draw(&mut queue);
         let waits = queue.rng.range(0, 999) < p.wait_permille;
         // A waiting call stops waiting 1 s before its deadline, to answer or
         // run: its deadline is that much further out, so that it may wait about
         // as long as the others may run.
         let budget = budget + if waits { WAIT_MARGIN_MS as u64 } else { 0 };
-        json!({ "inv": inv, "order": order_name(index), "budget_ms": budget, "waits": waits, "chaos": true })
+        json!({ "inv": inv, "order": order, "budget_ms": budget, "waits": waits, "chaos": true })
     }
 
     fn dispatched(&self) -> u64 {
@@ -407,6 +453,33 @@ impl IdempotencyStore for Store {
             Store::Redis(s) => s.release(key, owner).await,
         }
     }
+    // The batched requests too: DynamoDB's own (one request for a batch's
+    // reservations, one for its completions), Redis's the defaults.
+    async fn reserve_batch(
+        &self,
+        records: &[IdempotencyRecord],
+        now_ms: i64,
+    ) -> Vec<Result<Option<IdempotencyRecord>, StoreError>> {
+        match self {
+            Store::DynamoDb(s) => s.reserve_batch(records, now_ms).await,
+            Store::Redis(s) => s.reserve_batch(records, now_ms).await,
+        }
+    }
+    async fn complete_batch(&self, records: &[IdempotencyRecord]) -> Vec<Result<(), StoreError>> {
+        match self {
+            Store::DynamoDb(s) => s.complete_batch(records).await,
+            Store::Redis(s) => s.complete_batch(records).await,
+        }
+    }
+    async fn release_batch(
+        &self,
+        reservations: &[(String, String)],
+    ) -> Vec<Result<(), StoreError>> {
+        match self {
+            Store::DynamoDb(s) => s.release_batch(reservations).await,
+            Store::Redis(s) => s.release_batch(reservations).await,
+        }
+    }
     fn location(&self) -> String {
         match self {
             Store::DynamoDb(s) => s.location(),
@@ -427,12 +500,14 @@ impl IdempotencyStore for Store {
     }
 }
 
-/// The wrapped handler: sleeps a few ms, charges the order in a step with its
-/// derived key, sometimes sleeps past its deadline (before or after the step),
-/// and answers with the order, the charge id and which execution produced it.
-/// Logs `run` when it starts and `pause` when it oversleeps. With `waits`, on an
-/// `Idempotency` whose calls wait for one in flight with their key (for as long
-/// as their deadline lets them: the maximum is not what ends a wait here).
+/// The wrapped function's name: the batch adapter's too, so that both reach
+/// the same records.
+const FUNCTION_NAME: &str = "place_order";
+
+/// The wrapped function: [`handler`] on an `Idempotency` keyed on `order_id`.
+/// With `waits`, on an `Idempotency` whose calls wait for one in flight with
+/// their key (for as long as their deadline lets them: the maximum is not what
+/// ends a wait here).
 fn function(
     store: Store,
     key_prefix: &str,
@@ -450,7 +525,15 @@ fn function(
         })
         .build()?;
     let idempotency = Idempotency::new(store, config);
-    let handler: Handler = Box::new(move |payload: Value| {
+    Ok(idempotency.function(FUNCTION_NAME, handler(payments, log)))
+}
+
+/// The handler under test: sleeps a few ms, charges the order in a step with its
+/// derived key, sometimes sleeps past its deadline (before or after the step),
+/// and answers with the order, the charge id and which execution produced it.
+/// Logs `run` when it starts and `pause` when it oversleeps.
+fn handler(payments: SocketAddr, log: EventLog) -> Handler {
+    Box::new(move |payload: Value| {
         let log = log.clone();
         Box::pin(async move {
             let inv = payload["inv"].as_u64().unwrap_or(u64::MAX);
@@ -501,8 +584,64 @@ fn function(
             }
             Ok(json!({ "order_id": order, "charge_id": charge["charge_id"], "execution": inv }))
         }) as HandlerFuture
-    });
-    Ok(idempotency.function("place_order", handler))
+    })
+}
+
+type BatchHandler = Box<dyn Fn(SqsMessage) -> HandlerFuture + Send + Sync>;
+
+/// The worker's SQS batch adapter: [`handler`] behind `sqs_batch`, on an
+/// `Idempotency` keyed on `powertools_json(body).order_id` under the same
+/// prefix and function name as [`function`], so that a message's record is
+/// the one its order's direct invocations use. The message body is the
+/// payload a direct invocation gets. What the handler returned is kept by
+/// invocation (`returned`), for the worker to log with the record's end.
+struct BatchAdapter {
+    idempotency: Idempotency<Store>,
+    batch: SqsBatch<BatchHandler, Store>,
+    returned: Arc<Mutex<HashMap<u64, String>>>,
+}
+
+impl BatchAdapter {
+    fn new(
+        store: Store,
+        key_prefix: &str,
+        payments: SocketAddr,
+        log: EventLog,
+    ) -> Result<Self, BoxError> {
+        let config = IdempotencyConfig::builder()
+            .key_expression("powertools_json(body).order_id")
+            .key_prefix(key_prefix)
+            .build()?;
+        let idempotency = Idempotency::new(store, config);
+        let handler = handler(payments, log);
+        let returned: Arc<Mutex<HashMap<u64, String>>> = Arc::default();
+        let kept = Arc::clone(&returned);
+        let adapter: BatchHandler = Box::new(move |message: SqsMessage| {
+            let payload: Value = message
+                .body
+                .as_deref()
+                .and_then(|body| serde_json::from_str(body).ok())
+                .unwrap_or_default();
+            let inv = payload["inv"].as_u64().unwrap_or(u64::MAX);
+            let run = handler(payload);
+            let kept = Arc::clone(&kept);
+            Box::pin(async move {
+                let result = run.await;
+                if let Ok(response) = &result {
+                    let response = serde_json::to_string(response).unwrap_or_default();
+                    kept.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(inv, response);
+                }
+                result
+            })
+        });
+        Ok(Self {
+            batch: idempotency.sqs_batch(FUNCTION_NAME, adapter),
+            idempotency,
+            returned,
+        })
+    }
 }
 
 /// One invocation with a `Context` whose deadline is `budget_ms` ahead; logs
@@ -541,6 +680,108 @@ async fn invoke(
         "engine": reported.outcome, "waited_ms": reported.waited_ms,
     }));
     result
+}
+
+/// One SQS batch of `records` (`{"inv", "order"}`) through the batch adapter,
+/// with a `Context` whose deadline is `budget_ms` ahead: a message per record,
+/// its body the payload a direct invocation gets. Logs `start` for each record
+/// (with `batch`, the batch's first invocation), then `end` once the batch is
+/// processed: `ok` for a record not in `batchItemFailures`, `batch_failed` for
+/// one in them, `batch_error` for all when the batch erred; with `returned`,
+/// what its handler returned when it ran. Then reads back the record of each
+/// acknowledged message (`acked`: its key, whether it is completed, its data).
+async fn invoke_batch(
+    adapter: &BatchAdapter,
+    log: &EventLog,
+    batch: u64,
+    records: &[Value],
+    budget_ms: i64,
+    pause_permille: u64,
+) {
+    let start = now_ms();
+    let deadline = start + budget_ms;
+    let mut messages = Vec::new();
+    for record in records {
+        let (inv, order) = (&record["inv"], &record["order"]);
+        log.write(json!({ "ev": "start", "inv": inv, "order": order, "t": start, "deadline": deadline, "waits": false, "batch": batch, "pid": std::process::id() }));
+        let body = json!({ "order_id": order, "inv": inv, "deadline": deadline, "pause_permille": pause_permille });
+        let message: SqsMessage = serde_json::from_value(json!({
+            "messageId": format!("m-{inv}"), "body": body.to_string(), "eventSource": "aws:sqs",
+        }))
+        .unwrap_or_default();
+        messages.push(message);
+    }
+    let mut event = SqsEvent::default();
+    event.records = messages.clone();
+    let mut context = Context::default();
+    context.deadline = deadline as u64;
+    context.request_id = format!("chaos-batch-{batch}");
+    let result = adapter
+        .batch
+        .process(LambdaEvent::new(event, context))
+        .await;
+    let t = now_ms();
+    let (failed, detail): (HashSet<String>, String) = match &result {
+        Ok(response) => (
+            response
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.clone())
+                .collect(),
+            String::new(),
+        ),
+        Err(e) => (HashSet::new(), e.to_string()),
+    };
+    let mut acked = Vec::new();
+    for (record, message) in records.iter().zip(messages) {
+        let inv = record["inv"].as_u64().unwrap_or(u64::MAX);
+        let outcome = match (&result, message.message_id.as_ref()) {
+            (Err(_), _) => "batch_error",
+            (Ok(_), Some(id)) if failed.contains(id) => "batch_failed",
+            (Ok(_), _) => "ok",
+        };
+        let returned = adapter
+            .returned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&inv);
+        log.write(json!({
+            "ev": "end", "inv": inv, "order": record["order"], "t": t, "deadline": deadline,
+            "outcome": outcome, "detail": detail, "reply": null, "returned": returned,
+            "waits": false, "batch": batch,
+        }));
+        if outcome == "ok" {
+            acked.push((inv, record["order"].clone(), message));
+        }
+    }
+    // An acknowledged message must have a completed record: read back.
+    let reads = acked.iter().map(|(inv, order, message)| async move {
+        let key = serde_json::to_value(message)
+            .ok()
+            .and_then(|m| adapter.idempotency.key_for(Some(FUNCTION_NAME), &m).ok())
+            .flatten();
+        let Some(key) = key else {
+            return json!({ "ev": "acked", "inv": inv, "order": order, "error": "no key" });
+        };
+        let mut error = String::new();
+        for attempt in 0..5u64 {
+            match adapter.idempotency.store().get(&key).await {
+                Ok(record) => {
+                    return json!({
+                        "ev": "acked", "inv": inv, "order": order, "key": key,
+                        "completed": record.as_ref().is_some_and(|r| r.status == Status::Completed),
+                        "data": record.and_then(|r| r.data),
+                    })
+                }
+                Err(e) => error = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+        }
+        json!({ "ev": "acked", "inv": inv, "order": order, "key": key, "error": error })
+    });
+    for read in futures_util::future::join_all(reads).await {
+        log.write(read);
+    }
 }
 
 tokio::task_local! {
@@ -648,6 +889,13 @@ async fn worker(args: &[String]) -> Result<bool, BoxError> {
     let backend = Backend::from_env()?;
     let (store, prefix) = backend.open(run).await?;
     let (other, _) = backend.open(run).await?;
+    // The SQS batches, on the first one's store.
+    let adapter = Arc::new(BatchAdapter::new(
+        store.clone(),
+        &prefix,
+        server,
+        log.clone(),
+    )?);
     let functions = Arc::new([
         function(store, &prefix, server, log.clone(), false)?,
         function(other, &prefix, server, log.clone(), true)?,
@@ -655,6 +903,7 @@ async fn worker(args: &[String]) -> Result<bool, BoxError> {
     let mut tasks = Vec::new();
     for _ in 0..params.concurrency {
         let (functions, log) = (Arc::clone(&functions), log.clone());
+        let adapter = Arc::clone(&adapter);
         let pause_permille = params.pause_permille;
         tasks.push(tokio::spawn(async move {
             let mut failures = 0;
@@ -670,6 +919,18 @@ async fn worker(args: &[String]) -> Result<bool, BoxError> {
                 };
                 if next["done"] == true {
                     return;
+                }
+                if let Some(records) = next["records"].as_array() {
+                    invoke_batch(
+                        &adapter,
+                        &log,
+                        next["batch"].as_u64().unwrap_or(u64::MAX),
+                        records,
+                        next["budget_ms"].as_i64().unwrap_or(500),
+                        pause_permille,
+                    )
+                    .await;
+                    continue;
                 }
                 let waits = next["waits"] == true;
                 let _ = invoke(
@@ -952,6 +1213,29 @@ fn read_events(dir: &Path) -> Result<Vec<Value>, BoxError> {
     Ok(events)
 }
 
+/// The storm's SQS batch records.
+#[derive(Default)]
+struct BatchFigures {
+    /// The batches (by their first invocation).
+    batches: HashSet<u64>,
+    records: u64,
+    /// Records whose handler ran (each a message's own execution).
+    ran: u64,
+    /// Records of a batch cut by a kill (no end), and of those the ones that
+    /// ran: cut between the batch's reservation and its completion.
+    cut: u64,
+    ran_cut: u64,
+    /// Records not in `batchItemFailures`, of which those that did not run.
+    acknowledged: u64,
+    replayed: u64,
+    /// Records in `batchItemFailures`.
+    failed: u64,
+    /// Records of a batch whose processing erred.
+    errors: u64,
+    /// Acknowledged records read back after their batch.
+    read_back: u64,
+}
+
 /// The waiting invocations that ended, and how those that waited ended.
 #[derive(Default)]
 struct WaitFigures {
@@ -998,10 +1282,11 @@ async fn orchestrate() -> Result<bool, BoxError> {
         Backend::Redis => format!("Redis at {}, key prefix {table}", redis_url()),
     };
     println!(
-        "chaos [{}]: {} invocations over {} keys, {} workers x {}, deadlines {}-{} ms, {at}, logs {}",
+        "chaos [{}]: {} invocations over {} keys ({} per mille in SQS batches), {} workers x {}, deadlines {}-{} ms, {at}, logs {}",
         params.label,
         params.invocations,
         params.keys,
+        params.batch_permille,
         params.workers,
         params.concurrency,
         params.deadline_min_ms,
@@ -1163,27 +1448,124 @@ async fn orchestrate() -> Result<bool, BoxError> {
         .collect();
     let mut replayed = 0u64;
     let mut waiting_replies = 0u64;
-    // Every successful reply, the waiting invocations' included.
+    // Every successful reply, the waiting invocations' included; and the
+    // executions of acknowledged batch records (whose completion was written).
     for e in ends.values().filter(|e| e["outcome"] == "ok") {
-        replies += 1;
-        waiting_replies += u64::from(e["waits"] == true);
         let order = e["order"].as_str().unwrap_or_default();
         let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
-        let reply = e["reply"].as_str().unwrap_or_default();
         if run_invs.contains(&inv) {
             ok_executions
                 .entry(order.to_owned())
                 .or_default()
                 .insert(inv);
-        } else {
-            replayed += 1;
         }
+        // A batch record has no reply: checked below.
+        if !e["batch"].is_null() {
+            continue;
+        }
+        replies += 1;
+        waiting_replies += u64::from(e["waits"] == true);
+        replayed += u64::from(!run_invs.contains(&inv));
+        let reply = e["reply"].as_str().unwrap_or_default();
         match committed.get(order) {
             Some(Some(data)) if data == reply => {}
             other => differing.push(format!(
                 "{order}: invocation {inv} got {reply}, committed {:?}",
                 other.cloned().flatten()
             )),
+        }
+    }
+    // SQS batch records. One not in `batchItemFailures` (acknowledged) must
+    // have a completed record with the committed response: read back by the
+    // worker after the batch (`acked`: completed, with the committed data, under
+    // the key its order's direct invocations use); one that ran must have
+    // returned the committed response (its completion was written). Read back
+    // or not (the worker killed first, the store failing), the committed
+    // response's execution ran before the record was acknowledged.
+    let acked: HashMap<u64, &Value> = events
+        .iter()
+        .filter(|e| e["ev"] == "acked")
+        .filter_map(|e| Some((e["inv"].as_u64()?, e)))
+        .collect();
+    let run_of: HashMap<u64, (&str, i64)> = events
+        .iter()
+        .filter(|e| e["ev"] == "run")
+        .filter_map(|e| Some((e["inv"].as_u64()?, (e["order"].as_str()?, e["t"].as_i64()?))))
+        .collect();
+    let mut batch = BatchFigures::default();
+    let mut batch_uncommitted = Vec::new();
+    for e in events
+        .iter()
+        .filter(|e| e["ev"] == "start" && !e["batch"].is_null())
+    {
+        batch.records += 1;
+        batch
+            .batches
+            .insert(e["batch"].as_u64().unwrap_or(u64::MAX));
+        let inv = e["inv"].as_u64().unwrap_or(u64::MAX);
+        let ran = run_invs.contains(&inv);
+        batch.ran += u64::from(ran);
+        let Some(end) = ends.get(&inv) else {
+            batch.cut += 1;
+            batch.ran_cut += u64::from(ran);
+            continue;
+        };
+        match end["outcome"].as_str().unwrap_or_default() {
+            "ok" => {}
+            "batch_failed" => {
+                batch.failed += 1;
+                continue;
+            }
+            _ => {
+                batch.errors += 1;
+                continue;
+            }
+        }
+        batch.acknowledged += 1;
+        batch.replayed += u64::from(!ran);
+        let order = end["order"].as_str().unwrap_or_default();
+        let data = committed.get(order).cloned().flatten();
+        let mut wrong = Vec::new();
+        if ran && end["returned"].as_str() != data.as_deref() {
+            wrong.push(format!("returned {}", end["returned"]));
+        }
+        match acked.get(&inv) {
+            Some(read) if read["error"].is_null() => {
+                batch.read_back += 1;
+                if read["completed"] != true {
+                    wrong.push("its record read back not completed".to_owned());
+                }
+                if read["data"].as_str() != data.as_deref() {
+                    wrong.push(format!("read back {}", read["data"]));
+                }
+                if read["key"].as_str() != keys_by_order.get(order).map(String::as_str) {
+                    wrong.push(format!(
+                        "key {} where its direct invocations use {:?}",
+                        read["key"],
+                        keys_by_order.get(order)
+                    ));
+                }
+            }
+            _ => {}
+        }
+        let execution = data
+            .as_deref()
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            .and_then(|v| v["execution"].as_u64());
+        let ran_before = execution
+            .and_then(|x| run_of.get(&x))
+            .is_some_and(|&(o, t)| o == order && end["t"].as_i64().is_some_and(|end| t <= end));
+        if !ran_before {
+            wrong.push(format!(
+                "the committed execution {execution:?} did not run before it was acknowledged"
+            ));
+        }
+        if !wrong.is_empty() {
+            batch_uncommitted.push(format!(
+                "{order}: batch record {inv} (batch {}) acknowledged: {}; committed {data:?}",
+                end["batch"],
+                wrong.join(", ")
+            ));
         }
     }
     // Waiting invocations: what the engine reported against what the worker got.
@@ -1348,9 +1730,12 @@ async fn orchestrate() -> Result<bool, BoxError> {
 
     // 5. Figures.
     let count = |pred: &dyn Fn(&Value) -> bool| events.iter().filter(|e| pred(e)).count() as u64;
+    // Of the direct invocations (a batch record's outcomes are its own).
     let storm_outcome = |name: &str| {
         ends.iter()
-            .filter(|(inv, e)| **inv < params.invocations && e["outcome"] == name)
+            .filter(|(inv, e)| {
+                **inv < params.invocations && e["batch"].is_null() && e["outcome"] == name
+            })
             .count() as u64
     };
     let storm_starts =
@@ -1428,6 +1813,29 @@ async fn orchestrate() -> Result<bool, BoxError> {
         ("other errors (storm)", other_errors.to_string()),
         ("replies ok (storm)", storm_outcome("ok").to_string()),
         (
+            "SQS batches / records in them",
+            format!("{} / {}", batch.batches.len(), batch.records),
+        ),
+        (
+            "  records ran (of which cut by a kill after)",
+            format!("{} ({})", batch.ran, batch.ran_cut),
+        ),
+        (
+            "  records cut by a kill / in erring batches",
+            format!("{} / {}", batch.cut, batch.errors),
+        ),
+        (
+            "  acknowledged / replayed / failed (reported)",
+            format!(
+                "{} / {} / {}",
+                batch.acknowledged, batch.replayed, batch.failed
+            ),
+        ),
+        (
+            "  acknowledged records read back",
+            batch.read_back.to_string(),
+        ),
+        (
             "replies ok: all / replayed / of waiters",
             format!("{replies} / {replayed} / {waiting_replies}"),
         ),
@@ -1503,6 +1911,11 @@ async fn orchestrate() -> Result<bool, BoxError> {
             "journaled steps run again (journal lost)",
             journal_lost.len(),
             &journal_lost,
+        ),
+        (
+            "batch records acked, response not committed",
+            batch_uncommitted.len(),
+            &batch_uncommitted,
         ),
         (
             "waiters whose reported outcome disagrees",
