@@ -18,6 +18,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod saga;
+mod step;
+
+pub use step::{Retry, Step};
 
 tokio::task_local! {
     static CURRENT: Effects;
@@ -82,6 +85,9 @@ struct Inner {
     /// Only a resumed execution can find journaled steps; a new one skips the reads.
     resumed: bool,
     expiration: i64,
+    /// Until when (epoch milliseconds) the invocation may run: a step's retries
+    /// stop before it. `None` when unprotected.
+    deadline_ms: Option<i64>,
     /// The handler's counters (steps replayed and re-issued).
     meter: Meter,
     /// The compensations of the completed steps, and an explicit abort.
@@ -137,6 +143,7 @@ impl Effects {
         execution: &str,
         resumed: bool,
         expiration: i64,
+        deadline_ms: i64,
         meter: Meter,
     ) -> Self {
         Self::with(Inner {
@@ -145,6 +152,7 @@ impl Effects {
             store: Some(store),
             resumed,
             expiration,
+            deadline_ms: Some(deadline_ms),
             meter,
             saga: Mutex::default(),
             #[cfg(feature = "atomic-writes")]
@@ -162,6 +170,7 @@ impl Effects {
             store: None,
             resumed: false,
             expiration: 0,
+            deadline_ms: None,
             meter: Meter::default(),
             saga: Mutex::default(),
             #[cfg(feature = "atomic-writes")]
@@ -216,34 +225,68 @@ impl Effects {
         self.inner.resumed && !self.state().missed
     }
 
-    /// Runs `f` once per execution at this point of the handler, passing it a key
-    /// derived from the execution, the step's name and how many steps of that name
-    /// came before: the same on every retry of the execution. Send it with the
-    /// call (an `Idempotency-Key` header, a `ClientRequestToken`) so the receiver
-    /// dedupes a call re-issued after a crash.
+    /// A step: `f` runs once per execution at this point of the handler, passed
+    /// a key derived from the execution, the step's name and how many steps of
+    /// that name came before: the same on every retry of the execution. Send it
+    /// with the call (an `Idempotency-Key` header, a `ClientRequestToken`) so the
+    /// receiver dedupes a call re-issued after a crash. Await the [`Step`] for
+    /// its result; before that, [`Step::compensate`] declares what undoes it and
+    /// [`Step::retry`] retries its call.
     ///
     /// The result is journaled before the handler goes on; a retry gets it back
-    /// without calling `f`. A failed step is not journaled. A retry that calls a
-    /// different step at a journaled position gets
-    /// [`IdempotencyError::NonDeterministic`]. Unprotected, `f` runs every time,
-    /// with a key unique to the invocation.
-    pub async fn step<T, E, F, Fut>(&self, name: &str, f: F) -> Result<T, Error<E>>
+    /// without calling `f`. A failed step is not journaled. A resumed execution
+    /// whose step does not match its journal (another step at a journaled
+    /// position, or a journaled result that does not deserialize into `T`) gets
+    /// [`IdempotencyError::NonDeterministic`], and the invocation ends with it
+    /// whatever the handler does. Unprotected, `f` runs every time, with a key
+    /// unique to the invocation. The call's future, its result and its error
+    /// must be `Send`, as a Lambda handler's future is under the wrappers.
+    ///
+    /// ```
+    /// # async fn handler() -> Result<(), lambda_idempotency::Error<std::io::Error>> {
+    /// let fx = lambda_idempotency::effects()?;
+    /// let receipt: String = fx
+    ///     .step("charge", |key| async move {
+    ///         // e.g. POST /charges with the header `Idempotency-Key: {key}`
+    ///         Ok::<_, std::io::Error>(format!("receipt for {key}"))
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn step<T, E, F, Fut>(&self, name: &str, f: F) -> Step<'_, step::Once<F>, T, E>
     where
         F: FnOnce(String) -> Fut,
         Fut: Future<Output = Result<T, E>>,
         T: Serialize + DeserializeOwned,
     {
-        let (position, derived) = {
+        Step::new(self, name, step::Once::new(f))
+    }
+
+    /// Runs a step (see [`step`](Self::step)): replays it from the journal, or
+    /// calls it (with retries, if given), journals its result and registers
+    /// its compensation.
+    async fn run_step<A, T, E>(
+        &self,
+        name: String,
+        mut calls: A,
+        compensation: Option<step::Register<T>>,
+    ) -> Result<T, Error<E>>
+    where
+        A: step::sealed::Calls<T, E>,
+        T: Serialize + DeserializeOwned,
+    {
+        let name = name.as_str();
+        let (position, occurrence, derived) = {
             let mut state = self.state();
             let position = state.position;
             state.position += 1;
             let occurrence = state.occurrences.entry(name.to_owned()).or_default();
-            let derived = derive_key(&self.inner.scope, name, *occurrence);
+            let taken = *occurrence;
             *occurrence += 1;
-            (position, derived)
+            (position, taken, derive_key(&self.inner.scope, name, taken))
         };
         let Some(store) = &self.inner.store else {
-            return f(derived).await.map_err(Error::Handler);
+            return self.call(&mut calls, derived).await;
         };
         let journal = store.journal().ok_or(IdempotencyError::Unsupported {
             missing: "step journal",
@@ -258,7 +301,9 @@ impl Effects {
             if let Some(step) = journaled {
                 self.inner.meter.event(Event::StepReplayed, 1);
                 tracing::debug!(step = name, position, "replaying a journaled step");
-                return self.replay_step(step, name, position);
+                let result = self.replay_step(step, name, position)?;
+                self.register(compensation, &result, position, name, occurrence);
+                return Ok(result);
             }
             // The first step missing from the journal is the one an earlier attempt
             // may have been calling when it failed: re-issued, same derived key.
@@ -268,7 +313,7 @@ impl Effects {
         }
 
         self.state().attempted = true;
-        let result = f(derived).await.map_err(Error::Handler)?;
+        let result = self.call(&mut calls, derived).await?;
         let data =
             serde_json::to_string(&result).map_err(|source| IdempotencyError::Serialization {
                 key: journal_key.clone(),
@@ -280,12 +325,12 @@ impl Effects {
             data,
             expiration: self.inner.expiration,
         };
-        match journal
+        let result = match journal
             .put_step(&step)
             .await
             .map_err(IdempotencyError::from)?
         {
-            None => Ok(result),
+            None => result,
             // A late attempt of this execution journaled first: go on with its result,
             // so the response and the journal agree.
             Some(first) => {
@@ -294,9 +339,58 @@ impl Effects {
                     position,
                     "step journaled first by another attempt; using its result"
                 );
-                self.replay_step(first, name, position)
+                self.replay_step(first, name, position)?
+            }
+        };
+        self.register(compensation, &result, position, name, occurrence);
+        Ok(result)
+    }
+
+    /// Calls a step's closure, again after a failure as its retry policy says,
+    /// never waiting past the invocation's deadline less a second.
+    async fn call<A, T, E>(&self, calls: &mut A, derived: String) -> Result<T, Error<E>>
+    where
+        A: step::sealed::Calls<T, E>,
+    {
+        let mut attempt = 1;
+        loop {
+            let Some(call) = calls.call(derived.clone()) else {
+                return Err(IdempotencyError::NoEffects.into());
+            };
+            let error = match call.await {
+                Ok(result) => return Ok(result),
+                Err(error) => error,
+            };
+            match calls.after(attempt, &error) {
+                step::sealed::AfterFailure::Wait(delay) if self.may_wait(delay) => {
+                    tracing::info!(
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        "step failed; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                step::sealed::AfterFailure::GiveUp(Some(permanent)) => {
+                    tracing::warn!(attempt, error = %permanent, "step failed permanently");
+                    self.abort(permanent);
+                    return Err(Error::Handler(error));
+                }
+                _ => return Err(Error::Handler(error)),
             }
         }
+    }
+
+    /// Whether a retry after `delay` still starts a second before the deadline.
+    fn may_wait(&self, delay: std::time::Duration) -> bool {
+        const MARGIN_MS: u128 = 1_000;
+        let Some(deadline) = self.inner.deadline_ms else {
+            return true;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        now + delay.as_millis() + MARGIN_MS < u128::try_from(deadline).unwrap_or(0)
     }
 
     fn replay_step<T: DeserializeOwned, E>(

@@ -529,6 +529,7 @@ impl<S: IdempotencyStore> Idempotency<S> {
                     &reservation.execution,
                     resumed,
                     reservation.expiration,
+                    reservation.in_progress_expiration.unwrap_or(holds_until),
                     meter.clone(),
                 );
                 // Called inside the scope: a handler may reach its effects before its first await.

@@ -100,7 +100,7 @@ pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
 #[cfg(feature = "outbox")]
 #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
 pub use effects::Outbox;
-pub use effects::{client_request_token, effects, Effects, IDEMPOTENCY_KEY};
+pub use effects::{client_request_token, effects, Effects, Retry, Step, IDEMPOTENCY_KEY};
 pub use error::{BoxError, Error, IdempotencyError, PermanentError};
 pub use idempotency::Idempotency;
 #[cfg(feature = "powertools-compat")]

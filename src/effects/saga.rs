@@ -13,7 +13,8 @@ use std::sync::MutexGuard;
 
 /// A registered compensation: called with its derived key, it undoes its step
 /// and gives its own result as JSON (journaled).
-type Undo = Box<dyn FnOnce(String) -> BoxFuture<'static, Result<String, BoxError>> + Send>;
+pub(super) type Undo =
+    Box<dyn FnOnce(String) -> BoxFuture<'static, Result<String, BoxError>> + Send>;
 
 /// What the saga of one attempt holds.
 #[derive(Default)]
@@ -121,36 +122,38 @@ impl Effects {
         compensation: C,
     ) -> Result<T, Error<E>>
     where
-        F: FnOnce(String) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        F: FnOnce(String) -> Fut + Send,
+        Fut: Future<Output = Result<T, E>> + Send,
+        E: Send,
         T: Serialize + DeserializeOwned + Clone + Send + 'static,
         C: FnOnce(T, String) -> CFut + Send + 'static,
         CFut: Future<Output = Result<U, CE>> + Send + 'static,
         U: Serialize,
         CE: Into<BoxError>,
     {
-        // Read in the same poll as `step` takes them: no other step can come between.
-        let (position, occurrence) = {
-            let state = self.state();
-            let occurrence = state.occurrences.get(name).copied().unwrap_or_default();
-            (state.position, occurrence)
+        self.step(name, f).compensate(compensation).await
+    }
+
+    /// Registers the compensation of the step at `position` (the `occurrence`th
+    /// of its name), made from the step's result.
+    pub(super) fn register<T>(
+        &self,
+        compensation: Option<super::step::Register<T>>,
+        result: &T,
+        position: usize,
+        name: &str,
+        occurrence: usize,
+    ) {
+        let Some(compensation) = compensation else {
+            return;
         };
-        let result = self.step(name, f).await?;
         let derived = derive_key(&self.inner.scope, &format!("compensate:{name}"), occurrence);
-        let value = result.clone();
-        let undo: Undo = Box::new(move |key| {
-            Box::pin(async move {
-                let undone = compensation(value, key).await.map_err(Into::into)?;
-                Ok(serde_json::to_string(&undone)?)
-            })
-        });
         self.saga().registered.push(Compensation {
             position,
             step: name.to_owned(),
             derived,
-            undo,
+            undo: compensation(result),
         });
-        Ok(result)
     }
 
     /// Aborts the saga: the execution counts as failed permanently with `error`

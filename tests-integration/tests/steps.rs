@@ -227,3 +227,205 @@ async fn is_replaying_holds_until_the_first_step_missing_from_the_journal_on_dyn
     replaying_until_the_first_step_missing_from_the_journal(DynamoDbStore::new(client(), &table))
         .await;
 }
+
+/// A payments API that fails its first `failures` calls; it notes the key of
+/// every call.
+#[derive(Clone, Default)]
+struct Flaky {
+    failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    keys: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Flaky {
+    fn failing(failures: usize) -> Self {
+        let flaky = Self::default();
+        flaky
+            .failures
+            .store(failures, std::sync::atomic::Ordering::SeqCst);
+        flaky
+    }
+    async fn charge(&self, key: String) -> Result<String, std::io::Error> {
+        self.keys.lock().expect("lock").push(key.clone());
+        let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.failures
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "payments unavailable",
+            ));
+        }
+        Ok(format!("receipt-{key}"))
+    }
+    fn keys(&self) -> Vec<String> {
+        self.keys.lock().expect("lock").clone()
+    }
+}
+
+async fn a_retried_step_calls_again_with_its_key_and_journals_once<S: IdempotencyStore + Clone>(
+    store: S,
+) {
+    use lambda_idempotency::Retry;
+    use std::time::Duration;
+    let idempotency = Idempotency::new(
+        store,
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .key_prefix("retry")
+            .build()
+            .expect("config"),
+    );
+    let payments = Flaky::failing(2);
+    let order = {
+        let payments = payments.clone();
+        idempotency.function("order", move |_: Value| {
+            let payments = payments.clone();
+            async move {
+                let receipt: String = effects()?
+                    .step("charge", |key| {
+                        let payments = payments.clone();
+                        async move { payments.charge(key).await }
+                    })
+                    .retry(Retry::exponential(3, Duration::from_millis(20)))
+                    .await?;
+                Ok::<_, Failure>(json!({ "receipt": receipt }))
+            }
+        })
+    };
+    let event = json!({ "order_id": "t-1" });
+    let response = order
+        .call(event.clone(), Some(&support::context(30_000)))
+        .await
+        .expect("the third attempt succeeds");
+    let keys = payments.keys();
+    assert_eq!(keys.len(), 3, "two failures, then the charge");
+    assert!(
+        keys.iter().all(|k| *k == keys[0]),
+        "one derived key for every attempt: {keys:?}"
+    );
+    assert_eq!(
+        response,
+        json!({ "receipt": format!("receipt-{}", keys[0]) })
+    );
+    assert_eq!(order.call(event, None).await.expect("replay"), response);
+    assert_eq!(payments.keys().len(), 3, "the replay calls nothing");
+}
+
+#[tokio::test]
+async fn a_retried_step_calls_again_with_its_key_and_journals_once_on_the_memory_store() {
+    a_retried_step_calls_again_with_its_key_and_journals_once(MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn a_retried_step_calls_again_with_its_key_and_journals_once_on_dynamodb() {
+    let table = default_table("steps-retry").await;
+    a_retried_step_calls_again_with_its_key_and_journals_once(DynamoDbStore::new(client(), &table))
+        .await;
+}
+
+#[tokio::test]
+async fn retries_stop_a_second_before_the_deadline() {
+    use lambda_idempotency::Retry;
+    use std::time::Duration;
+    let idempotency = Idempotency::new(
+        MemoryStore::new(),
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .build()
+            .expect("config"),
+    );
+    let payments = Flaky::failing(10);
+    let order = {
+        let payments = payments.clone();
+        idempotency.function("order", move |_: Value| {
+            let payments = payments.clone();
+            async move {
+                let receipt: String = effects()?
+                    .step("charge", |key| {
+                        let payments = payments.clone();
+                        async move { payments.charge(key).await }
+                    })
+                    .retry(Retry::exponential(10, Duration::from_millis(300)))
+                    .await?;
+                Ok::<_, Failure>(json!({ "receipt": receipt }))
+            }
+        })
+    };
+    // 1.8 s to the deadline: the attempts at 0 and 0.3 s (the next would wait
+    // 0.6 s more, starting within a second of the deadline).
+    let started = std::time::Instant::now();
+    let result = order
+        .call(json!({ "order_id": "d-1" }), Some(&support::context(1_800)))
+        .await;
+    assert!(
+        matches!(result, Err(Error::Handler(Error::Handler(_)))),
+        "{result:?}"
+    );
+    assert_eq!(payments.keys().len(), 2, "{:?}", payments.keys());
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "gave up before the deadline's margin"
+    );
+}
+
+#[tokio::test]
+async fn an_error_the_policy_calls_permanent_compensates_and_is_stored() {
+    use lambda_idempotency::{PermanentError, Retry};
+    use std::time::Duration;
+    let idempotency = Idempotency::new(
+        MemoryStore::new(),
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .build()
+            .expect("config"),
+    );
+    let released = Counter::default();
+    let payments = Flaky::failing(10);
+    let order = {
+        let (payments, released) = (payments.clone(), released.clone());
+        idempotency.function("order", move |_: Value| {
+            let (payments, released) = (payments.clone(), released.clone());
+            async move {
+                let fx = effects()?;
+                let hold: String = fx
+                    .step("reserve_stock", |key| async move {
+                        Ok::<_, std::io::Error>(format!("hold-{key}"))
+                    })
+                    .compensate(move |hold: String, key| async move {
+                        released.hit();
+                        Ok::<_, std::io::Error>(json!({ "released": hold, "key": key }))
+                    })
+                    .await?;
+                let receipt: String = fx
+                    .step("charge", |key| {
+                        let payments = payments.clone();
+                        async move { payments.charge(key).await }
+                    })
+                    .retry(
+                        Retry::exponential(5, Duration::from_millis(10)).permanent_if(
+                            |e: &std::io::Error| {
+                                (e.kind() == std::io::ErrorKind::TimedOut)
+                                    .then(|| PermanentError::new("card declined"))
+                            },
+                        ),
+                    )
+                    .await?;
+                Ok::<_, Failure>(json!({ "hold": hold, "receipt": receipt }))
+            }
+        })
+    };
+    let event = json!({ "order_id": "p-1" });
+    let first = order.call(event.clone(), None).await;
+    assert!(first.is_err(), "{first:?}");
+    assert_eq!(payments.keys().len(), 1, "permanent: not retried");
+    assert_eq!(released.get(), 1, "the stock hold was released");
+    match order.call(event, None).await {
+        Err(Error::Replayed(permanent)) => assert_eq!(permanent.message, "card declined"),
+        other => panic!("the permanent failure is stored and replayed: {other:?}"),
+    }
+    assert_eq!(
+        (payments.keys().len(), released.get()),
+        (1, 1),
+        "nothing runs again"
+    );
+}
