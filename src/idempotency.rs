@@ -26,7 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
 mod batch;
+mod gate;
 pub(crate) use batch::Batch;
+pub use gate::{Claim, Gate, Ticket};
 
 /// The idempotency layer: a store and a config, shared by every handler it wraps.
 ///

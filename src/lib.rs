@@ -102,7 +102,7 @@ pub use config::{ConfigError, IdempotencyConfig, IdempotencyConfigBuilder};
 pub use effects::Outbox;
 pub use effects::{client_request_token, effects, Effects, Retry, Step, IDEMPOTENCY_KEY};
 pub use error::{BoxError, Error, IdempotencyError, PermanentError};
-pub use idempotency::Idempotency;
+pub use idempotency::{Claim, Gate, Idempotency, Ticket};
 #[cfg(feature = "powertools-compat")]
 pub use key::powertools::PowertoolsHash;
 #[cfg(feature = "outbox")]

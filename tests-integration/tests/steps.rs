@@ -1,4 +1,4 @@
-//! Steps that cannot be fooled: a resumed execution whose steps no longer match
+//! Steps and the two-phase gate. Steps that cannot be fooled: a resumed execution whose steps no longer match
 //! its journal (another step at a journaled position, or a journaled result that
 //! no longer deserializes into the type asked for) ends with `NonDeterministic`
 //! whatever the handler does with the step's error, and its record is neither
@@ -428,4 +428,107 @@ async fn an_error_the_policy_calls_permanent_compensates_and_is_stored() {
         (1, 1),
         "nothing runs again"
     );
+}
+
+async fn the_gate_runs_once_fences_late_tickets_and_replays<S: IdempotencyStore + Clone>(store: S) {
+    use lambda_idempotency::{Claim, Ticket};
+    use std::time::Duration;
+    let idempotency = Idempotency::new(
+        store.clone(),
+        IdempotencyConfig::builder()
+            .key_expression("order_id")
+            .payload_validation("amount")
+            .key_prefix("gate")
+            .build()
+            .expect("config"),
+    );
+    let gate = idempotency
+        .gate("fulfilment")
+        .holds_for(Duration::from_millis(1_500));
+    let order = json!({ "order_id": "g-1", "amount": 10 });
+
+    let Ok(Claim::Run(first)) = gate.claim::<_, Value>(&order).await else {
+        panic!("the first claim runs");
+    };
+    assert!(matches!(
+        gate.claim::<_, Value>(&order).await,
+        Ok(Claim::InProgress)
+    ));
+    let other_payload = json!({ "order_id": "g-1", "amount": 99 });
+    assert!(
+        matches!(
+            gate.claim::<_, Value>(&other_payload).await,
+            Err(IdempotencyError::PayloadMismatch { .. })
+        ),
+        "a different payload under a claimed key is refused"
+    );
+    let record = store.get(first.key()).await.expect("get").expect("claimed");
+    assert_eq!(
+        (record.status, record.in_progress_expiration),
+        (Status::InProgress, Some(first.held_until_ms()))
+    );
+
+    // The hold passes (the work died): the next claim takes over, resuming the
+    // execution, and the first ticket is fenced out.
+    while support::now_ms() <= first.held_until_ms() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Ok(Claim::Run(second)) = gate.claim::<_, Value>(&order).await else {
+        panic!("a claim past its hold is taken over");
+    };
+    let carried: Ticket =
+        serde_json::from_str(&serde_json::to_string(&second).expect("ticket")).expect("ticket");
+    assert!(matches!(
+        gate.complete(first.clone(), &json!("late")).await,
+        Err(IdempotencyError::LostOwnership { .. })
+    ));
+    assert!(matches!(
+        gate.release(first).await,
+        Err(IdempotencyError::LostOwnership { .. })
+    ));
+    let taken_over = store
+        .get(carried.key())
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!(
+        taken_over.status,
+        Status::InProgress,
+        "the late ticket wrote nothing"
+    );
+    assert_eq!(
+        taken_over.execution, record.execution,
+        "the takeover resumed the claim's execution"
+    );
+    assert_ne!(taken_over.owner, record.owner);
+
+    gate.complete(carried, &json!({ "shipped": true }))
+        .await
+        .expect("the ticket carried as JSON completes");
+    match gate.claim::<_, Value>(&order).await {
+        Ok(Claim::Replayed(response)) => assert_eq!(response, json!({ "shipped": true })),
+        other => panic!("completed: {other:?}"),
+    }
+
+    // A released claim lets the next one run.
+    let job = json!({ "order_id": "g-2", "amount": 1 });
+    let Ok(Claim::Run(ticket)) = gate.claim::<_, Value>(&job).await else {
+        panic!("runs");
+    };
+    gate.release(ticket).await.expect("release");
+    assert!(matches!(
+        gate.claim::<_, Value>(&job).await,
+        Ok(Claim::Run(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_gate_runs_once_fences_late_tickets_and_replays_on_the_memory_store() {
+    the_gate_runs_once_fences_late_tickets_and_replays(MemoryStore::new()).await;
+}
+
+#[tokio::test]
+async fn the_gate_runs_once_fences_late_tickets_and_replays_on_dynamodb() {
+    let table = default_table("gate").await;
+    the_gate_runs_once_fences_late_tickets_and_replays(DynamoDbStore::new(client(), &table)).await;
 }
