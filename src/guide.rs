@@ -15,22 +15,25 @@
 //!    crash matrix.
 //! 5. [Patterns](patterns): which pattern for which effect; atomic business
 //!    writes, version-checked writes, sagas with compensation.
-//! 6. [Testing your handler](testing_your_handler): the `testing` kit runs your
+//! 6. [Durable functions and other engines](durable_functions): SQS in front
+//!    of a Lambda durable function, the two-phase gate for work that spans
+//!    invocations.
+//! 7. [Testing your handler](testing_your_handler): the `testing` kit runs your
 //!    handler twice, concurrently and crashed at every phase.
-//! 7. [Production](production): metrics, the observe-only rollout, the runbook,
+//! 8. [Production](production): metrics, the observe-only rollout, the runbook,
 //!    the operator's CLI.
-//! 8. [The table and IAM](table_and_iam): the items, the attribute names, the
+//! 9. [The table and IAM](table_and_iam): the items, the attribute names, the
 //!    actions each function needs.
-//! 9. [The Redis store](redis): Redis, Valkey, ElastiCache and MemoryDB; the
-//!    layout, scripts, expiry, retries, durability next to DynamoDB's, TLS.
-//! 10. [Large responses](large_responses): responses over DynamoDB's 400 KB,
+//! 10. [The Redis store](redis): Redis, Valkey, ElastiCache and MemoryDB; the
+//!     layout, scripts, expiry, retries, durability next to DynamoDB's, TLS.
+//! 11. [Large responses](large_responses): responses over DynamoDB's 400 KB,
 //!     compressed or in S3.
-//! 11. [Multi-Region use](multi_region): global tables, MREC and MRSC.
-//! 12. [Migrating from Powertools](migrating_from_powertools): one table (or
+//! 12. [Multi-Region use](multi_region): global tables, MREC and MRSC.
+//! 13. [Migrating from Powertools](migrating_from_powertools): one table (or
 //!     Redis) shared with Powertools for Python.
-//! 13. [Developing locally](developing): cargo-lambda, LocalStack, the chaos run,
+//! 14. [Developing locally](developing): cargo-lambda, LocalStack, the chaos run,
 //!     benchmarks, the repository's layout, deploying with SAM.
-//! 14. [Reference](mod@reference): every `errorType`, limits, environment variables,
+//! 15. [Reference](mod@reference): every `errorType`, limits, environment variables,
 //!     the store contracts, writes whose response is lost.
 
 #[doc = include_str!("../docs/getting_started.md")]
@@ -47,6 +50,9 @@ pub mod steps_and_outbox {}
 
 #[doc = include_str!("../docs/patterns.md")]
 pub mod patterns {}
+
+#[doc = include_str!("../docs/durable_functions.md")]
+pub mod durable_functions {}
 
 #[doc = include_str!("../docs/testing_your_handler.md")]
 pub mod testing_your_handler {}

@@ -25,6 +25,8 @@ use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{field, Instrument};
 
+// Only the SQS and stream adapters begin and finish batches.
+#[cfg_attr(not(any(feature = "sqs", feature = "streams")), allow(dead_code))]
 mod batch;
 mod gate;
 pub(crate) use batch::Batch;
