@@ -449,6 +449,24 @@ impl Effects {
     }
 
     /// The invocation's outbox: messages delivered after the response is committed.
+    ///
+    /// ```
+    /// use lambda_idempotency::{effects, Idempotency, IdempotencyConfig, MemoryStore, OutboxMessage};
+    /// use serde_json::{json, Value};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default());
+    /// let place_order = idempotency.function("place_order", |order: Value| async move {
+    ///     // Staged, not sent: if the handler fails after this, nobody hears of the order.
+    ///     effects()?.outbox().push(OutboxMessage::Custom {
+    ///         sink: "events".into(),
+    ///         payload: json!({ "event": "OrderPlaced", "order": order["id"] }),
+    ///     });
+    ///     Ok::<_, lambda_idempotency::Error<std::io::Error>>(json!({ "placed": order["id"] }))
+    /// });
+    /// place_order.call(json!({ "id": 7 }), None).await?;
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "outbox")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn outbox(&self) -> Outbox<'_> {
@@ -556,6 +574,21 @@ impl Outbox<'_> {
     /// Stages `message`. It is written with the completed record, in one
     /// transaction, and delivered after that with its derived key (returned here),
     /// at least once. Messages staged by a handler that fails are dropped.
+    ///
+    /// ```
+    /// use lambda_idempotency::{effects, OutboxMessage};
+    /// use serde_json::json;
+    ///
+    /// # async fn handler() -> Result<(), lambda_idempotency::IdempotencyError> {
+    /// let key = effects()?.outbox().push(OutboxMessage::Http {
+    ///     url: "https://partner.example/webhooks/orders".into(),
+    ///     body: json!({ "event": "OrderPlaced", "order": 7 }).to_string(),
+    ///     headers: vec![("x-tenant".into(), "acme".into())],
+    /// });
+    /// // The partner sees `key` as the webhook's Idempotency-Key: log it to match their logs.
+    /// tracing::info!(%key, "webhook staged");
+    /// # Ok(()) }
+    /// ```
     pub fn push(&self, mut message: OutboxMessage) -> String {
         // One FIFO group per invocation keeps its messages in order.
         if let OutboxMessage::Sqs {
@@ -585,6 +618,24 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A derived key as the `ClientRequestToken` of AWS APIs that take one (at most
 /// 64 characters of `[a-zA-Z0-9-]`; a derived key always fits).
+///
+/// ```no_run
+/// use lambda_idempotency::{client_request_token, effects};
+///
+/// # async fn handler(dynamodb: aws_sdk_dynamodb::Client) -> Result<(), lambda_runtime::Error> {
+/// effects()?
+///     .step("transfer", |key| async move {
+///         // DynamoDB ignores a resent transaction with the same token: no second transfer.
+///         dynamodb
+///             .transact_write_items()
+///             .client_request_token(client_request_token(&key))
+///             .send()
+///             .await?;
+///         Ok::<_, aws_sdk_dynamodb::Error>(())
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
 pub fn client_request_token(derived_key: &str) -> String {
     derived_key
         .chars()

@@ -226,6 +226,21 @@ impl<S: IdempotencyStore> Idempotency<S> {
     /// with `dispatcher`. Without one, committed messages wait for the
     /// [`Relay`](crate::Relay). Set once, before the first invocation; later calls
     /// keep the first dispatcher.
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{Dispatcher, Idempotency, IdempotencyConfig, MemoryStore};
+    ///
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default())
+    ///     .with_dispatcher(Dispatcher::new().with_sink("audit", AuditLog));
+    /// # let _ = idempotency;
+    /// ```
     #[cfg(feature = "outbox")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn with_dispatcher(self, dispatcher: Dispatcher) -> Self {
@@ -246,6 +261,24 @@ impl<S: IdempotencyStore> Idempotency<S> {
     }
 
     /// A relay delivering this store's pending outbox messages with `dispatcher`.
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{Dispatcher, Idempotency, IdempotencyConfig, MemoryStore};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), lambda_idempotency::IdempotencyError> {
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default());
+    /// // The handlers' own store: the relay sees exactly what they committed.
+    /// let report = idempotency.relay(Dispatcher::new().with_sink("audit", AuditLog)).sweep().await?;
+    /// assert_eq!(report.delivered, 0);
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "outbox")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox")))]
     pub fn relay(&self, dispatcher: Dispatcher) -> Relay<S> {

@@ -53,8 +53,50 @@ pub enum OutboxMessage {
 
 /// A user-defined destination for [`OutboxMessage::Custom`]. Deliveries are at
 /// least once: dedupe on `derived_key`.
+///
+/// ```
+/// use lambda_idempotency::{store::BoxFuture, BoxError, Dispatcher, Sink};
+/// use serde_json::Value;
+///
+/// struct EventBus;
+///
+/// impl Sink for EventBus {
+///     fn deliver<'a>(
+///         &'a self,
+///         payload: &'a Value,
+///         derived_key: &'a str,
+///     ) -> BoxFuture<'a, Result<(), BoxError>> {
+///         Box::pin(async move {
+///             // e.g. PutEvents with `derived_key` in the detail: a redelivery is a
+///             // duplicate only the consumer can recognise.
+///             let _ = (payload, derived_key);
+///             Ok(())
+///         })
+///     }
+/// }
+///
+/// let dispatcher = Dispatcher::new().with_sink("events", EventBus);
+/// # let _ = dispatcher;
+/// ```
 pub trait Sink: Send + Sync + 'static {
     /// Delivers `payload`.
+    ///
+    /// ```
+    /// # use lambda_idempotency::store::BoxFuture;
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{BoxError, Sink};
+    /// use serde_json::json;
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), BoxError> {
+    /// // A sink is tested on its own, with a key like the ones the outbox derives.
+    /// AuditLog.deliver(&json!({ "order": 7, "event": "refunded" }), "k-1").await?;
+    /// # Ok(()) }
+    /// ```
     fn deliver<'a>(
         &'a self,
         payload: &'a Value,
@@ -63,6 +105,21 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 /// Why a delivery failed. The message stays pending for the relay or the sweep.
+///
+/// ```
+/// use lambda_idempotency::{DeliveryError, Dispatcher, OutboxMessage};
+///
+/// # #[tokio::main] async fn main() {
+/// let message = OutboxMessage::Sqs {
+///     queue_url: "https://sqs.eu-west-1.amazonaws.com/123456789012/orders".into(),
+///     body: r#"{"order":7}"#.into(),
+///     group_id: None,
+/// };
+/// // Not configured is not lost: the message waits for a dispatcher that has a client.
+/// let error = Dispatcher::new().deliver(&message, "k-1").await.unwrap_err();
+/// assert!(matches!(error, DeliveryError::NotConfigured(_)));
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeliveryError {
@@ -100,11 +157,38 @@ impl std::fmt::Debug for Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher that delivers nothing until given clients and sinks.
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{Dispatcher, Idempotency, IdempotencyConfig, MemoryStore};
+    ///
+    /// let dispatcher = Dispatcher::new().with_sink("audit", AuditLog);
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default())
+    ///     .with_dispatcher(dispatcher);
+    /// # let _ = idempotency;
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Delivers [`OutboxMessage::Sqs`] with this client.
+    ///
+    /// ```no_run
+    /// use lambda_idempotency::{Dispatcher, DynamoDbStore, Idempotency, IdempotencyConfig};
+    ///
+    /// # fn f(dynamodb: aws_sdk_dynamodb::Client, sqs: aws_sdk_sqs::Client) {
+    /// let store = DynamoDbStore::new(dynamodb, "idempotency");
+    /// let idempotency = Idempotency::new(store, IdempotencyConfig::default())
+    ///     .with_dispatcher(Dispatcher::new().with_sqs(sqs));
+    /// # let _ = idempotency;
+    /// # }
+    /// ```
     #[cfg(feature = "outbox-sqs")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox-sqs")))]
     pub fn with_sqs(mut self, client: aws_sdk_sqs::Client) -> Self {
@@ -113,6 +197,18 @@ impl Dispatcher {
     }
 
     /// Delivers [`OutboxMessage::Http`] (HTTPS with the system's root certificates).
+    ///
+    /// ```
+    /// use lambda_idempotency::{BoxError, Dispatcher, Idempotency, IdempotencyConfig, MemoryStore};
+    ///
+    /// # fn main() -> Result<(), BoxError> {
+    /// // Fails when the system has no root certificates: better at start-up than at each webhook.
+    /// let dispatcher = Dispatcher::new().with_http()?;
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default())
+    ///     .with_dispatcher(dispatcher);
+    /// # let _ = idempotency;
+    /// # Ok(()) }
+    /// ```
     #[cfg(feature = "outbox-http")]
     #[cfg_attr(docsrs, doc(cfg(feature = "outbox-http")))]
     pub fn with_http(mut self) -> Result<Self, BoxError> {
@@ -121,6 +217,36 @@ impl Dispatcher {
     }
 
     /// Delivers [`OutboxMessage::Custom`] messages addressed to `name`.
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # use std::sync::{Arc, Mutex};
+    /// # #[derive(Clone, Default)]
+    /// # struct AuditLog(Arc<Mutex<Vec<serde_json::Value>>>);
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, payload: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         self.0.lock().unwrap().push(payload.clone());
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{effects, Dispatcher, Idempotency, IdempotencyConfig, MemoryStore, OutboxMessage};
+    /// use serde_json::{json, Value};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let audit = AuditLog::default();
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default())
+    ///     .with_dispatcher(Dispatcher::new().with_sink("audit", audit.clone()));
+    /// let refund = idempotency.function("refund", |order: Value| async move {
+    ///     let payload = json!({ "refunded": order["id"] });
+    ///     effects()?.outbox().push(OutboxMessage::Custom { sink: "audit".into(), payload });
+    ///     Ok::<_, lambda_idempotency::Error<std::io::Error>>(json!("refunded"))
+    /// });
+    /// refund.call(json!({ "id": 7 }), None).await?;
+    /// // The retry replays the committed response: the audit entry is not sent again.
+    /// refund.call(json!({ "id": 7 }), None).await?;
+    /// assert_eq!(audit.0.lock().unwrap().len(), 1);
+    /// # Ok(()) }
+    /// ```
     pub fn with_sink(mut self, name: impl Into<String>, sink: impl Sink) -> Self {
         self.sinks.insert(name.into(), Arc::new(sink));
         self
@@ -129,6 +255,26 @@ impl Dispatcher {
     /// Delivers one message with its derived key. A message whose kind has no
     /// client (or whose feature is off) fails with [`DeliveryError::NotConfigured`]
     /// and stays pending.
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{DeliveryError, Dispatcher, OutboxMessage};
+    /// use serde_json::json;
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), DeliveryError> {
+    /// let dispatcher = Dispatcher::new().with_sink("audit", AuditLog);
+    /// let message = OutboxMessage::Custom { sink: "audit".into(), payload: json!({ "order": 7 }) };
+    /// // Redelivering by hand (from a dead-letter dump, say) with the message's own
+    /// // derived key, so the receiver still dedupes it.
+    /// dispatcher.deliver(&message, "9f2c5e0d").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn deliver(
         &self,
         message: &OutboxMessage,
@@ -296,6 +442,17 @@ pub struct SweepReport {
 impl<S: IdempotencyStore> Relay<S> {
     /// A relay delivering `store`'s pending outbox messages with `dispatcher`
     /// (see also [`Idempotency::relay`](crate::Idempotency::relay)).
+    ///
+    /// ```no_run
+    /// use lambda_idempotency::{Dispatcher, DynamoDbStore, Relay};
+    ///
+    /// # async fn f(dynamodb: aws_sdk_dynamodb::Client, dispatcher: Dispatcher) -> Result<(), lambda_idempotency::IdempotencyError> {
+    /// // An operator's tool has no handlers, so no `Idempotency`: the table is enough.
+    /// let relay = Relay::new(DynamoDbStore::new(dynamodb, "idempotency"), dispatcher);
+    /// let report = relay.sweep().await?;
+    /// println!("{} delivered, {} still pending", report.delivered, report.failed);
+    /// # Ok(()) }
+    /// ```
     pub fn new(store: S, dispatcher: Dispatcher) -> Self {
         Self::shared(Arc::new(store), dispatcher)
     }
@@ -314,6 +471,20 @@ impl<S: IdempotencyStore> Relay<S> {
     /// `NEW_AND_OLD_IMAGES`): each inserted outbox record still pending is
     /// delivered and marked. At the first failure, that record and the later ones
     /// are reported so the shard resumes there.
+    ///
+    /// ```no_run
+    /// use aws_lambda_events::event::dynamodb::Event;
+    /// use lambda_idempotency::{Dispatcher, DynamoDbStore, Idempotency, IdempotencyConfig};
+    /// use lambda_runtime::{service_fn, LambdaEvent};
+    ///
+    /// # async fn f(dynamodb: aws_sdk_dynamodb::Client, dispatcher: Dispatcher) -> Result<(), lambda_runtime::Error> {
+    /// let store = DynamoDbStore::new(dynamodb, "idempotency");
+    /// let relay = Idempotency::new(store, IdempotencyConfig::default()).relay(dispatcher);
+    /// // The event source mapping needs `ReportBatchItemFailures`, or a failure
+    /// // retries the whole batch and redelivers the messages before it.
+    /// lambda_runtime::run(service_fn(|event: LambdaEvent<Event>| relay.process_dynamodb(event))).await
+    /// # }
+    /// ```
     #[cfg(feature = "streams")]
     #[cfg_attr(docsrs, doc(cfg(feature = "streams")))]
     pub async fn process_dynamodb(
@@ -352,6 +523,32 @@ impl<S: IdempotencyStore> Relay<S> {
 
     /// Delivers every pending outbox message of the store (a full scan on
     /// DynamoDB: for operators, after an outage).
+    ///
+    /// ```
+    /// # use lambda_idempotency::{store::BoxFuture, BoxError, Sink};
+    /// # struct AuditLog;
+    /// # impl Sink for AuditLog {
+    /// #     fn deliver<'a>(&'a self, _: &'a serde_json::Value, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+    /// #         Box::pin(async { Ok(()) })
+    /// #     }
+    /// # }
+    /// use lambda_idempotency::{effects, Dispatcher, Idempotency, IdempotencyConfig, MemoryStore, OutboxMessage, SweepReport};
+    /// use serde_json::{json, Value};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // No dispatcher: as if the function died between commit and delivery.
+    /// let idempotency = Idempotency::new(MemoryStore::new(), IdempotencyConfig::default());
+    /// let ship = idempotency.function("ship", |order: Value| async move {
+    ///     effects()?.outbox().push(OutboxMessage::Custom { sink: "audit".into(), payload: order });
+    ///     Ok::<_, lambda_idempotency::Error<std::io::Error>>(json!("shipped"))
+    /// });
+    /// ship.call(json!({ "id": 7 }), None).await?;
+    /// let relay = idempotency.relay(Dispatcher::new().with_sink("audit", AuditLog));
+    /// assert_eq!(relay.sweep().await?, SweepReport { delivered: 1, failed: 0 });
+    /// // Delivered messages are marked, so sweeping again sends nothing twice.
+    /// assert_eq!(relay.sweep().await?.delivered, 0);
+    /// # Ok(()) }
+    /// ```
     pub async fn sweep(&self) -> Result<SweepReport, IdempotencyError> {
         let pending = self.outbox()?.pending_outbox().await?;
         let mut report = SweepReport::default();

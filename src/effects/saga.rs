@@ -166,6 +166,24 @@ impl Effects {
     /// or a step's passed on with `?`) is the same abort; `abort` is for handlers whose error type cannot hold one.
     /// Without compensations registered, an abort is a permanent error like any
     /// other: stored only with `replay_permanent_errors`.
+    ///
+    /// ```
+    /// use lambda_idempotency::{Effects, PermanentError};
+    ///
+    /// #[derive(Debug)]
+    /// enum OrderError { OutOfStock(String) }
+    /// # async fn in_stock(_: &str) -> bool { false }
+    ///
+    /// async fn check_stock(fx: &Effects, sku: &str) -> Result<(), OrderError> {
+    ///     if !in_stock(sku).await {
+    ///         // `OrderError` has no room for a `PermanentError`: without the abort the
+    ///         // engine sees a transient failure and undoes none of the completed steps.
+    ///         let error = fx.abort(PermanentError::new(format!("{sku} is out of stock")));
+    ///         return Err(OrderError::OutOfStock(error.message));
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn abort(&self, error: PermanentError) -> PermanentError {
         self.saga().aborted = Some(error.clone());
         error
