@@ -3,7 +3,9 @@
 //! outbox messages (and, counted only, a handler error), each on DynamoDB
 //! (LocalStack) and on Redis (`redis/ensure.sh`'s standalone server), with the
 //! same handlers, configs and events; then, on DynamoDB, a duplicate that waits
-//! for the first call, its requests and its lag, and an SQS batch.
+//! for the first call, its requests and its lag, and SQS batches of 10 (see
+//! `support/sqs_batch.rs`), with batched store requests on and off (see
+//! `support/batch_requests.rs`).
 //!
 //! `bash scripts/bench.sh` (starts LocalStack and Redis when needed). Printed
 //! before criterion's timings: the requests per invocation
@@ -15,6 +17,8 @@
 //! Java), so compare the scenarios and the stores with each other, not with
 //! AWS or ElastiCache.
 
+#[path = "support/batch_requests.rs"]
+mod batch_requests;
 #[path = "support/cpu.rs"]
 mod cpu;
 #[path = "../tests/support/localstack.rs"]
@@ -45,6 +49,19 @@ use tokio::runtime::Runtime;
 fn benchmarking() -> bool {
     let flag = |name: &str| std::env::args().any(|arg| arg == name);
     flag("--bench") && !flag("--test") && !flag("--list")
+}
+
+/// Whether to measure and print `section`'s figures (`dynamodb`, `redis`,
+/// `wait`, `sqs_batch_of_10`): criterion filters only its timings, so a filter
+/// (the first argument not an option, e.g. `cargo bench --bench dynamodb --
+/// sqs_batch`) that is part of a section's name, or names it, keeps that
+/// section's (and no other's), and spares connecting to Redis when it does not
+/// name it. No filter: all.
+fn measured(section: &str) -> bool {
+    match std::env::args().skip(1).find(|arg| !arg.starts_with('-')) {
+        Some(filter) => section.contains(&filter) || filter.contains(section),
+        None => true,
+    }
 }
 
 /// For the shared LocalStack helpers (unique table names).
@@ -323,56 +340,65 @@ fn benches(c: &mut Criterion) {
     // DynamoDB: requests counted by an SDK interceptor on a client of their
     // own; times on an uninstrumented one.
     let table = runtime.block_on(localstack::default_table("bench"));
-    let (recorded, requests) = localstack::recorded_client();
-    let counted = Functions::new(DynamoDbStore::new(recorded, &table), &prefix);
-    count(&runtime, "dynamodb", &counted, &orders, &|| requests.take());
     let dynamodb_store = DynamoDbStore::new(localstack::client(), &table);
     let dynamodb = Functions::new(dynamodb_store.clone(), &prefix);
-    let dynamodb_single = Functions::new(DynamoDbStore::new(localstack::client(), &table), &prefix);
-    cpu(&single, "dynamodb", &dynamodb_single, &orders);
+    if measured("dynamodb") {
+        let (recorded, requests) = localstack::recorded_client();
+        let counted = Functions::new(DynamoDbStore::new(recorded, &table), &prefix);
+        count(&runtime, "dynamodb", &counted, &orders, &|| requests.take());
+        let dynamodb_single =
+            Functions::new(DynamoDbStore::new(localstack::client(), &table), &prefix);
+        cpu(&single, "dynamodb", &dynamodb_single, &orders);
+    }
 
     // Redis: round trips counted by a proxy in front of the server, on a
     // connection of their own; times on a direct one. A warm-up first: on a
     // server that does not know a script yet, its first EVALSHA is refused
     // (NOSCRIPT) and the script loaded, two more round trips, once.
-    let proxy = runtime.block_on(resp_proxy::RespProxy::start(&redis_servers::url()));
-    let counted = runtime.block_on(async {
-        RedisStore::connect(&proxy.url())
-            .await
-            .expect("Redis answers (redis/ensure.sh starts it)")
-    });
-    let connecting = proxy.take();
-    let warm_up = Functions::new(counted.clone(), &format!("{prefix}-warm-up"));
-    for f in [&warm_up.plain, &warm_up.failing] {
-        let _ = runtime.block_on(f.call(orders.new_order(), None));
+    if measured("redis") {
+        let proxy = runtime.block_on(resp_proxy::RespProxy::start(&redis_servers::url()));
+        let counted = runtime.block_on(async {
+            RedisStore::connect(&proxy.url())
+                .await
+                .expect("Redis answers (redis/ensure.sh starts it)")
+        });
+        let connecting = proxy.take();
+        let warm_up = Functions::new(counted.clone(), &format!("{prefix}-warm-up"));
+        for f in [&warm_up.plain, &warm_up.failing] {
+            let _ = runtime.block_on(f.call(orders.new_order(), None));
+        }
+        let _ = runtime.block_on(warm_up.effects.call(orders.new_order(), None));
+        println!(
+            "requests/redis/connecting {connecting:?}; warm-up (each script once) {:?}",
+            proxy.take()
+        );
+        let redis = Functions::new(counted, &prefix);
+        count(&runtime, "redis", &redis, &orders, &|| proxy.take());
+        let redis_single = Functions::new(single.block_on(redis_servers::store()), &prefix);
+        cpu(&single, "redis", &redis_single, &orders);
     }
-    let _ = runtime.block_on(warm_up.effects.call(orders.new_order(), None));
-    println!(
-        "requests/redis/connecting {connecting:?}; warm-up (each script once) {:?}",
-        proxy.take()
-    );
-    let redis = Functions::new(counted, &prefix);
-    count(&runtime, "redis", &redis, &orders, &|| proxy.take());
-    let redis = Functions::new(runtime.block_on(redis_servers::store()), &prefix);
-    let redis_single = Functions::new(single.block_on(redis_servers::store()), &prefix);
-    cpu(&single, "redis", &redis_single, &orders);
-    drop((redis_single, dynamodb_single));
 
     // A duplicate waiting for the first call: its requests and lag (measured
     // here, not by criterion: see the module).
-    waiting::measure(&runtime, &table, benchmarking());
+    if measured("wait") {
+        waiting::measure(&runtime, &table, benchmarking());
+    }
+
+    // SQS batches, carrying the deadline of a Lambda event a minute ahead.
+    let deadline_ms = u64::try_from(now_ms() + 60_000).unwrap_or(0);
+    let batches = sqs_batch::Batches::new(deadline_ms);
+    batch_requests::complete_the_old(&runtime, &table, &batches);
+    if measured("sqs_batch_of_10") {
+        batch_requests::measure(&runtime, &single, &table, &batches, benchmarking());
+    }
 
     time(c, &runtime, "dynamodb", &dynamodb, &orders);
-    time(c, &runtime, "redis", &redis, &orders);
-
-    // The deadline a Lambda event carries, a minute ahead.
-    sqs_batch::bench(
-        c,
-        &runtime,
-        &dynamodb_store,
-        "sqs_batch_of_10",
-        u64::try_from(now_ms() + 60_000).unwrap_or(0),
-    );
+    if measured("redis") {
+        let redis = Functions::new(runtime.block_on(redis_servers::store()), &prefix);
+        time(c, &runtime, "redis", &redis, &orders);
+    }
+    sqs_batch::bench(c, &runtime, &dynamodb_store, "sqs_batch_of_10", deadline_ms);
+    batch_requests::bench(c, &runtime, &dynamodb_store, &batches);
 }
 
 criterion_group!(dynamodb, benches);

@@ -16,7 +16,6 @@
 //! user and system time is the kernel's estimate from where its ticks (4 ms
 //! apart at 250 Hz) found the thread, hence batches of at least 0.1 s of CPU.
 
-use serde_json::Value;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
@@ -98,18 +97,18 @@ fn batch_size(warm: Batch) -> usize {
 /// prints the client CPU time per invocation as `cpu/{name}`: the median of 5
 /// batches sized to take about 0.4 s each when benchmarking; one invocation
 /// after one warm-up when `cargo test` runs the benches once.
-pub fn measure<Fut>(
+pub fn measure<E, Fut>(
     runtime: &Runtime,
     name: &str,
     benchmarking: bool,
-    mut event: impl FnMut() -> Value,
-    mut invoke: impl FnMut(Value) -> Fut,
+    mut event: impl FnMut() -> E,
+    mut invoke: impl FnMut(E) -> Fut,
 ) where
     Fut: Future<Output = bool>,
 {
     let mut batch = |size: usize| {
         // The events are made before the clock starts.
-        let events: Vec<Value> = (0..size).map(|_| event()).collect();
+        let events: Vec<E> = (0..size).map(|_| event()).collect();
         let (thread, process, wall) = (thread_usage(), process_usage(), Instant::now());
         let all_ok = runtime.block_on(async {
             let mut all_ok = true;
