@@ -46,6 +46,10 @@ const DOCS: &[(&str, &str)] = &[
         "docs/migrating_from_powertools.md",
         include_str!("../docs/migrating_from_powertools.md"),
     ),
+    (
+        "docs/durable_functions.md",
+        include_str!("../docs/durable_functions.md"),
+    ),
     ("docs/developing.md", include_str!("../docs/developing.md")),
     ("docs/reference.md", include_str!("../docs/reference.md")),
 ];

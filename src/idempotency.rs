@@ -482,19 +482,8 @@ impl<S: IdempotencyStore> Idempotency<S> {
                 let (mut reservation, mut answer) = match prepared {
                     Some(prepared) => (prepared.record, Some(prepared.answer)),
                     None => {
-                        let owner = owner_token();
-                        let reservation = IdempotencyRecord {
-                            key: key.clone(),
-                            status: Status::InProgress,
-                            expiration: expiration_s(now, config),
-                            in_progress_expiration: Some(holds_until),
-                            data: None,
-                            validation: validation.clone(),
-                            execution: owner.clone(),
-                            owner,
-                            is_error: false,
-                        };
-                        (reservation, None)
+                        let expiration = expiration_s(now, config);
+                        (new_reservation(key.clone(), validation.clone(), expiration, holds_until), None)
                     }
                 };
                 let resumed = loop {
@@ -1732,6 +1721,27 @@ fn duration_ms(d: std::time::Duration) -> i64 {
 
 fn expiration_s(now_ms: i64, config: &IdempotencyConfig) -> i64 {
     (now_ms + duration_ms(config.expires_after)).div_euclid(1000)
+}
+
+/// The reservation of `key` by a new execution, named after its owner token.
+fn new_reservation(
+    key: String,
+    validation: Option<String>,
+    expiration: i64,
+    holds_until: i64,
+) -> IdempotencyRecord {
+    let owner = owner_token();
+    IdempotencyRecord {
+        key,
+        status: Status::InProgress,
+        expiration,
+        in_progress_expiration: Some(holds_until),
+        data: None,
+        validation,
+        execution: owner.clone(),
+        owner,
+        is_error: false,
+    }
 }
 
 /// A token unique to one reservation (and to one execution). `RandomState` is seeded from the OS's

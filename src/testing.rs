@@ -433,14 +433,14 @@ impl<S: IdempotencyStore> Kit<S> {
                     continue;
                 }
                 self.probe.state().requests += 1;
-                if let Ok(Some(stored)) = outbox.get_outbox(&record.key).await {
-                    if !stored.delivered {
-                        self.probe.state().requests += 1;
-                        if let Err(err) =
-                            crate::outbox::deliver_and_mark(outbox, dispatcher, &stored).await
-                        {
-                            tracing::warn!(key = %stored.key, error = %err, "testing kit: could not deliver a pending outbox message");
-                        }
+                if let Ok(Some(stored)) = outbox.get_outbox(&record.key).await
+                    && !stored.delivered
+                {
+                    self.probe.state().requests += 1;
+                    if let Err(err) =
+                        crate::outbox::deliver_and_mark(outbox, dispatcher, &stored).await
+                    {
+                        tracing::warn!(key = %stored.key, error = %err, "testing kit: could not deliver a pending outbox message");
                     }
                 }
             }

@@ -221,25 +221,25 @@ impl Effects {
                 self.inner.scope, compensation.position
             );
             let name = format!("compensate:{}", compensation.step);
-            if let (Some(journal), true) = (journal, self.inner.resumed) {
-                if let Some(done) = journal.get_step(&entry).await? {
-                    if done.name != name {
-                        let detail = format!("the saga now compensates with {name:?}");
-                        return Err(IdempotencyError::NonDeterministic {
-                            key,
-                            position: compensation.position,
-                            journaled: done.name,
-                            called: name,
-                            detail,
-                        });
-                    }
-                    self.inner.meter.event(Event::CompensationReplayed, 1);
-                    tracing::debug!(
-                        step = compensation.step,
-                        "compensation journaled already; not run again"
-                    );
-                    continue;
+            if let (Some(journal), true) = (journal, self.inner.resumed)
+                && let Some(done) = journal.get_step(&entry).await?
+            {
+                if done.name != name {
+                    let detail = format!("the saga now compensates with {name:?}");
+                    return Err(IdempotencyError::NonDeterministic {
+                        key,
+                        position: compensation.position,
+                        journaled: done.name,
+                        called: name,
+                        detail,
+                    });
                 }
+                self.inner.meter.event(Event::CompensationReplayed, 1);
+                tracing::debug!(
+                    step = compensation.step,
+                    "compensation journaled already; not run again"
+                );
+                continue;
             }
             tracing::info!(step = compensation.step, "compensating");
             self.inner.meter.event(Event::CompensationRun, 1);

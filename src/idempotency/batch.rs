@@ -18,10 +18,10 @@
 //! over and run again, resuming their executions: journaled steps replay, with
 //! the same derived keys, and a record's outbox is only ever written with it.
 
-use super::{expiration_s, now_ms, owner_token, CallKey, Idempotency};
+use super::{expiration_s, new_reservation, now_ms, CallKey, Idempotency};
 use crate::flight::Flights;
 use crate::key::JsonPath;
-use crate::record::{IdempotencyRecord, Status, MAX_ITEM_BYTES};
+use crate::record::{IdempotencyRecord, MAX_ITEM_BYTES};
 use crate::store::{IdempotencyStore, StoreError};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -138,18 +138,13 @@ impl<S: IdempotencyStore> Idempotency<S> {
             let Some((_, validation)) = &batch.derived[index] else {
                 continue;
             };
-            let owner = owner_token();
-            reservations.push(IdempotencyRecord {
+            let expiration = expiration_s(now, config);
+            reservations.push(new_reservation(
                 key,
-                status: Status::InProgress,
-                expiration: expiration_s(now, config),
-                in_progress_expiration: Some(holds_until),
-                data: None,
-                validation: validation.clone(),
-                execution: owner.clone(),
-                owner,
-                is_error: false,
-            });
+                validation.clone(),
+                expiration,
+                holds_until,
+            ));
         }
         // One key alone costs one request either way, and is reserved by its call.
         if reservations.len() < 2 {

@@ -2,7 +2,7 @@
 //! or release it later with the ticket the claim gave, fenced like every other
 //! write.
 
-use super::{expiration_s, now_ms, owner_token, Idempotency, Reserved};
+use super::{expiration_s, new_reservation, now_ms, Idempotency, Reserved};
 use crate::error::{Error, IdempotencyError};
 use crate::outcome::Outcome;
 use crate::record::{IdempotencyRecord, Status};
@@ -183,18 +183,10 @@ impl<S: IdempotencyStore> Gate<S> {
         let now = now_ms();
         let hold = i64::try_from(self.holds_for.as_millis()).unwrap_or(i64::MAX / 2);
         let held_until = now.saturating_add(hold);
-        let owner = owner_token();
-        let mut record = IdempotencyRecord {
-            key: format!("{}#{material}", self.scope),
-            status: Status::InProgress,
-            expiration: expiration_s(now, engine.config()).max(held_until.div_euclid(1000) + 1),
-            in_progress_expiration: Some(held_until),
-            data: None,
-            validation,
-            execution: owner.clone(),
-            owner,
-            is_error: false,
-        };
+        // The record lasts at least as long as the claim holds.
+        let expiration = expiration_s(now, engine.config()).max(held_until.div_euclid(1000) + 1);
+        let key = format!("{}#{material}", self.scope);
+        let mut record = new_reservation(key, validation, expiration, held_until);
         let claimed = match engine.reserve(&mut record, None, &meter).await {
             Ok(Reserved::Ours { .. }) => Claim::Run(Ticket {
                 key: record.key,

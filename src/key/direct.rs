@@ -87,10 +87,10 @@ impl Direct {
     /// `lhs.rhs`. A `powertools_json` call followed by `.rest` parses only the
     /// fields `rest` reads.
     pub(super) fn sub(mut lhs: Self, rhs: Self) -> Self {
-        if let Self::Json { fields, .. } = &mut lhs {
-            if fields.is_none() {
-                *fields = rhs.root_fields().map(sorted);
-            }
+        if let Self::Json { fields, .. } = &mut lhs
+            && fields.is_none()
+        {
+            *fields = rhs.root_fields().map(sorted);
         }
         Self::Sub(Box::new(lhs), Box::new(rhs))
     }

@@ -307,12 +307,11 @@ fn json_fields(root: &Ast) -> Vec<(usize, Vec<String>)> {
     let mut calls = Vec::new();
     let mut stack = vec![root];
     while let Some(ast) = stack.pop() {
-        if let Ast::Subexpr { lhs, rhs, .. } = ast {
-            if let Ast::Function { name, offset, .. } = &**lhs {
-                if let (POWERTOOLS_JSON, Some(fields)) = (name.as_str(), root_fields(rhs)) {
-                    calls.push((*offset, sorted(fields)));
-                }
-            }
+        if let Ast::Subexpr { lhs, rhs, .. } = ast
+            && let Ast::Function { name, offset, .. } = &**lhs
+            && let (POWERTOOLS_JSON, Some(fields)) = (name.as_str(), root_fields(rhs))
+        {
+            calls.push((*offset, sorted(fields)));
         }
         stack.extend(children(ast));
     }

@@ -136,12 +136,12 @@ impl IdempotencyStore for MemoryStore {
         now_ms: i64,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let mut tables = self.lock();
-        if let Some(existing) = tables.records.get(&record.key) {
-            if !existing.may_be_replaced_by(record, now_ms) {
-                return Err(StoreError::Exists {
-                    existing: Some(Box::new(existing.clone())),
-                });
-            }
+        if let Some(existing) = tables.records.get(&record.key)
+            && !existing.may_be_replaced_by(record, now_ms)
+        {
+            return Err(StoreError::Exists {
+                existing: Some(Box::new(existing.clone())),
+            });
         }
         Ok(tables.records.insert(record.key.clone(), record.clone()))
     }

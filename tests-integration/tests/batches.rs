@@ -655,23 +655,37 @@ enum Crash {
     AfterCompleting,
 }
 
-/// The real store, with a process that dies at a point of the batch: the call
-/// there is applied (or not) and then never returns; `died` is notified.
+/// What happens to a batch beside the real store.
 #[derive(Clone)]
-struct DiesAt {
-    inner: DynamoDbStore,
-    crash: Option<Crash>,
-    died: Arc<Notify>,
+enum Fault {
+    /// The process dies at a point of the batch: the call there is applied (or
+    /// not) and then never returns; `died` is notified.
+    Dies(Crash, Arc<Notify>),
+    /// Another execution environment takes the record under this key over (its
+    /// owner token changes) before the batch's completions are written.
+    TakenOver { table: String, key: String },
 }
 
-impl DiesAt {
-    async fn die(&self) -> ! {
-        self.died.notify_one();
-        std::future::pending().await
+/// The real store, with a [`Fault`].
+#[derive(Clone)]
+struct Faulty {
+    inner: DynamoDbStore,
+    fault: Fault,
+}
+
+impl Faulty {
+    /// Dies here if the fault is a crash at `point`.
+    async fn crash_at(&self, point: fn(Crash) -> bool) {
+        if let Fault::Dies(crash, died) = &self.fault {
+            if point(*crash) {
+                died.notify_one();
+                std::future::pending::<()>().await;
+            }
+        }
     }
 }
 
-impl IdempotencyStore for DiesAt {
+impl IdempotencyStore for Faulty {
     async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.inner.get(key).await
     }
@@ -694,19 +708,29 @@ impl IdempotencyStore for DiesAt {
         now_ms: i64,
     ) -> Vec<Result<Option<IdempotencyRecord>, StoreError>> {
         let answers = self.inner.reserve_batch(records, now_ms).await;
-        if let Some(Crash::AfterReserving) = self.crash {
-            self.die().await;
-        }
+        self.crash_at(|c| matches!(c, Crash::AfterReserving)).await;
         answers
     }
     async fn complete_batch(&self, records: &[IdempotencyRecord]) -> Vec<Result<(), StoreError>> {
-        if let Some(Crash::BeforeCompleting) = self.crash {
-            self.die().await;
+        self.crash_at(|c| matches!(c, Crash::BeforeCompleting))
+            .await;
+        if let Fault::TakenOver { table, key } = &self.fault {
+            client()
+                .update_item()
+                .table_name(table)
+                .key("id", AttributeValue::S(key.clone()))
+                .update_expression("SET #owner = :other")
+                .expression_attribute_names("#owner", "owner")
+                .expression_attribute_values(
+                    ":other",
+                    AttributeValue::S("another-environment".into()),
+                )
+                .send()
+                .await
+                .expect("take the record over");
         }
         let answers = self.inner.complete_batch(records).await;
-        if let Some(Crash::AfterCompleting) = self.crash {
-            self.die().await;
-        }
+        self.crash_at(|c| matches!(c, Crash::AfterCompleting)).await;
         answers
     }
     async fn release_batch(
@@ -732,10 +756,9 @@ async fn crash_then_redeliver(crash: Crash) {
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     let died = Arc::new(Notify::new());
     let dying = Idempotency::new(
-        DiesAt {
+        Faulty {
             inner: store.clone(),
-            crash: Some(crash),
-            died: died.clone(),
+            fault: Fault::Dies(crash, died.clone()),
         },
         config().build().expect("config"),
     );
@@ -866,63 +889,6 @@ async fn a_crash_after_the_batched_completion_replays_the_records() {
     crash_then_redeliver(Crash::AfterCompleting).await;
 }
 
-/// The real store, where another execution environment takes one record over
-/// (its owner token changes) while the batch runs, before its completion.
-#[derive(Clone)]
-struct TakenOverMidBatch {
-    inner: DynamoDbStore,
-    table: String,
-    key: String,
-}
-
-impl IdempotencyStore for TakenOverMidBatch {
-    async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn reserve(
-        &self,
-        record: &IdempotencyRecord,
-        now_ms: i64,
-    ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.reserve(record, now_ms).await
-    }
-    async fn complete(&self, record: &IdempotencyRecord) -> Result<(), StoreError> {
-        self.inner.complete(record).await
-    }
-    async fn release(&self, key: &str, owner: &str) -> Result<(), StoreError> {
-        self.inner.release(key, owner).await
-    }
-    async fn reserve_batch(
-        &self,
-        records: &[IdempotencyRecord],
-        now_ms: i64,
-    ) -> Vec<Result<Option<IdempotencyRecord>, StoreError>> {
-        self.inner.reserve_batch(records, now_ms).await
-    }
-    async fn complete_batch(&self, records: &[IdempotencyRecord]) -> Vec<Result<(), StoreError>> {
-        client()
-            .update_item()
-            .table_name(&self.table)
-            .key("id", AttributeValue::S(self.key.clone()))
-            .update_expression("SET #owner = :other")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":other", AttributeValue::S("another-environment".into()))
-            .send()
-            .await
-            .expect("take the record over");
-        self.inner.complete_batch(records).await
-    }
-    async fn release_batch(
-        &self,
-        reservations: &[(String, String)],
-    ) -> Vec<Result<(), StoreError>> {
-        self.inner.release_batch(reservations).await
-    }
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-}
-
 fn fifo_batch_of(messages: &[(&str, &str)]) -> SqsEvent {
     let mut event = SqsEvent::default();
     event.records = messages
@@ -965,10 +931,12 @@ async fn a_fifo_group_after_a_failure_is_released_in_one_request_and_an_unwritte
     let probe = Idempotency::new(store.clone(), config().build().expect("config"));
     let taken_over = batch_keys(&probe, &["b-1"])["b-1"].clone();
     let idempotency = Idempotency::new(
-        TakenOverMidBatch {
+        Faulty {
             inner: store,
-            table: table.clone(),
-            key: taken_over.clone(),
+            fault: Fault::TakenOver {
+                table: table.clone(),
+                key: taken_over.clone(),
+            },
         },
         config().build().expect("config"),
     );

@@ -234,6 +234,8 @@ async fn is_replaying_holds_until_the_first_step_missing_from_the_journal_on_dyn
 struct Flaky {
     failures: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     keys: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// When each call arrived (epoch milliseconds).
+    arrivals: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
 }
 
 impl Flaky {
@@ -246,6 +248,7 @@ impl Flaky {
     }
     async fn charge(&self, key: String) -> Result<String, std::io::Error> {
         self.keys.lock().expect("lock").push(key.clone());
+        self.arrivals.lock().expect("lock").push(support::now_ms());
         let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
         if left > 0 {
             self.failures
@@ -262,6 +265,31 @@ impl Flaky {
     }
 }
 
+/// An order function whose one step charges `payments`, retried by `policy`.
+fn charge_order<S: IdempotencyStore>(
+    idempotency: &Idempotency<S>,
+    payments: &Flaky,
+    policy: lambda_idempotency::Retry<std::io::Error>,
+) -> lambda_idempotency::IdempotentFunction<
+    impl Fn(Value) -> futures_util::future::BoxFuture<'static, Result<Value, Failure>>,
+    S,
+> {
+    let payments = payments.clone();
+    idempotency.function("order", move |_: Value| {
+        let (payments, policy) = (payments.clone(), policy.clone());
+        Box::pin(async move {
+            let receipt: String = effects()?
+                .step("charge", |key| {
+                    let payments = payments.clone();
+                    async move { payments.charge(key).await }
+                })
+                .retry(policy)
+                .await?;
+            Ok::<_, Failure>(json!({ "receipt": receipt }))
+        }) as futures_util::future::BoxFuture<'static, _>
+    })
+}
+
 async fn a_retried_step_calls_again_with_its_key_and_journals_once<S: IdempotencyStore + Clone>(
     store: S,
 ) {
@@ -276,22 +304,11 @@ async fn a_retried_step_calls_again_with_its_key_and_journals_once<S: Idempotenc
             .expect("config"),
     );
     let payments = Flaky::failing(2);
-    let order = {
-        let payments = payments.clone();
-        idempotency.function("order", move |_: Value| {
-            let payments = payments.clone();
-            async move {
-                let receipt: String = effects()?
-                    .step("charge", |key| {
-                        let payments = payments.clone();
-                        async move { payments.charge(key).await }
-                    })
-                    .retry(Retry::exponential(3, Duration::from_millis(20)))
-                    .await?;
-                Ok::<_, Failure>(json!({ "receipt": receipt }))
-            }
-        })
-    };
+    let order = charge_order(
+        &idempotency,
+        &payments,
+        Retry::exponential(3, Duration::from_millis(20)),
+    );
     let event = json!({ "order_id": "t-1" });
     let response = order
         .call(event.clone(), Some(&support::context(30_000)))
@@ -335,37 +352,37 @@ async fn retries_stop_a_second_before_the_deadline() {
             .expect("config"),
     );
     let payments = Flaky::failing(10);
-    let order = {
-        let payments = payments.clone();
-        idempotency.function("order", move |_: Value| {
-            let payments = payments.clone();
-            async move {
-                let receipt: String = effects()?
-                    .step("charge", |key| {
-                        let payments = payments.clone();
-                        async move { payments.charge(key).await }
-                    })
-                    .retry(Retry::exponential(10, Duration::from_millis(300)))
-                    .await?;
-                Ok::<_, Failure>(json!({ "receipt": receipt }))
-            }
-        })
-    };
-    // 1.8 s to the deadline: the attempts at 0 and 0.3 s (the next would wait
-    // 0.6 s more, starting within a second of the deadline).
-    let started = std::time::Instant::now();
+    let order = charge_order(
+        &idempotency,
+        &payments,
+        Retry::exponential(10, Duration::from_millis(300)),
+    );
+    // 1.8 s to the deadline, delays of 0.3 s doubling: about two attempts
+    // fit before the last second; ten never do.
+    let context = support::context(1_800);
+    let deadline = context.deadline as i64;
     let result = order
-        .call(json!({ "order_id": "d-1" }), Some(&support::context(1_800)))
+        .call(json!({ "order_id": "d-1" }), Some(&context))
         .await;
     assert!(
         matches!(result, Err(Error::Handler(Error::Handler(_)))),
         "{result:?}"
     );
-    assert_eq!(payments.keys().len(), 2, "{:?}", payments.keys());
+    let arrivals = payments.arrivals.lock().expect("lock").clone();
     assert!(
-        started.elapsed() < Duration::from_millis(800),
-        "gave up before the deadline's margin"
+        (1..10).contains(&arrivals.len()),
+        "stopped by the deadline, not the attempt limit: {arrivals:?}"
     );
+    // A retry is decided a second and its delay before the deadline; the
+    // timer may wake it a little late on a loaded machine.
+    for at in &arrivals[1..] {
+        assert!(
+            *at < deadline - 1_000 + 250,
+            "no retry starts within a second of the deadline: {} ms before it",
+            deadline - at
+        );
+    }
+    assert!(support::now_ms() < deadline, "gave up before the deadline");
 }
 
 #[tokio::test]
