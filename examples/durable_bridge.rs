@@ -4,7 +4,8 @@
 //! do not dedupe deliveries into durable executions: each delivery would start
 //! a new one.)
 //!
-//! `cargo run --example durable_bridge --features sqs,testing`
+//! `cargo run --example durable_bridge --features sqs,testing`; the test
+//! command runs it as a test (`cargo test --example durable_bridge`).
 //!
 //! It runs here with no AWS: the testing kit's `Receiver` stands in for
 //! Lambda's `Invoke`, deduping on the execution name as Lambda does. In a
@@ -58,6 +59,12 @@ fn batch_of(orders: &[&str]) -> LambdaEvent<SqsEvent> {
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
+    bridge().await
+}
+
+/// Two deliveries of a batch whose first times out after starting the
+/// executions: one execution per order.
+async fn bridge() -> Result<(), lambda_runtime::Error> {
     // A batch's records are keyed by order: the same order sent twice is one
     // record, one derived key, one execution name.
     let config = IdempotencyConfig::builder()
@@ -114,4 +121,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     );
     assert!(again.batch_item_failures.is_empty());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_redelivered_message_starts_no_second_execution() {
+        if let Err(err) = super::bridge().await {
+            panic!("{err}");
+        }
+    }
 }

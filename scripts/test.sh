@@ -12,8 +12,9 @@
 #               Powertools round trip, the benches run once), and the doc tests
 #               (the guide's chapters included)
 #   exact       the library's unit tests with `exact-numbers`
-#   examples    the README's `cargo run --example` commands, and the guide's
-#               durable functions bridge (examples/durable_bridge.rs)
+#   examples    the README's `cargo run --example` commands (the guide's
+#               durable functions bridge, examples/durable_bridge.rs, runs as a
+#               test in the tests stage)
 #   readme      the README's "Use it" block and snippet as a crate of their own
 #   package     cargo package: the published crate builds from its own files
 #   cfn-lint    template.yaml
@@ -161,7 +162,6 @@ cargo test --locked -p lambda-idempotency --lib --features exact-numbers
 stage examples
 cargo run --locked --example quickstart >/dev/null
 cargo run --locked --example run_twice --features testing >/dev/null
-cargo run --locked --example durable_bridge --features sqs,testing >/dev/null
 cargo run --locked --example saga >/dev/null
 cargo run --locked --example metrics --features emf >/dev/null
 
