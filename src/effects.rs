@@ -383,14 +383,12 @@ impl Effects {
 
     /// Whether a retry after `delay` still starts a second before the deadline.
     fn may_wait(&self, delay: std::time::Duration) -> bool {
-        const MARGIN_MS: u128 = 1_000;
+        const MARGIN_MS: i64 = 1_000;
         let Some(deadline) = self.inner.deadline_ms else {
             return true;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        now + delay.as_millis() + MARGIN_MS < u128::try_from(deadline).unwrap_or(0)
+        let delay = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4);
+        crate::idempotency::now_ms() + delay + MARGIN_MS < deadline
     }
 
     fn replay_step<T: DeserializeOwned, E>(

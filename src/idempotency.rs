@@ -1709,10 +1709,11 @@ fn as_permanent<E: 'static>(err: &E) -> Option<&PermanentError> {
         })
 }
 
-fn now_ms() -> i64 {
+/// The clock, in epoch milliseconds: the one every part of the crate reads.
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
 }
 
 fn duration_ms(d: std::time::Duration) -> i64 {

@@ -86,6 +86,7 @@ pub use receiver::Receiver;
 
 use crate::config::IdempotencyConfig;
 use crate::error::{Error, IdempotencyError};
+use crate::idempotency::now_ms;
 use crate::idempotency::Idempotency;
 use crate::record::Status;
 use crate::store::{BoxFuture, IdempotencyStore, MemoryStore};
@@ -99,7 +100,6 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 use tower::{Service, ServiceExt};
 
 /// Attempts per crash scenario, the crashed one included.
@@ -858,12 +858,6 @@ fn context() -> Context {
     let mut context = Context::default();
     context.deadline = u64::try_from(now_ms() + DEADLINE_MS).unwrap_or(u64::MAX);
     context
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
 }
 
 /// Unique per kit: the process id, the clock and the process's hash seed.

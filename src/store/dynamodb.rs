@@ -407,7 +407,7 @@ impl DynamoDbStore {
             }
             // Gone with the bucket's lifecycle: no matter once the record has
             // expired too, as an expired record counts as absent.
-            None if record.is_expired(super::large::now_ms()) => {}
+            None if record.is_expired(crate::idempotency::now_ms()) => {}
             None => {
                 return Err(malformed(format!(
                     "points to {}, which does not exist (deleted, or expired by the \

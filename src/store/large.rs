@@ -236,14 +236,6 @@ impl ResponseBucket {
     }
 }
 
-/// The clock, in epoch milliseconds.
-#[cfg(feature = "s3-responses")]
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// A record pointing at S3, read by a store without a response bucket.
 #[cfg(feature = "s3-responses")]
 pub(crate) fn no_bucket(object: &ObjectRef) -> StoreError {
